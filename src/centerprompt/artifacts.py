@@ -1,0 +1,250 @@
+"""Files centerprompt writes: full model checkpoints and small per-center adapter files.
+
+Both are safetensors files whose metadata carries the configuration that built the model; an
+adapter also carries the strategy, its options and the fingerprint of the frozen backbone it was
+trained on, so it refuses to load onto another backbone. Every write is atomic (temporary file in
+the same folder, then rename), so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from centerprompt.models.prompted_unetr import PromptedUNETR
+from centerprompt.strategies import apply_strategy, get_strategy
+
+MODEL_FORMAT = "centerprompt-model/1"
+ADAPTER_FORMAT = "centerprompt-adapter/1"
+# Config fields that describe prompts, not the backbone: an adapter may change them.
+PROMPT_FIELDS = ("prompt_mode", "num_prompts", "prompt_dropout")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _base_name(name: str) -> str:
+    """State-dict name of a backbone tensor with PEFT's wrapping removed."""
+    return name.replace(".base_layer.", ".")
+
+
+def _is_added(name: str) -> bool:
+    """Tensors added on top of the backbone: prompts and LoRA adapters."""
+    return name.startswith("prompts.") or "lora_" in name
+
+
+def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    """SHA-256 (16 hex digits) over the backbone tensors, names and values, minus ``exclude``.
+
+    Prompts and LoRA tensors are never part of it, and PEFT's ``base_layer`` wrapping is undone,
+    so a prompted or LoRA-injected model fingerprints like the plain backbone it was built on.
+    """
+    digest = hashlib.sha256()
+    items = sorted(
+        (_base_name(n), t) for n, t in model.state_dict().items() if not _is_added(n)
+    )
+    for name, tensor in items:
+        if name in exclude:
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _read_metadata(path: Path, expected_format: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path}: not a {expected_format} file (format is {meta.get('format')!r}).")
+    return meta, tensors
+
+
+# ----------------------------------------------------------------------------- full checkpoints
+
+
+def save_model(model: PromptedUNETR, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the whole model (weights and the configuration that built it) atomically."""
+    meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config), "extra": json.dumps(dict(extra or {}))}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def config_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 12) -> dict[str, Any]:
+    """Recover a UNETR configuration from a bare MONAI state dict (``num_heads`` is not in it)."""
+    try:
+        pos = state["vit.patch_embedding.position_embeddings"]  # (1, N, C)
+        patch_w = state["vit.patch_embedding.patch_embeddings.weight"]  # (C, in, 16, 16, 16)
+        side = round(pos.shape[1] ** (1 / 3)) * patch_w.shape[-1]
+        return dict(
+            in_channels=patch_w.shape[1], out_channels=state["out.conv.conv.weight"].shape[0],
+            img_size=[side] * 3, feature_size=state["out.conv.conv.weight"].shape[1],
+            hidden_size=patch_w.shape[0], mlp_dim=state["vit.blocks.0.mlp.linear1.weight"].shape[0],
+            num_heads=num_heads, qkv_bias="vit.blocks.0.attn.qkv.bias" in state,
+            num_layers=len({k.split(".")[2] for k in state if k.startswith("vit.blocks.")}),
+        )  # fmt: skip
+    except KeyError as err:
+        raise ValueError(f"not a UNETR state dict: key {err} is missing.") from err
+
+
+def load_model(path: str | Path, **overrides: Any) -> PromptedUNETR:
+    """Build a PromptedUNETR from a checkpoint.
+
+    ``.safetensors`` files written by :func:`save_model` carry their configuration. A MONAI
+    ``UNETR`` state dict in a ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)``
+    and its configuration inferred (pass ``num_heads`` if it is not 12, and ``img_size`` if the
+    volume is not a cube). ``overrides`` change configuration fields, e.g. ``prompt_mode="deep"``.
+    """
+    path = Path(path)
+    if path.suffix in (".pt", ".pth", ".ckpt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors are varied; all mean the same to a user
+            raise ValueError(f"{path}: cannot read checkpoint ({err}).") from err
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        config = config_from_state_dict(state, num_heads=overrides.pop("num_heads", 12))
+    else:
+        meta, state = _read_metadata(path, MODEL_FORMAT)
+        config = json.loads(meta["config"])
+    config.update(overrides)
+    model = PromptedUNETR(**config)
+    try:
+        model.load_backbone_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    if "prompts.tokens" in state and model.prompts is not None:
+        if state["prompts.tokens"].shape == model.prompts.tokens.shape:
+            model.prompts.tokens.data.copy_(state["prompts.tokens"])
+    return model
+
+
+# ----------------------------------------------------------------------------- per-center adapters
+
+
+def save_adapter(
+    model: PromptedUNETR, path: str | Path, strategy: str, options: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write what ``strategy`` trained (prompts, head, LoRA, biases...) with its metadata.
+
+    The fingerprint covers every backbone tensor the adapter does not replace, so it is computed
+    the same way on the adapted model here and on the base model at load time.
+    """
+    get_strategy(strategy)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if not tensors:
+        raise ValueError(f"strategy {strategy!r} trained nothing: there is no adapter to save.")
+    replaced = {_base_name(n) for n in tensors if not _is_added(n)}
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "strategy": strategy,
+        "num_prompts": str(model.num_prompts),
+        "options": json.dumps(dict(options or {})),
+        "config": json.dumps(model.config),
+        "backbone_fingerprint": backbone_fingerprint(model, exclude=replaced),
+        "extra": json.dumps(dict(extra or {})),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """Strategy, options, configuration, fingerprint and tensor names of an adapter file."""
+    meta, tensors = _read_metadata(Path(path), ADAPTER_FORMAT)
+    return {
+        "strategy": meta["strategy"],
+        "num_prompts": int(meta["num_prompts"]),
+        "options": json.loads(meta["options"]),
+        "config": json.loads(meta["config"]),
+        "backbone_fingerprint": meta["backbone_fingerprint"],
+        "extra": json.loads(meta.get("extra", "{}")),
+        "tensors": sorted(tensors),
+    }
+
+
+def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
+    """Apply an adapter file to ``model`` (built with the adapter's prompt mode); return its metadata.
+
+    Fails with a ValueError naming the file when the backbone configuration differs (which
+    fields) or when the backbone weights differ (fingerprints).
+    """
+    path = Path(path)
+    meta, tensors = _read_metadata(path, ADAPTER_FORMAT)
+    config = json.loads(meta["config"])
+    diff = [k for k in config if k not in PROMPT_FIELDS and model.config.get(k) != config[k]]
+    if diff:
+        shown = ", ".join(f"{k}={config[k]} (model: {model.config.get(k)})" for k in diff)
+        raise ValueError(f"{path}: adapter was trained for another backbone configuration: {shown}.")
+    for k in PROMPT_FIELDS[:2]:
+        if model.config[k] != config[k]:
+            raise ValueError(
+                f"{path}: adapter needs a model with {k}={config[k]!r}, this model has {model.config[k]!r}."
+            )
+    strategy = meta["strategy"]
+    replaced = {_base_name(n) for n in tensors if not _is_added(n)}
+    expected, found = meta["backbone_fingerprint"], backbone_fingerprint(model, exclude=replaced)
+    if expected != found:
+        raise ValueError(
+            f"{path}: adapter was trained on backbone {expected}, this model's backbone is {found} "
+            "(different weights)."
+        )
+    options = json.loads(meta["options"])
+    apply_strategy(model, strategy, **options)
+    own = dict(model.named_parameters())
+    wrong = [n for n in tensors if n not in own or own[n].shape != tensors[n].shape]
+    if wrong:
+        raise ValueError(f"{path}: tensors {wrong[:3]} do not fit this model.")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+    return read_adapter_metadata(path)
+
+
+def build_adapted_model(base: str | Path, adapter: str | Path | None = None) -> PromptedUNETR:
+    """The base checkpoint with an adapter applied (or the base alone), ready for inference."""
+    if adapter is None:
+        model = load_model(base)
+        apply_strategy(model, "none")
+        return model.eval()
+    meta = read_adapter_metadata(adapter)
+    prompt_fields = {k: meta["config"][k] for k in PROMPT_FIELDS}
+    model = load_model(base, **prompt_fields)
+    load_adapter(model, adapter)
+    apply_strategy(model, "none")
+    return model.eval()

@@ -1,0 +1,242 @@
+"""UNETR with learnable prompt tokens in its ViT encoder.
+
+Composed from MONAI's own blocks (``ViT``, ``UnetrBasicBlock``, ``UnetrPrUpBlock``,
+``UnetrUpBlock``, ``UnetOutBlock``) under the attribute names of ``monai.networks.nets.UNETR``,
+so a MONAI UNETR ``state_dict`` loads as it is. UNETR: Hatamizadeh et al., arXiv 2103.10504;
+prompts: VPT, Jia et al., arXiv 2203.12119.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.networks.blocks.dynunet_block import UnetOutBlock
+from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.nets.vit import ViT
+from monai.utils import ensure_tuple_rep
+from torch import nn
+
+from centerprompt.models.prompts import PROMPT_MODES, PromptTokens, vpt_init_bound
+
+# Constants that monai.networks.nets.UNETR hard-codes; tests check them against MONAI.
+MONAI_PATCH_SIZE = 16
+MONAI_NUM_LAYERS = 12
+MONAI_SKIP_LAYERS = (3, 6, 9)  # indices into the per-block hidden states (outputs of blocks 4, 7, 10)
+
+# Parameters MONAI registers but never uses (TransformerBlock.norm_cross_attn without cross-attention).
+UNUSED_PARAMETER_MARKERS = ("norm_cross_attn",)
+
+
+def default_skip_layers(num_layers: int) -> tuple[int, int, int]:
+    """Skip connections spread evenly over the encoder: (3, 6, 9) for MONAI's 12 layers."""
+    if num_layers < 3:
+        raise ValueError(f"num_layers must be at least 3 for three skip connections, got {num_layers}.")
+    return (num_layers // 4, num_layers // 2, (3 * num_layers) // 4)
+
+
+class PromptedUNETR(nn.Module):
+    """MONAI's UNETR whose ViT encoder takes learnable prompt tokens.
+
+    Args:
+        in_channels, out_channels, img_size, feature_size, hidden_size, mlp_dim, num_heads, proj_type,
+        norm_name, conv_block, res_block, dropout_rate, spatial_dims, qkv_bias, save_attn:
+            as in ``monai.networks.nets.UNETR`` (same names and defaults).
+        num_layers: transformer depth. Defaults to 12 (MONAI's UNETR); smaller for CPU demos and tests.
+        skip_layers: three hidden-state indices feeding the decoder's skip connections. Defaults to
+            ``default_skip_layers(num_layers)``, which is MONAI's (3, 6, 9) at 12 layers.
+        prompt_mode: ``"none"``, ``"shallow"`` (P tokens inserted after patch and position embedding,
+            before layer 1) or ``"deep"`` (a fresh set of P tokens at the input of every layer; the
+            previous layer's prompt outputs are dropped). Defaults to ``"none"``.
+        num_prompts: tokens per set (P). Defaults to 10.
+        prompt_dropout: dropout on prompt tokens while training. Defaults to 0.0.
+        use_flash_attention: use PyTorch's fused scaled-dot-product attention in MONAI's attention
+            blocks. It is numerically equivalent and only used when ``save_attn`` is off and
+            ``dropout_rate`` is 0 (MONAI's fused path would apply attention dropout in eval too).
+            Defaults to True.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int] | int,
+        feature_size: int = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_heads: int = 12,
+        proj_type: str = "conv",
+        norm_name: tuple | str = "instance",
+        conv_block: bool = True,
+        res_block: bool = True,
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+        qkv_bias: bool = False,
+        save_attn: bool = False,
+        num_layers: int = MONAI_NUM_LAYERS,
+        skip_layers: Sequence[int] | None = None,
+        prompt_mode: str = "none",
+        num_prompts: int = 10,
+        prompt_dropout: float = 0.0,
+        use_flash_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        if prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}.")
+        if not 0 <= dropout_rate <= 1:
+            raise ValueError("dropout_rate should be between 0 and 1.")
+        if hidden_size % num_heads != 0:
+            raise ValueError("hidden_size should be divisible by num_heads.")
+        img_size = ensure_tuple_rep(img_size, spatial_dims)
+        patch_size = ensure_tuple_rep(MONAI_PATCH_SIZE, spatial_dims)
+        if any(i % p for i, p in zip(img_size, patch_size)):
+            raise ValueError(f"img_size {img_size} must be divisible by the patch size {MONAI_PATCH_SIZE}.")
+        skip_layers = tuple(skip_layers) if skip_layers is not None else default_skip_layers(num_layers)
+        if len(skip_layers) != 3 or not all(0 <= s < num_layers for s in skip_layers):
+            raise ValueError(f"skip_layers must be three indices below num_layers={num_layers}, got {skip_layers}.")
+
+        # The arguments that rebuild this model; saved with every checkpoint and artifact.
+        self.config: dict[str, Any] = dict(
+            in_channels=in_channels, out_channels=out_channels, img_size=list(img_size),
+            feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads,
+            proj_type=proj_type, norm_name=norm_name if isinstance(norm_name, str) else list(norm_name),
+            conv_block=conv_block, res_block=res_block, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias, num_layers=num_layers, skip_layers=list(skip_layers),
+            prompt_mode=prompt_mode, num_prompts=num_prompts, prompt_dropout=prompt_dropout,
+        )  # fmt: skip
+        self.num_layers = num_layers
+        self.skip_layers = skip_layers
+        self.patch_size = patch_size
+        self.feat_size = tuple(i // p for i, p in zip(img_size, patch_size))
+        self.hidden_size = hidden_size
+        self.prompt_mode = prompt_mode
+
+        self.vit = ViT(
+            in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, proj_type=proj_type,
+            classification=False, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias, save_attn=save_attn,
+        )  # fmt: skip
+        if use_flash_attention and not save_attn and dropout_rate == 0:
+            for blk in self.vit.blocks:
+                blk.attn.use_flash_attention = True
+
+        def up(in_ch: int, out_ch: int, num_layer: int) -> UnetrPrUpBlock:
+            return UnetrPrUpBlock(
+                spatial_dims=spatial_dims, in_channels=in_ch, out_channels=out_ch, num_layer=num_layer,
+                kernel_size=3, stride=1, upsample_kernel_size=2, norm_name=norm_name,
+                conv_block=conv_block, res_block=res_block,
+            )  # fmt: skip
+
+        def dec(in_ch: int, out_ch: int) -> UnetrUpBlock:
+            return UnetrUpBlock(
+                spatial_dims=spatial_dims, in_channels=in_ch, out_channels=out_ch, kernel_size=3,
+                upsample_kernel_size=2, norm_name=norm_name, res_block=res_block,
+            )  # fmt: skip
+
+        fs = feature_size
+        self.encoder1 = UnetrBasicBlock(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=fs, kernel_size=3, stride=1,
+            norm_name=norm_name, res_block=res_block,
+        )  # fmt: skip
+        self.encoder2 = up(hidden_size, fs * 2, num_layer=2)
+        self.encoder3 = up(hidden_size, fs * 4, num_layer=1)
+        self.encoder4 = up(hidden_size, fs * 8, num_layer=0)
+        self.decoder5 = dec(hidden_size, fs * 8)
+        self.decoder4 = dec(fs * 8, fs * 4)
+        self.decoder3 = dec(fs * 4, fs * 2)
+        self.decoder2 = dec(fs * 2, fs)
+        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=fs, out_channels=out_channels)
+
+        self.prompts: PromptTokens | None = None
+        if prompt_mode != "none":
+            bound = vpt_init_bound(in_channels, patch_size, hidden_size)
+            num_sets = 1 if prompt_mode == "shallow" else num_layers
+            self.prompts = PromptTokens(num_sets, num_prompts, hidden_size, bound, prompt_dropout)
+
+    @property
+    def num_prompts(self) -> int:
+        return 0 if self.prompts is None else self.prompts.num_prompts
+
+    def encode(
+        self, x_in: torch.Tensor, prompts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the ViT with prompts; return the normed output and the per-block hidden states.
+
+        Prompt tokens are stripped from everything returned, so each tensor is (B, N, C) with N the
+        number of patches and can be reshaped to the 3D grid. ``prompts`` overrides the learned
+        tokens: (S, P, C) for the whole batch or (B, S, P, C) per sample.
+        """
+        x = self.vit.patch_embedding(x_in)  # (B, N, C), position embedding added
+        p = self.num_prompts
+        tokens = None if self.prompts is None else self.prompts.expand(x.shape[0], prompts)  # (B, S, P, C)
+        if tokens is None and prompts is not None:
+            raise ValueError("prompts were given to a model built with prompt_mode='none'.")
+        hidden_states: list[torch.Tensor] = []
+        for i, blk in enumerate(self.vit.blocks):
+            if tokens is not None and i == 0:
+                x = torch.cat((tokens[:, 0], x), dim=1)  # (B, P+N, C)
+            elif tokens is not None and self.prompt_mode == "deep":
+                x = torch.cat((tokens[:, i], x[:, p:]), dim=1)  # replace last layer's prompt outputs
+            x = blk(x)
+            hidden_states.append(x[:, p:])  # (B, N, C)
+        return self.vit.norm(x[:, p:]), hidden_states
+
+    def proj_feat(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens -> (B, C, *feat_size) grid for the convolutional decoder."""
+        x = x.reshape(x.shape[0], *self.feat_size, self.hidden_size)  # (B, D, H, W, C)
+        return x.movedim(-1, 1).contiguous()  # (B, C, D, H, W)
+
+    def forward(self, x_in: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`."""
+        x, hidden_states = self.encode(x_in, prompts)
+        s1, s2, s3 = self.skip_layers
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(self.proj_feat(hidden_states[s1]))
+        enc3 = self.encoder3(self.proj_feat(hidden_states[s2]))
+        enc4 = self.encoder4(self.proj_feat(hidden_states[s3]))
+        dec3 = self.decoder5(self.proj_feat(x), enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        return self.out(self.decoder2(dec1, enc1))
+
+    def train(self, mode: bool = True) -> PromptedUNETR:
+        """Like ``nn.Module.train``, but subtrees with no trainable parameter stay in eval mode.
+
+        Frozen backbone parts then keep their dropout off and their normalisation statistics fixed
+        while prompts (or other adapted parts) train, as VPT does.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                params = list(module.parameters())
+                if module is not self and params and not any(p.requires_grad for p in params):
+                    module.eval()  # the whole frozen subtree, its parameter-free dropouts included
+        return self
+
+    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a backbone checkpoint (e.g. from ``monai.networks.nets.UNETR``) into a prompted model.
+
+        Prompt tokens may be absent from ``state_dict``; any other missing or unexpected key is an
+        error. A ``module.`` prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are
+        dropped, so checkpoints load as they are.
+        """
+        cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        cleaned = {k: v for k, v in cleaned.items() if ".cross_attn." not in k}
+        own = self.state_dict()
+        missing = [k for k in own if k not in cleaned and not k.startswith("prompts.")]
+        unexpected = [k for k in cleaned if k not in own]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match this UNETR configuration: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+            )
+        shapes = [k for k, v in cleaned.items() if own[k].shape != v.shape]
+        if shapes:
+            k = shapes[0]
+            raise ValueError(
+                f"checkpoint does not match this UNETR configuration: {k} has shape "
+                f"{tuple(cleaned[k].shape)}, the model expects {tuple(own[k].shape)}."
+            )
+        self.load_state_dict(cleaned, strict=False)

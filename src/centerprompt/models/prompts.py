@@ -1,0 +1,66 @@
+"""Learnable prompt tokens for a ViT encoder (visual prompt tuning, Jia et al., arXiv 2203.12119)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PROMPT_MODES = ("none", "shallow", "deep")
+
+
+def vpt_init_bound(in_channels: int, patch_size: Sequence[int], hidden_size: int) -> float:
+    """VPT's uniform (Xavier-style) bound: sqrt(6 / (in_channels * prod(patch) + hidden)).
+
+    For 2 channels, 16^3 patches and hidden 768 this is 0.0259.
+    """
+    return math.sqrt(6.0 / (in_channels * math.prod(patch_size) + hidden_size))
+
+
+class PromptTokens(nn.Module):
+    """``num_sets`` sets of ``num_prompts`` tokens of width ``hidden_size``.
+
+    Shallow prompting uses one set (inserted before layer 1); deep prompting uses one set per
+    transformer layer. The tokens get no position embedding, as in VPT.
+
+    Args:
+        num_sets: 1 for shallow prompts, the number of transformer layers for deep prompts.
+        num_prompts: tokens per set (P).
+        hidden_size: token width.
+        init_bound: tokens are drawn from U(-bound, bound) (see :func:`vpt_init_bound`).
+        dropout: dropout on the prompt tokens during training (VPT uses 0.1 for deep runs). Defaults to 0.0.
+    """
+
+    def __init__(
+        self, num_sets: int, num_prompts: int, hidden_size: int, init_bound: float, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be at least 1, got {num_prompts}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"prompt dropout must be in [0, 1), got {dropout}.")
+        self.tokens = nn.Parameter(torch.empty(num_sets, num_prompts, hidden_size))
+        nn.init.uniform_(self.tokens, -init_bound, init_bound)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.tokens.shape[1]
+
+    def expand(self, batch_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens for a batch, shape (B, S, P, C); ``tokens`` overrides the learned ones.
+
+        An override of shape (S, P, C) is shared by the batch; (B, S, P, C) gives each sample its
+        own prompts (a batch mixing centers, served from a prompt bank).
+        """
+        t = self.tokens if tokens is None else tokens
+        if t.dim() == 3:
+            t = t.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        if t.shape[0] != batch_size or t.shape[1:] != self.tokens.shape:
+            raise ValueError(
+                f"prompt tokens of shape {tuple(t.shape)} do not fit a batch of {batch_size} "
+                f"with prompts of shape {tuple(self.tokens.shape)}."
+            )
+        return self.dropout(t)
