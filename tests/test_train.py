@@ -1,0 +1,112 @@
+"""The training loop: it learns, resumes to the same weights, and agrees across DDP ranks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tiny import tiny_model
+
+from centerprompt import apply_strategy
+from centerprompt.train import TrainConfig, fit
+
+
+def toy_data(n: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Bright cubes labelled 1 on a noisy background: learnable in a few steps."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        image = torch.randn(2, 32, 32, 32, generator=g) * 0.1
+        label = torch.zeros(1, 32, 32, 32, dtype=torch.long)
+        lo = 4 + 3 * i
+        image[:, lo : lo + 10, lo : lo + 10, 8:18] += 1.0
+        label[:, lo : lo + 10, lo : lo + 10, 8:18] = 1
+        items.append({"image": image, "label": label})
+    return items
+
+
+CFG = dict(epochs=4, lr=1e-2, batch_size=2, warmup_epochs=1, patience=0, seed=3)
+
+
+def _trained(tmp: Path, strategy: str = "deep", **kwargs) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    model = tiny_model(prompt_mode="deep", num_prompts=2)
+    params = apply_strategy(model, strategy)
+    result = fit(model, params, toy_data(), TrainConfig(**CFG), tmp, progress=False, **kwargs)
+    return model, result
+
+
+def test_fit_writes_run_files_and_reduces_loss(tmp_path: Path) -> None:
+    model, result = _trained(tmp_path, "full")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
+    assert result.epochs_run == 4 and result.train_seconds > 0
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:
+    reference, _ = _trained(tmp_path / "straight")
+
+    def crash(epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt("killed mid-way")
+
+    with pytest.raises(KeyboardInterrupt):
+        _trained(tmp_path / "resumed", on_epoch_end=crash)
+    rows = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    resumed, result = _trained(tmp_path / "resumed", resume=True)
+    assert result.epochs_run == 4
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert torch.equal(reference.prompts.tokens, resumed.prompts.tokens)
+
+
+def test_early_stopping_and_best_epoch(tmp_path: Path) -> None:
+    scores = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.6])
+    torch.manual_seed(0)
+    model = tiny_model(prompt_mode="deep", num_prompts=2)
+    params = apply_strategy(model, "deep")
+    cfg = TrainConfig(**{**CFG, "epochs": 6, "patience": 2})
+    result = fit(model, params, toy_data(), cfg, tmp_path, validate=lambda m: next(scores), progress=False)
+    assert result.stopped_early and result.epochs_run == 4
+    assert result.best_epoch == 2 and result.best_metric == pytest.approx(0.7)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["trainable"]["prompts.tokens"]
+    assert torch.equal(model.prompts.tokens.detach(), best)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="last.pt"):
+        _trained(tmp_path, resume=True)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, _ = _trained(Path(out) / "run", "full")
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    initial = tiny_model(prompt_mode="deep", num_prompts=2)
+    assert not torch.equal(a["out.conv.conv.weight"], initial.state_dict()["out.conv.conv.weight"])
