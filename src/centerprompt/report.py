@@ -1,0 +1,356 @@
+"""Experiment report: tables and figures from the leave-one-center-out results dict.
+
+The results dict (written as ``results.json``, read by other tools, keys are stable)::
+
+    {"new_center", "data_dir", "base_checkpoint", "new_center_test_cases": [...], "machine": {...},
+     "date", "command",
+     "strategies": {name: {"trainable_params", "total_params", "trainable_fraction", "artifact_bytes",
+                           "train_seconds", "peak_memory_mb", "epochs",
+                           "new_center": {"dsc_agg", "dice_mean", "hd95_median", "per_case"},
+                           "old_centers": {"dsc_agg", ..., "per_center": {C: {"dsc_agg"}}},
+                           "old_centers_base": {"dsc_agg", ...}, "artifact"}}}
+
+Strategy ``"none"`` is the base model (direct inference). Figures use matplotlib's object API
+(``Figure``, rendered by Agg) rather than pyplot, so no global backend is switched and no figure is
+left registered; every file is written to a temporary name in its folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+logger = logging.getLogger(__name__)
+
+BASE = "none"
+#: Overlay colours per label value; red and cyan stay distinct for red-green colour blindness.
+LABEL_COLORS: dict[int, tuple[str, str]] = {1: ("GTVp", "#e8242a"), 2: ("GTVn", "#1cc8e8")}
+NEW_COLOR, OLD_COLOR = "#1f5fa8", "#e07b1a"
+_DASH = "–"
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` to a temporary file next to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_figure(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+    logger.info("wrote %s", path)
+    return path
+
+
+def _get(d: Mapping[str, Any] | None, *keys: str) -> Any:
+    """Nested lookup that yields None for any missing level, so partial results still render."""
+    for key in keys:
+        if not isinstance(d, Mapping) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _num(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return _DASH if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def human_count(n: int | None) -> str:
+    """92160 -> '92.2k', 95_900_000 -> '95.9M'."""
+    if n is None:
+        return _DASH
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: int | None) -> str:
+    """Decimal units, as file sizes are usually quoted: 368_640 -> '368.6 kB'."""
+    if not n:
+        return _DASH
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _base_levels(results: Mapping[str, Any]) -> tuple[float, float]:
+    """Base model's (new-center, old-centers) DSCagg mean, from strategy 'none' or any old_centers_base."""
+    strategies = results.get("strategies", {})
+    new = _num(_get(strategies, BASE, "new_center", "dsc_agg", "mean"))
+    old = _num(_get(strategies, BASE, "old_centers", "dsc_agg", "mean"))
+    if math.isnan(old):
+        for s in strategies.values():
+            old = _num(_get(s, "old_centers_base", "dsc_agg", "mean"))
+            if not math.isnan(old):
+                break
+    return new, old
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """Paper-style markdown: one row per strategy, then old-center DSCagg per old center."""
+    strategies: Mapping[str, Any] = results.get("strategies", {})
+    machine = results.get("machine") or {}
+    machine_text = ", ".join(f"{k}: {v}" for k, v in machine.items()) if isinstance(machine, Mapping) else str(machine)
+    lines = [
+        f"# Adapting to new center {results.get('new_center', '?')}",
+        "",
+        f"New center **{results.get('new_center', '?')}**, {len(results.get('new_center_test_cases', []))} test cases; "
+        f"date {results.get('date', '?')}; machine {machine_text or '?'}.",
+        "",
+        "DSCagg = 2·Σ|A∩B| / Σ(|A|+|B|) pooled over the cases of a set (HECKTOR); mean = mean of GTVp and GTVn. "
+        "Δ old = old-centers DSCagg mean of the adapted model minus the base model's.",
+        "",
+        "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean "
+        "| Old mean | Δ old | Time (s) | Peak mem (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in strategies.items():
+        new = _get(s, "new_center", "dsc_agg") or {}
+        old_mean = _num(_get(s, "old_centers", "dsc_agg", "mean"))
+        delta = old_mean - _num(_get(s, "old_centers_base", "dsc_agg", "mean"))
+        total, trainable = s.get("total_params"), s.get("trainable_params")
+        fraction = s.get("trainable_fraction")
+        if fraction is None and trainable is not None and total:
+            fraction = trainable / total
+        seconds = s.get("train_seconds")
+        lines.append(
+            f"| {name} | {human_count(trainable)} / {human_count(total)} "
+            f"| {_DASH if fraction is None else format(100 * fraction, '.3g') + '%'} "
+            f"| {human_bytes(s.get('artifact_bytes'))} "
+            f"| {_fmt(_num(new.get('gtvp')))} | {_fmt(_num(new.get('gtvn')))} | {_fmt(_num(new.get('mean')))} "
+            f"| {_fmt(old_mean)} | {_fmt(delta, '+.3f')} "
+            f"| {_fmt(seconds, '.1f' if seconds is not None and seconds < 10 else '.0f')} "
+            f"| {_fmt(s.get('peak_memory_mb'), '.0f')} |"
+        )
+
+    centers = sorted({c for s in strategies.values() for c in (_get(s, "old_centers", "per_center") or {})})
+    if centers:
+        lines += [
+            "",
+            "Old-center DSCagg mean, per old center:",
+            "",
+            "| Strategy | " + " | ".join(centers) + " |",
+            "|---|" + "---:|" * len(centers),
+        ]
+        for name, s in strategies.items():
+            values = [_fmt(_num(_get(s, "old_centers", "per_center", c, "dsc_agg", "mean"))) for c in centers]
+            lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_dice_per_strategy(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Grouped bars of new-center and old-centers DSCagg mean per strategy; base levels dashed."""
+    strategies: Mapping[str, Any] = results.get("strategies", {})
+    names = list(strategies)
+    new = [_num(_get(strategies[n], "new_center", "dsc_agg", "mean")) for n in names]
+    old = [_num(_get(strategies[n], "old_centers", "dsc_agg", "mean")) for n in names]
+    base_new, base_old = _base_levels(results)
+    x = np.arange(len(names))
+    width = 0.38
+    fig = Figure(figsize=(max(6.0, 0.9 * len(names) + 2), 4.6), layout="constrained")
+    ax = fig.subplots()
+    center = results.get("new_center", "new center")
+    for offset, values, color, label in ((-width / 2, new, NEW_COLOR, f"new center ({center})"),
+                                         (width / 2, old, OLD_COLOR, "old centers")):
+        bars = ax.bar(x + offset, values, width, color=color, label=label)
+        ax.bar_label(bars, labels=[_fmt(v, ".2f") if not math.isnan(v) else "" for v in values], fontsize=7, padding=2)
+    if not math.isnan(base_new):
+        ax.axhline(base_new, color=NEW_COLOR, linestyle="--", linewidth=1, label="base model, new center")
+    if not math.isnan(base_old):
+        ax.axhline(base_old, color=OLD_COLOR, linestyle="--", linewidth=1, label="base model, old centers")
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("DSCagg (mean of GTVp, GTVn)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Adaptation to {center}: new vs old centers")
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_params_vs_dice(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Trainable parameters (log x) vs new-center DSCagg mean, one labelled point per strategy.
+
+    Strategies that train nothing (the base model) cannot sit on a log axis; they are drawn as a
+    dashed horizontal line instead.
+    """
+    strategies: Mapping[str, Any] = results.get("strategies", {})
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    points = []
+    for name, s in strategies.items():
+        params, dice = s.get("trainable_params") or 0, _num(_get(s, "new_center", "dsc_agg", "mean"))
+        if math.isnan(dice):
+            continue
+        if params <= 0:
+            ax.axhline(dice, color="grey", linestyle="--", linewidth=1, label=f"{name} (no training)")
+        else:
+            points.append((name, params, dice))
+    span = max((d for *_, d in points), default=1.0) - min((d for *_, d in points), default=0.0) or 1.0
+    placed: list[tuple[float, float]] = []
+    for name, params, dice in sorted(points, key=lambda p: -p[2]):
+        # Near-identical points (deep vs deep+head) would print labels on top of each other.
+        crowded = any(abs(math.log10(params) - lx) < 0.4 and abs(dice - ly) < 0.05 * span for lx, ly in placed)
+        placed.append((math.log10(params), dice))
+        ax.scatter([params], [dice], color=NEW_COLOR, zorder=3)
+        ax.annotate(name, (params, dice), xytext=(-6, -3) if crowded else (5, 4), textcoords="offset points",
+                    ha="right" if crowded else "left", fontsize=8)
+    ax.margins(x=0.08, y=0.1)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"new-center DSCagg mean ({results.get('new_center', '?')})")
+    ax.set_title("Parameters trained vs new-center Dice")
+    ax.grid(which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save_figure(fig, path)
+
+
+def _as_volume(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    while a.ndim > 3 and a.shape[0] == 1:  # drop batch/channel singletons
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume, got shape {a.shape}.")
+    return a
+
+
+def _tumour_slices(gt: np.ndarray, n_slices: int, axis: int) -> list[int]:
+    """The slice with the largest label area and neighbours spread over the tumour's extent."""
+    depth = gt.shape[axis]
+    area = (np.moveaxis(gt, axis, 0) > 0).reshape(depth, -1).sum(axis=1)
+    if not area.any():
+        return sorted({int(i) for i in np.linspace(0, depth - 1, n_slices + 2)[1:-1].round()})
+    occupied = np.flatnonzero(area)
+    step = max(1, (occupied[-1] - occupied[0] + 1) // (n_slices + 1))
+    peak = int(area.argmax())
+    offsets = (np.arange(n_slices) - (n_slices - 1) // 2) * step
+    return sorted({int(i) for i in np.clip(peak + offsets, 0, depth - 1)})
+
+
+def _overlay(labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros((*labels.shape, 4))
+    for value, (_, color) in LABEL_COLORS.items():
+        rgba[labels == value] = to_rgba(color, alpha)
+    return rgba
+
+
+def plot_case_slices(
+    ct: Any,
+    pet: Any,
+    gt: Any,
+    preds: Mapping[str, Any],
+    path: str | Path,
+    n_slices: int = 3,
+    axis: int = 0,
+) -> Path:
+    """Grid of axial slices through the tumour: rows CT, PET, ground truth, one per prediction.
+
+    Columns are the slice of largest ground-truth area and neighbours across the tumour (evenly
+    spaced slices when the ground truth is empty). Labels 1 (GTVp) and 2 (GTVn) are overlaid on CT.
+
+    Args:
+        ct, pet: image volumes (numpy or CPU torch), same shape; leading singleton dims are dropped.
+        gt: ground-truth label map, same shape.
+        preds: strategy name -> predicted label map, same shape.
+        path: PNG to write.
+        n_slices: columns. Default 3.
+        axis: the axial (slice) axis; 0 for (D, H, W) label maps as scored. Slices are drawn as stored.
+    """
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be at least 1, got {n_slices}.")
+    ct, pet, gt = _as_volume(ct, "ct"), _as_volume(pet, "pet"), _as_volume(gt, "gt")
+    preds = {name: _as_volume(p, f"preds[{name!r}]") for name, p in preds.items()}
+    for name, vol in {"pet": pet, "gt": gt, **{f"preds[{k!r}]": v for k, v in preds.items()}}.items():
+        if vol.shape != ct.shape:
+            raise ValueError(f"{name} shape {vol.shape} differs from ct shape {ct.shape}.")
+    slices = _tumour_slices(gt, n_slices, axis)
+    ct_lo, ct_hi = np.percentile(ct, (1, 99))
+    pet_hi = float(np.percentile(pet, 99.5)) or 1.0
+    rows: list[tuple[str, np.ndarray | None]] = [("CT", None), ("PET", None), ("ground truth", gt), *preds.items()]
+
+    fig = Figure(figsize=(2.4 * len(slices) + 0.6, 2.4 * len(rows) + 0.5), layout="constrained")
+    axes = fig.subplots(len(rows), len(slices), squeeze=False)
+    for r, (row_name, labels) in enumerate(rows):
+        for c, k in enumerate(slices):
+            ax = axes[r, c]
+            if row_name == "PET":
+                ax.imshow(np.take(pet, k, axis), cmap="hot", vmin=0, vmax=pet_hi, interpolation="nearest")
+            else:
+                ax.imshow(np.take(ct, k, axis), cmap="gray", vmin=ct_lo, vmax=ct_hi, interpolation="nearest")
+            if labels is not None:
+                sl = np.take(labels, k, axis)
+                ax.imshow(_overlay(sl), interpolation="nearest")
+                for value, (_, color) in LABEL_COLORS.items():
+                    if (sl == value).any():  # outline too: a fill alone fades on bright CT
+                        ax.contour(sl == value, levels=[0.5], colors=[color], linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"slice {k}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_name, fontsize=9)
+    handles = [Patch(color=color, label=name) for name, color in LABEL_COLORS.values()]
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9)
+    return _save_figure(fig, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json (NaN as null), results.md and the two summary figures into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "results.md",
+        "dice_per_strategy": out / "dice_per_strategy.png",
+        "params_vs_dice": out / "params_vs_dice.png",
+    }
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
+    _atomic_write(paths["json"], lambda f: f.write(text.encode("utf-8")))
+    markdown = results_markdown(results)
+    _atomic_write(paths["markdown"], lambda f: f.write(markdown.encode("utf-8")))
+    plot_dice_per_strategy(results, paths["dice_per_strategy"])
+    plot_params_vs_dice(results, paths["params_vs_dice"])
+    logger.info("report written to %s", out)
+    return paths
