@@ -1,0 +1,166 @@
+"""Layout reading, splits and the leave-one-center-out protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_case
+
+from centerprompt.data.hecktor import (
+    DataError,
+    find_cases,
+    leave_one_center_out,
+    load_or_create_splits,
+    make_splits,
+)
+
+
+def test_both_label_naming_styles(hecktor_dir: Path) -> None:
+    cases = find_cases(hecktor_dir)
+    assert [c.case_id for c in cases] == ["CHUM-001", "CHUM-002", "CHUM-003", "MDA-001", "MDA-002", "MDA-003"]
+    assert {c.center for c in cases} == {"CHUM", "MDA"}
+    mda = next(c for c in cases if c.case_id == "MDA-001")
+    assert mda.label is not None and mda.label.name == "MDA_001.nii.gz"
+    assert mda.ct.name == "MDA-001__CT.nii.gz" and mda.pet.name == "MDA-001__PT.nii.gz"
+
+
+def test_case_without_label_is_prediction_only(hecktor_dir: Path) -> None:
+    write_case(hecktor_dir, "CHUV-001", label_sep=None)
+    cases = {c.case_id: c for c in find_cases(hecktor_dir)}
+    assert cases["CHUV-001"].label is None and not cases["CHUV-001"].labelled
+    assert "CHUV" not in make_splits(cases.values())
+
+
+def test_missing_modality_names_case_and_file(hecktor_dir: Path) -> None:
+    (hecktor_dir / "imagesTr" / "CHUM-002__PT.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"CHUM-002: missing PET image .*CHUM-002__PT\.nii\.gz"):
+        find_cases(hecktor_dir)
+
+
+def test_label_without_images_is_missing_modality(hecktor_dir: Path) -> None:
+    shutil.copy(hecktor_dir / "labelsTr" / "CHUM-001.nii.gz", hecktor_dir / "labelsTr" / "CHUM-009.nii.gz")
+    with pytest.raises(DataError, match=r"CHUM-009: missing CT image .*found .*CHUM-009\.nii\.gz"):
+        find_cases(hecktor_dir)
+
+
+def test_empty_or_wrong_folder(tmp_path: Path, hecktor_dir: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        find_cases(tmp_path / "nope")
+    with pytest.raises(DataError, match="has no imagesTr folder"):
+        find_cases(tmp_path)
+    with pytest.raises(DataError, match="not imagesTr itself"):
+        find_cases(hecktor_dir / "imagesTr")
+    (tmp_path / "empty" / "imagesTr").mkdir(parents=True)
+    with pytest.raises(DataError, match="contains no NIfTI images"):
+        find_cases(tmp_path / "empty")
+
+
+def test_duplicate_label_in_both_styles(hecktor_dir: Path) -> None:
+    shutil.copy(hecktor_dir / "labelsTr" / "CHUM-001.nii.gz", hecktor_dir / "labelsTr" / "CHUM_001.nii.gz")
+    with pytest.raises(DataError, match=r"CHUM-001: duplicate label files .*CHUM-001\.nii\.gz and .*CHUM_001\.nii\.gz"):
+        find_cases(hecktor_dir)
+
+
+def test_same_case_under_two_names(hecktor_dir: Path) -> None:
+    images = hecktor_dir / "imagesTr"
+    shutil.copy(images / "MDA-002__CT.nii.gz", images / "MDA_002__CT.nii.gz")
+    with pytest.raises(DataError, match=r"MDA-002: duplicate ct files"):
+        find_cases(hecktor_dir)
+
+
+def test_unknown_center_and_allowed_centers(hecktor_dir: Path) -> None:
+    write_case(hecktor_dir, "XYZ-001")
+    with pytest.raises(DataError, match=r"XYZ-001: unknown center 'XYZ' in .*XYZ-001__CT\.nii\.gz"):
+        find_cases(hecktor_dir)
+    cases = find_cases(hecktor_dir, allowed_centers=["XYZ"])
+    assert "XYZ-001" in [c.case_id for c in cases]
+
+
+def test_badly_named_file_is_reported(hecktor_dir: Path) -> None:
+    shutil.copy(hecktor_dir / "imagesTr" / "MDA-001__CT.nii.gz", hecktor_dir / "imagesTr" / "MDA-001_ct.nii.gz")
+    with pytest.raises(DataError, match=r"MDA-001_ct\.nii\.gz: image file .* does not match"):
+        find_cases(hecktor_dir)
+
+
+def test_skip_bad_cases_warns(hecktor_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (hecktor_dir / "imagesTr" / "CHUM-002__CT.nii.gz").unlink()
+    write_case(hecktor_dir, "XYZ-001")
+    with caplog.at_level(logging.WARNING, logger="centerprompt.data.hecktor"):
+        cases = find_cases(hecktor_dir, skip_bad_cases=True)
+    ids = [c.case_id for c in cases]
+    assert "CHUM-002" not in ids and "XYZ-001" not in ids and len(ids) == 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("CHUM-002" in w and "CHUM-002__CT.nii.gz" in w for w in warnings)
+    assert any("XYZ-001" in w for w in warnings)
+
+
+def _many_cases(tmp_path: Path) -> list:
+    """Layout-only cases (empty files): splits never read voxels."""
+    root = tmp_path / "many"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for center, n in (("CHUM", 20), ("HMR", 18), ("MDA", 40), ("CHUV", 2)):
+        for i in range(n):
+            for name in (f"imagesTr/{center}-{i:03d}__CT.nii.gz", f"imagesTr/{center}-{i:03d}__PT.nii.gz", f"labelsTr/{center}-{i:03d}.nii.gz"):
+                (root / name).touch()
+    return find_cases(root)
+
+
+def test_splits_deterministic_and_disjoint(tmp_path: Path) -> None:
+    cases = _many_cases(tmp_path)
+    a, b, c = make_splits(cases, seed=0), make_splits(cases, seed=0), make_splits(cases, seed=1)
+    assert a == b and a != c
+    for center, parts in a.items():
+        ids = parts["train"] + parts["val"] + parts["test"]
+        assert len(ids) == len(set(ids)) == sum(x.center == center for x in cases)
+    assert all(len(a[c]["val"]) >= 1 and len(a[c]["test"]) >= 1 for c in ("CHUM", "HMR", "MDA"))
+    assert len(a["CHUV"]["train"]) == 1 and len(a["CHUV"]["test"]) == 1  # tiny center: still trains and tests
+
+
+def test_splits_written_once_and_reused(tmp_path: Path) -> None:
+    cases = _many_cases(tmp_path)
+    path = tmp_path / "many" / "splits.json"
+    first = load_or_create_splits(tmp_path / "many", cases, seed=0)
+    assert path.exists() and json.loads(path.read_text())["centers"] == first
+    mtime = path.stat().st_mtime_ns
+    assert load_or_create_splits(tmp_path / "many", cases, seed=5) == first  # reused, not remade
+    assert path.stat().st_mtime_ns == mtime
+    assert not list(path.parent.glob(".splits.json.tmp*"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"seed": 0, "centers": {"HMR": {"train": []}}}')
+    with pytest.raises(DataError, match=r"bad\.json is not a valid splits JSON"):
+        load_or_create_splits(tmp_path / "many", cases, path=bad)
+    with pytest.raises(DataError, match=r"splits\.json lists 1 case.*HMR-000"):
+        load_or_create_splits(tmp_path / "many", [c for c in cases if c.case_id != "HMR-000"])
+
+
+def test_leave_one_center_out_disjoint(tmp_path: Path) -> None:
+    splits = make_splits(_many_cases(tmp_path), seed=0)
+    loco = leave_one_center_out(splits, "HMR", shots=5, seed=0)
+    assert len(loco.adapt_train) == 5 and loco.adapt_val
+    adapt, test = set(loco.adapt_train), set(loco.new_test)
+    assert not adapt & set(loco.adapt_val) and not adapt & test and not set(loco.adapt_val) & test
+    assert test == set(splits["HMR"]["test"])
+    assert all(i.startswith("HMR-") for i in adapt | test | set(loco.adapt_val))
+    pretrain = loco.pretrain_train + loco.pretrain_val + loco.old_test
+    assert pretrain and not any(i.startswith("HMR-") for i in pretrain)
+    assert not set(loco.pretrain_train) & set(loco.old_test)
+    assert set(loco.old_test) == {i for c in ("CHUM", "CHUV", "MDA") for i in splits[c]["test"]}
+    # Same seed -> same split; more shots -> a superset, with the same validation cases.
+    assert leave_one_center_out(splits, "HMR", shots=5, seed=0) == loco
+    more = leave_one_center_out(splits, "HMR", shots=8, seed=0)
+    assert adapt < set(more.adapt_train) and more.adapt_val == loco.adapt_val
+
+
+def test_leave_one_center_out_too_few_cases(tmp_path: Path) -> None:
+    splits = make_splits(_many_cases(tmp_path), seed=0)
+    n_pool = len(splits["HMR"]["train"]) + len(splits["HMR"]["val"])
+    with pytest.raises(ValueError, match=r"center HMR has \d+ labelled train\+val cases, too few for 50 shots"):
+        leave_one_center_out(splits, "HMR", shots=50)
+    leave_one_center_out(splits, "HMR", shots=n_pool - len(splits["HMR"]["val"]))
+    with pytest.raises(ValueError, match="no labelled cases"):
+        leave_one_center_out(splits, "USZ", shots=1)
