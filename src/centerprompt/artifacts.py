@@ -75,13 +75,15 @@ def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = 
     return digest.hexdigest()[:16]
 
 
-def _read_metadata(path: Path, expected_format: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read_metadata(
+    path: Path, expected_format: str, with_tensors: bool = True
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
     if meta.get("format") != expected_format:
@@ -99,6 +101,12 @@ def save_model(model: PromptedUNETR, path: str | Path, extra: Mapping[str, Any] 
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(path)
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """Configuration and extra metadata (e.g. the preprocessing it was trained with) of a checkpoint."""
+    meta, _ = _read_metadata(Path(path), MODEL_FORMAT, with_tensors=False)
+    return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
 
 
 def config_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 12) -> dict[str, Any]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +27,8 @@ from typing import IO, Any
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from centerprompt.artifacts import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +41,8 @@ _DASH = "–"
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through ``write`` to a temporary file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _save_figure(fig: Figure, path: str | Path) -> Path:
@@ -336,6 +330,14 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Atomic JSON file with NaN/inf as null (strict JSON other tools can read)."""
+    path = Path(path)
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path
+
+
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write results.json (NaN as null), results.md and the two summary figures into ``out_dir``."""
     out = Path(out_dir)
@@ -346,8 +348,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         "dice_per_strategy": out / "dice_per_strategy.png",
         "params_vs_dice": out / "params_vs_dice.png",
     }
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
-    _atomic_write(paths["json"], lambda f: f.write(text.encode("utf-8")))
+    write_json(results, paths["json"])
     markdown = results_markdown(results)
     _atomic_write(paths["markdown"], lambda f: f.write(markdown.encode("utf-8")))
     plot_dice_per_strategy(results, paths["dice_per_strategy"])

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -333,13 +333,3 @@ def _agreed(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.broadcast(t, src=0)
     return float(t.item())
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomic JSON write, for run configurations and summaries."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)

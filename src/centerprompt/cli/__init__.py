@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "centerprompt.cli.synth",
     "centerprompt.cli.data",
+    "centerprompt.cli.runs",
 )
 
 

@@ -1,0 +1,201 @@
+"""Sub-commands that train and use models: pretrain, adapt, evaluate, predict, experiment, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+STRATEGY_NAMES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
+DEMO_DATA = Path("data/synth")
+DEMO_CENTER = "CHUV"
+
+
+def _common_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: per strategy)")
+    p.add_argument("--batch-size", type=int, help="volumes per step (default: the preset's)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping: validations without improvement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+
+
+def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.strategy == "lora":
+        return {"rank": args.lora_rank}
+    if args.strategy == "partial" and args.partial_modules:
+        return {"modules": args.partial_modules.split(",")}
+    return {}
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from centerprompt.jobs import pretrain
+    from centerprompt.train import init_distributed
+
+    init_distributed()
+    summary = pretrain(
+        args.data, args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
+        lr=args.lr or 3e-4, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+        resume=args.resume, skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
+    )  # fmt: skip
+    print(f"base model: {Path(args.out) / 'model.safetensors'} (best validation Dice {summary['best_metric']:.3f} "
+          f"at epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")  # fmt: skip
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from centerprompt.jobs import adapt
+    from centerprompt.train import init_distributed
+
+    init_distributed()
+    s = adapt(
+        args.data, args.center, args.base, args.out, strategy=args.strategy, prompts=args.prompts, shots=args.shots,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
+        options=_lora_options(args), prompt_dropout=args.prompt_dropout, seed=args.seed, resume=args.resume,
+        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
+    )  # fmt: skip
+    print(f"{args.strategy}: {s['trainable_params']:,} trainable of {s['total_params']:,} "
+          f"({100 * s['trainable_fraction']:.3f}%), artifact {s['artifact']} ({s['artifact_bytes']:,} bytes), "
+          f"{s['train_seconds']:.0f} s")  # fmt: skip
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from centerprompt.jobs import evaluate
+    from centerprompt.report import write_json
+
+    centers = args.centers.split(",") if args.centers else None
+    result = evaluate(args.data, args.base, adapter=args.adapter, centers=centers, split=args.split,
+                      score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
+    write_json(result, args.out)
+    print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
+    for center, s in {**result["per_center"], "all": result["overall"]}.items():
+        d = s["dsc_agg"]
+        print(f"{center:8} {s['n_cases']:>5} {d['gtvp']:>12.3f} {d['gtvn']:>12.3f} {d['mean']:>6.3f}")
+    print(f"per-case results: {args.out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from centerprompt.jobs import predict, predict_folder
+
+    if args.input:
+        written = predict_folder(args.base, args.input, args.out, adapter=args.adapter)
+    elif args.ct and args.pet:
+        written = predict(args.base, [(args.ct, args.pet, args.out)], adapter=args.adapter)
+    else:
+        raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
+    print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from centerprompt.experiment import run_all_centers, run_experiment
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    kwargs = dict(
+        strategies=strategies, base=args.base, preset=args.preset, shots=args.shots, prompts=args.prompts,
+        pretrain_epochs=args.pretrain_epochs, adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed,
+        score_at=args.score_at, skip_bad_cases=args.skip_bad_cases, command=" ".join(["centerprompt", *sys.argv[1:]]),
+    )  # fmt: skip
+    if args.new_center == "all":
+        text = run_all_centers(args.data, args.out, **kwargs)
+    else:
+        run_experiment(args.data, args.new_center, args.out, **kwargs)
+        text = (Path(args.out) / "results.md").read_text()
+    print(text)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from centerprompt.experiment import run_experiment
+
+    data = Path(args.data)
+    if not (data / "imagesTr").is_dir():
+        from centerprompt.data.synthetic import generate_dataset
+
+        print(f"generating the synthetic multi-center dataset in {data} ...")
+        generate_dataset(data, cases_per_center=args.cases_per_center)
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    quick = dict(pretrain_epochs=3, adapt_epochs=2, strategies=("none", "full", "deep"), shots=4, patience=0)
+    full = dict(pretrain_epochs=None, adapt_epochs=None, strategies=STRATEGY_NAMES[:-1], shots=8, patience=10)
+    settings = quick if args.quick else full
+    run_experiment(data, args.new_center, out, preset="cpu", seed=args.seed,
+                   command="centerprompt demo" + (" --quick" if args.quick else ""), **settings)  # fmt: skip
+    print((out / "results.md").read_text())
+    print(f"report: {out / 'results.md'}, figures: {out}/*.png")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train the base model on every center but one")
+    p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder")
+    p.add_argument("--exclude-center", help="center left out of pretraining (the future new center)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (model.safetensors is written there)")
+    p.add_argument("--preset", default="cpu", choices=("cpu", "vit-b"), help="model size and preprocessing")
+    _common_training(p)
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("adapt", help="adapt the frozen base model to a new center with one strategy")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--center", required=True, help="the new center")
+    p.add_argument("--base", required=True, type=Path, help="base checkpoint (model.safetensors)")
+    p.add_argument("--strategy", default="deep", choices=STRATEGY_NAMES)
+    p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P)")
+    p.add_argument("--prompt-dropout", type=float, default=0.0)
+    p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--partial-modules", help="comma-separated modules for --strategy partial (default decoder2,out)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (adapter.safetensors is written there)")
+    _common_training(p)
+    p.set_defaults(func=_cmd_adapt)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 per case and per center")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--base", required=True, type=Path)
+    p.add_argument("--adapter", type=Path, help="per-center adapter file")
+    p.add_argument("--centers", help="comma-separated centers (default: all)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
+    p.add_argument("--skip-bad-cases", action="store_true")
+    p.add_argument("--out", required=True, type=Path, help="JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid")
+    p.add_argument("--base", required=True, type=Path)
+    p.add_argument("--adapter", type=Path)
+    p.add_argument("--ct", type=Path, help="CT NIfTI of one case")
+    p.add_argument("--pet", type=Path, help="PET NIfTI of the same case")
+    p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
+    p.add_argument("--out", required=True, type=Path, help="output NIfTI (one case) or folder (--input)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("experiment", help="leave-one-center-out comparison of strategies")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--new-center", required=True, help="held-out center, or 'all' for each in turn")
+    p.add_argument("--strategies", default="none,full,partial,shallow,deep,deep+head,lora")
+    p.add_argument("--base", type=Path, help="use this base model instead of pretraining one")
+    p.add_argument("--preset", default="cpu", choices=("cpu", "vit-b"))
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--pretrain-epochs", type=int)
+    p.add_argument("--adapt-epochs", type=int)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
+    p.add_argument("--skip-bad-cases", action="store_true")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("demo", help="synthetic data, then the experiment for one held-out center, on a CPU")
+    p.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--data", type=Path, default=DEMO_DATA, help="generated here if absent")
+    p.add_argument("--new-center", default=DEMO_CENTER)
+    p.add_argument("--cases-per-center", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)

@@ -1,0 +1,337 @@
+"""The jobs a user runs: pretrain a base model, adapt it to a center, score it, predict with it.
+
+Each job joins the data layer (HECKTOR reader, checks, MONAI pipelines) to the model layer
+(PromptedUNETR, strategies, artifacts) and the training loop. A run folder holds the resolved
+configuration (``config.json``), a log, per-epoch metrics, checkpoints and a ``summary.json``
+written last, whose presence marks the run as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from centerprompt.artifacts import (
+    build_adapted_model,
+    load_model,
+    read_model_metadata,
+    save_adapter,
+    save_model,
+)
+from centerprompt.data.checks import validate_cases
+from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, load_or_create_splits
+from centerprompt.data.transforms import (
+    PreprocessConfig,
+    inference_transforms,
+    invert_prediction,
+    load_label_on_ct_grid,
+    make_dataset,
+    save_prediction,
+    train_transforms,
+)
+from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
+from centerprompt.models.prompted_unetr import PromptedUNETR
+from centerprompt.presets import ADAPT_LR, PRETRAIN_LR, get_preset
+from centerprompt.strategies import STRATEGIES, apply_strategy, get_strategy, parameter_report
+from centerprompt.report import write_json
+from centerprompt.train import TrainConfig, default_device, fit, rank
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+IN_CHANNELS, OUT_CHANNELS = 2, 3  # CT + PET in; background, GTVp, GTVn out
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Copy the package's log records into ``run_dir/log.txt`` while a job runs (rank 0 only)."""
+    if rank() != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("centerprompt")
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(min(old_level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def load_index(
+    data_dir: str | Path, *, skip_bad_cases: bool = False, check: bool = True, seed: int = 0
+) -> tuple[dict[str, Case], dict[str, dict[str, list[str]]]]:
+    """Cases by ID (checked like ``check-data``) and the per-center splits (``DIR/splits.json``)."""
+    cases = find_cases(data_dir, skip_bad_cases=skip_bad_cases)
+    if check:
+        cases = validate_cases(cases, skip_bad_cases=skip_bad_cases)
+    splits = load_or_create_splits(data_dir, cases, seed=seed)
+    return {c.case_id: c for c in cases}, splits
+
+
+def _check_resumable(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
+    """Refuse to resume a run folder made with another configuration."""
+    path = run_dir / "config.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in config if k != "resume" and old.get(k) != config[k])
+        if changed:
+            raise ValueError(f"{run_dir}: cannot resume, the configuration changed ({', '.join(changed)}).")
+    if rank() == 0:
+        write_json(config, path)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Scores models on a fixed set of labelled cases, preprocessing each case once.
+
+    ``score_at="ct"`` maps every prediction back onto the case's original CT grid and compares it
+    with the label there, as the HECKTOR evaluation does; ``"preprocessed"`` compares in the
+    resampled crop (faster, used for validation during training).
+    """
+
+    def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, score_at: str = "ct") -> None:
+        if score_at not in ("ct", "preprocessed"):
+            raise ValueError(f"score_at must be 'ct' or 'preprocessed', got {score_at!r}.")
+        self.cases = list(cases)
+        self.preprocess = preprocess
+        self.score_at = score_at
+        self.transform = inference_transforms(preprocess, with_label=True)
+        self.dataset = make_dataset(self.cases, self.transform, cache="memory")
+        self._ct_labels: dict[str, tuple[np.ndarray, tuple[float, ...]]] = {}
+
+    def _reference(self, index: int) -> tuple[np.ndarray, tuple[float, ...]]:
+        case = self.cases[index]
+        if case.case_id not in self._ct_labels:
+            import nibabel as nib
+
+            spacing = tuple(float(s) for s in nib.load(case.ct).header.get_zooms()[:3])
+            self._ct_labels[case.case_id] = (load_label_on_ct_grid(case), spacing)
+        return self._ct_labels[case.case_id]
+
+    def predict(self, model: torch.nn.Module, index: int, **model_kwargs: Any) -> torch.Tensor:
+        """Label map (1, D, H, W) in preprocessed space for case ``index``."""
+        image = self.dataset[index]["image"].as_tensor()[None].to(next(model.parameters()).device)
+        probs = sliding_window_predict(model, image, self.preprocess.roi_size, **model_kwargs)
+        return probs.argmax(1).cpu()
+
+    def score(self, model: torch.nn.Module, desc: str = "score", progress: bool = True) -> list[dict[str, Any]]:
+        results = []
+        for i in tqdm(range(len(self.cases)), desc=desc, unit="case", disable=not progress, leave=False):
+            case, pred = self.cases[i], self.predict(model, i)
+            if self.score_at == "ct":
+                pred_ct = invert_prediction(pred, self.dataset[i], self.transform)[0].numpy().round()
+                label, spacing = self._reference(i)
+                metrics = case_metrics(pred_ct.astype(np.int64), label.astype(np.int64), spacing)
+            else:
+                label = self.dataset[i]["label"][0].as_tensor().round().long()
+                metrics = case_metrics(pred[0], label, self.preprocess.spacing)
+            results.append({"case_id": case.case_id, "center": case.center, **metrics})
+        return results
+
+
+def validator(scorer: Scorer) -> Callable[[torch.nn.Module], float]:
+    """Validation metric for early stopping: mean of the GTVp and GTVn aggregated Dice."""
+
+    def validate(model: torch.nn.Module) -> float:
+        value = aggregate(scorer.score(model, progress=False))["overall"]["dsc_agg"]["mean"]
+        return 0.0 if np.isnan(value) else float(value)
+
+    return validate
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(
+    data_dir: str | Path, out: str | Path, *, exclude_center: str | None = None, preset: str = "cpu",
+    epochs: int | None = None, lr: float = PRETRAIN_LR, batch_size: int | None = None, patience: int = 10,
+    seed: int = 0, resume: bool = False, skip_bad_cases: bool = False, amp: bool = False,
+    compile: bool = False, progress: bool = True, cases_limit: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the base model with every weight on all centers but ``exclude_center``.
+
+    Writes ``OUT/model.safetensors`` (the best epoch on the validation cases, with its
+    configuration and preprocessing in the metadata). ``cases_limit`` caps the training cases
+    (for smoke tests).
+    """
+    run_dir, p = Path(out), get_preset(preset)
+    with run_log(run_dir):
+        cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, seed=seed)
+        if exclude_center is not None:
+            loco = leave_one_center_out(splits, exclude_center, shots=0, seed=seed)
+            train_ids, val_ids = loco.pretrain_train, loco.pretrain_val
+        else:
+            train_ids = sorted(i for s in splits.values() for i in s["train"])
+            val_ids = sorted(i for s in splits.values() for i in s["val"])
+        train_ids = train_ids[:cases_limit] if cases_limit else train_ids
+        cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr, batch_size=batch_size or p.batch_size,
+                          patience=patience, seed=seed, amp=amp, compile=compile)  # fmt: skip
+        config = {
+            "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": preset,
+            "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
+            "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "train_cases": train_ids,
+            "val_cases": val_ids,
+        }  # fmt: skip
+        _check_resumable(run_dir, config, resume)
+        torch.manual_seed(seed)
+        model = PromptedUNETR(**config["model"])
+        params = apply_strategy(model, "full")
+        train_ds = make_dataset([cases[i] for i in train_ids], train_transforms(p.preprocess))
+        scorer = Scorer([cases[i] for i in val_ids], p.preprocess, score_at="preprocessed")
+        logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids), exclude_center)
+        result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
+        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model)}
+        if rank() == 0:
+            train_centers = sorted({cases[i].center for i in train_ids})
+            extra = {"preprocess": p.preprocess.to_dict(), "preset": preset, "train_centers": train_centers,
+                     "exclude_center": exclude_center}  # fmt: skip
+            save_model(model, run_dir / "model.safetensors", extra=extra)
+            write_json(summary, run_dir / SUMMARY)
+    return summary
+
+
+def base_preprocess(base: str | Path) -> PreprocessConfig:
+    """The preprocessing a base checkpoint was trained with (default pipeline for foreign checkpoints)."""
+    if Path(base).suffix != ".safetensors":
+        return PreprocessConfig()
+    extra = read_model_metadata(base)["extra"]
+    return PreprocessConfig.from_dict(extra["preprocess"]) if "preprocess" in extra else PreprocessConfig()
+
+
+# ----------------------------------------------------------------------------- adapt
+
+
+def adapt(
+    data_dir: str | Path, center: str, base: str | Path, out: str | Path, *, strategy: str = "deep",
+    prompts: int = 10, shots: int = 8, epochs: int | None = None, lr: float | None = None,
+    batch_size: int | None = None, patience: int = 10, options: dict[str, Any] | None = None,
+    prompt_dropout: float = 0.0, seed: int = 0, resume: bool = False, skip_bad_cases: bool = False,
+    amp: bool = False, compile: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
+
+    Writes ``OUT/adapter.safetensors`` (what the strategy trained, best validation epoch) and
+    ``OUT/summary.json`` (parameters, artifact bytes, wall time, peak memory).
+    """
+    run_dir, options = Path(out), dict(options or {})
+    get_strategy(strategy)
+    with run_log(run_dir):
+        cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, seed=seed)
+        meta = read_model_metadata(base)
+        preset = get_preset(meta["extra"].get("preset", "cpu"))
+        preprocess = base_preprocess(base)
+        if center in meta["extra"].get("train_centers", []):
+            logger.warning("center %s was part of the base model's pretraining data", center)
+        loco = leave_one_center_out(splits, center, shots=shots, seed=seed)
+        mode = STRATEGIES[strategy].prompt_mode
+        cfg = TrainConfig(epochs=epochs or preset.adapt_epochs, lr=lr or ADAPT_LR.get(strategy, 1e-3),
+                          batch_size=batch_size or preset.batch_size, patience=patience, seed=seed,
+                          weight_decay=0.0 if mode != "none" else 1e-5, amp=amp, compile=compile)  # fmt: skip
+        config = {
+            "job": "adapt", "data_dir": str(data_dir), "center": center, "base": str(base), "strategy": strategy,
+            "prompts": prompts, "prompt_dropout": prompt_dropout, "shots": shots, "options": options,
+            "train": cfg.__dict__, "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val,
+        }  # fmt: skip
+        _check_resumable(run_dir, config, resume)
+        torch.manual_seed(seed)
+        model = load_model(base, prompt_mode=mode, num_prompts=prompts, prompt_dropout=prompt_dropout)
+        params = apply_strategy(model, strategy, **options)
+        report = parameter_report(model)
+        summary: dict[str, Any] = {"job": "adapt", "strategy": strategy, "center": center, **report,
+                                   "train_seconds": 0.0, "peak_memory_mb": 0.0, "artifact": None,
+                                   "artifact_bytes": 0}  # fmt: skip
+        if strategy != "none":
+            train_ds = make_dataset([cases[i] for i in loco.adapt_train], train_transforms(preprocess))
+            scorer = Scorer([cases[i] for i in loco.adapt_val], preprocess, score_at="preprocessed")
+            logger.info("adapting to %s with %s on %d cases", center, strategy, len(loco.adapt_train))
+            result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
+            summary.update(result.__dict__)
+            if rank() == 0:
+                extra = {"center": center, "shots": shots, "base": str(base)}
+                artifact = save_adapter(model, run_dir / "adapter.safetensors", strategy, options, extra=extra)
+                summary.update(artifact=str(artifact), artifact_bytes=artifact.stat().st_size)
+        if rank() == 0:
+            write_json(summary, run_dir / SUMMARY)
+    return summary
+
+
+# ----------------------------------------------------------------------------- evaluate and predict
+
+
+def evaluate(
+    data_dir: str | Path, base: str | Path, *, adapter: str | Path | None = None, centers: Sequence[str] | None = None,
+    split: str = "test", score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-case and per-center scores of the base model (with an adapter if given) on one split."""
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be train, val, test or all, got {split!r}.")
+    wanted = set(centers) if centers else set(splits)
+    unknown = wanted - set(splits)
+    if unknown:
+        raise ValueError(f"no labelled cases for center(s) {sorted(unknown)} in {data_dir}.")
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    ids = sorted(i for c in wanted for part in parts for i in splits[c][part])
+    model = build_adapted_model(base, adapter).to(default_device())
+    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    per_case = scorer.score(model, desc="evaluate", progress=progress)
+    return {"data_dir": str(data_dir), "base": str(base), "adapter": str(adapter) if adapter else None,
+            "split": split, "score_at": score_at, **aggregate(per_case), "per_case": per_case}  # fmt: skip
+
+
+def predict(
+    base: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
+    adapter: str | Path | None = None, progress: bool = True,
+) -> list[Path]:  # fmt: skip
+    """Segment each (CT, PET) pair and write the label map to its output path on the CT grid."""
+    model = build_adapted_model(base, adapter).to(default_device())
+    preprocess = base_preprocess(base)
+    transform = inference_transforms(preprocess, with_label=False)
+    written = []
+    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
+        for path in (ct, pet):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such file.")
+        started = time.perf_counter()
+        item = {"ct": str(ct), "pet": str(pet), "case_id": Path(out).name}
+        data = transform(item)
+        image = data["image"].as_tensor()[None].to(default_device())
+        pred = sliding_window_predict(model, image, preprocess.roi_size).argmax(1).cpu()
+        written.append(save_prediction(pred, data, out, transform))
+        logger.info("%s -> %s (%.1f s)", ct, out, time.perf_counter() - started)
+    return written
+
+
+def predict_folder(base: str | Path, folder: str | Path, out_dir: str | Path, **kwargs: Any) -> list[Path]:
+    """Segment every case of a HECKTOR-style folder (``imagesTr`` or the folder itself)."""
+    folder = Path(folder)
+    images = folder / "imagesTr" if (folder / "imagesTr").is_dir() else folder
+    cts = sorted(images.glob("*__CT.nii*"))
+    if not cts:
+        raise FileNotFoundError(f"{images}: no *__CT.nii.gz files to segment.")
+    pairs = []
+    for ct in cts:
+        case_id = ct.name.split("__CT")[0]
+        pet = next(iter(sorted(images.glob(f"{case_id}__PT.nii*"))), None)
+        if pet is None:
+            raise FileNotFoundError(f"{case_id}: no PET file {case_id}__PT.nii.gz beside {ct.name}.")
+        pairs.append((ct, pet, Path(out_dir) / f"{case_id}.nii.gz"))
+    return predict(base, pairs, **kwargs)
+

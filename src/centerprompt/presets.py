@@ -1,0 +1,70 @@
+"""Named configurations: the model size, the preprocessing and the default training budget.
+
+``cpu`` is what the demo and the CPU benchmarks run (a small ViT at 4 mm, one 48^3 window per
+head-and-neck crop); ``vit-b`` is the paper's configuration (MONAI's default UNETR, 96^3 crops at
+2 mm), meant for a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from centerprompt.data.transforms import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: dict[str, Any]
+    preprocess: PreprocessConfig
+    pretrain_epochs: int
+    adapt_epochs: int
+    batch_size: int
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="cpu",
+            model=dict(img_size=(48, 48, 48), feature_size=8, hidden_size=192, mlp_dim=768, num_heads=6, num_layers=6),
+            preprocess=PreprocessConfig(spacing=(4.0, 4.0, 4.0), crop_mm=(192.0, 192.0, 192.0), roi_size=(48, 48, 48)),
+            pretrain_epochs=30,
+            adapt_epochs=20,
+            batch_size=2,
+            notes="ViT 192 wide, 6 layers, 4 mm voxels, 48^3 window: a CPU demo in minutes",
+        ),
+        Preset(
+            name="vit-b",
+            model=dict(img_size=(96, 96, 96)),
+            preprocess=PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi_size=(96, 96, 96)),
+            pretrain_epochs=300,
+            adapt_epochs=100,
+            batch_size=2,
+            notes="MONAI's default UNETR (ViT-B, 12 layers), 96^3 crops at 2 mm: the paper's scale",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+# Learning rates per strategy: prompts want much larger steps than weights (VPT searched base
+# learning rates of 0.1-50 with SGD; with AdamW we use 1e-2), and full fine-tuning the smallest.
+ADAPT_LR: dict[str, float] = {
+    "full": 1e-4,
+    "partial": 1e-3,
+    "shallow": 1e-2,
+    "deep": 1e-2,
+    "deep+head": 1e-2,
+    "lora": 1e-3,
+    "bitfit": 1e-3,
+}
+PRETRAIN_LR = 3e-4
