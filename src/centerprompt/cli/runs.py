@@ -9,7 +9,7 @@ from typing import Any
 
 STRATEGY_NAMES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
 DEMO_DATA = Path("data/synth")
-DEMO_CENTER = "CHUV"
+DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:

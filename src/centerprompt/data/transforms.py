@@ -271,7 +271,8 @@ def invert_prediction(pred: torch.Tensor | np.ndarray, data: dict, transform: Co
             "(items from an on-disk cache cannot be inverted)"
         )
     inverter = Invertd("pred", transform=transform, orig_keys="ct", nearest_interp=True)
-    return inverter({"pred": pred.float(), "ct": image})["pred"]
+    # Invertd takes the geometry from "ct" only when the prediction is a MetaTensor itself.
+    return inverter({"pred": MetaTensor(pred.float()), "ct": image})["pred"]
 
 
 def save_prediction(pred: torch.Tensor | np.ndarray, data: dict, out_path: str | Path, transform: Compose) -> Path:
