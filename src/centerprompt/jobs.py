@@ -40,7 +40,7 @@ from centerprompt.data.transforms import (
 )
 from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import ADAPT_LR, PRETRAIN_LR, get_preset
+from centerprompt.presets import ADAPT_LR, get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, get_strategy, parameter_report
 from centerprompt.report import write_json
 from centerprompt.train import TrainConfig, default_device, fit, rank
@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 IN_CHANNELS, OUT_CHANNELS = 2, 3  # CT + PET in; background, GTVp, GTVn out
+SW_BATCH = 4  # sliding windows per forward pass: fewer, larger calls are faster on CPU and GPU
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def run_log(run_dir: Path) -> Iterator[None]:
     root = logging.getLogger("centerprompt")
     root.addHandler(handler)
     old_level = root.level
-    root.setLevel(min(old_level or logging.INFO, logging.INFO))
+    root.setLevel(logging.DEBUG)
     try:
         yield
     finally:
@@ -128,7 +129,7 @@ class Scorer:
     def predict(self, model: torch.nn.Module, index: int, **model_kwargs: Any) -> torch.Tensor:
         """Label map (1, D, H, W) in preprocessed space for case ``index``."""
         image = self.dataset[index]["image"].as_tensor()[None].to(next(model.parameters()).device)
-        probs = sliding_window_predict(model, image, self.preprocess.roi_size, **model_kwargs)
+        probs = sliding_window_predict(model, image, self.preprocess.roi_size, SW_BATCH, **model_kwargs)
         return probs.argmax(1).cpu()
 
     def score(self, model: torch.nn.Module, desc: str = "score", progress: bool = True) -> list[dict[str, Any]]:
@@ -161,7 +162,7 @@ def validator(scorer: Scorer) -> Callable[[torch.nn.Module], float]:
 
 def pretrain(
     data_dir: str | Path, out: str | Path, *, exclude_center: str | None = None, preset: str = "cpu",
-    epochs: int | None = None, lr: float = PRETRAIN_LR, batch_size: int | None = None, patience: int = 10,
+    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, patience: int = 10,
     seed: int = 0, resume: bool = False, skip_bad_cases: bool = False, amp: bool = False,
     compile: bool = False, progress: bool = True, cases_limit: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
@@ -181,7 +182,7 @@ def pretrain(
             train_ids = sorted(i for s in splits.values() for i in s["train"])
             val_ids = sorted(i for s in splits.values() for i in s["val"])
         train_ids = train_ids[:cases_limit] if cases_limit else train_ids
-        cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr, batch_size=batch_size or p.batch_size,
+        cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr or p.pretrain_lr, batch_size=batch_size or p.batch_size,
                           patience=patience, seed=seed, amp=amp, compile=compile)  # fmt: skip
         config = {
             "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": preset,
@@ -313,14 +314,14 @@ def predict(
         item = {"ct": str(ct), "pet": str(pet), "case_id": Path(out).name}
         data = transform(item)
         image = data["image"].as_tensor()[None].to(default_device())
-        pred = sliding_window_predict(model, image, preprocess.roi_size).argmax(1).cpu()
+        pred = sliding_window_predict(model, image, preprocess.roi_size, SW_BATCH).argmax(1).cpu()
         written.append(save_prediction(pred, data, out, transform))
         logger.info("%s -> %s (%.1f s)", ct, out, time.perf_counter() - started)
     return written
 
 
-def predict_folder(base: str | Path, folder: str | Path, out_dir: str | Path, **kwargs: Any) -> list[Path]:
-    """Segment every case of a HECKTOR-style folder (``imagesTr`` or the folder itself)."""
+def folder_pairs(folder: str | Path, out_dir: str | Path) -> list[tuple[Path, Path, Path]]:
+    """(CT, PET, output) for every case of a HECKTOR-style folder (``imagesTr`` or the folder itself)."""
     folder = Path(folder)
     images = folder / "imagesTr" if (folder / "imagesTr").is_dir() else folder
     cts = sorted(images.glob("*__CT.nii*"))
@@ -333,5 +334,4 @@ def predict_folder(base: str | Path, folder: str | Path, out_dir: str | Path, **
         if pet is None:
             raise FileNotFoundError(f"{case_id}: no PET file {case_id}__PT.nii.gz beside {ct.name}.")
         pairs.append((ct, pet, Path(out_dir) / f"{case_id}.nii.gz"))
-    return predict(base, pairs, **kwargs)
-
+    return pairs

@@ -306,7 +306,7 @@ def fit(
                     f.write(json.dumps(row) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row.get('val_dice', float('nan')):.3f}")
-            logger.info("epoch %d: %s", epoch + 1, row)
+            logger.debug("epoch %d: %s", epoch + 1, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
             if validate is not None and cfg.patience and state["since_best"] >= cfg.patience:

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "centerprompt.cli.synth",
     "centerprompt.cli.data",
     "centerprompt.cli.runs",
+    "centerprompt.cli.bank",
 )
 
 
@@ -34,11 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)  # run logs may record DEBUG lines; the console shows INFO
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -24,7 +24,12 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
 
 
-def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
+def _bank_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bank", type=Path, help="prompt bank folder: serve every center from one backbone")
+    p.add_argument("--center", help="with --bank: a center's prompts, 'base', or 'auto' (route each scan; default)")
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.strategy == "lora":
         return {"rank": args.lora_rank}
     if args.strategy == "partial" and args.partial_modules:
@@ -39,7 +44,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     init_distributed()
     summary = pretrain(
         args.data, args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
-        lr=args.lr or 3e-4, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+        lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
         resume=args.resume, skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
     )  # fmt: skip
     print(f"base model: {Path(args.out) / 'model.safetensors'} (best validation Dice {summary['best_metric']:.3f} "
@@ -55,7 +60,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     s = adapt(
         args.data, args.center, args.base, args.out, strategy=args.strategy, prompts=args.prompts, shots=args.shots,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
-        options=_lora_options(args), prompt_dropout=args.prompt_dropout, seed=args.seed, resume=args.resume,
+        options=_strategy_options(args), prompt_dropout=args.prompt_dropout, seed=args.seed, resume=args.resume,
         skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
     )  # fmt: skip
     print(f"{args.strategy}: {s['trainable_params']:,} trainable of {s['total_params']:,} "
@@ -69,8 +74,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from centerprompt.report import write_json
 
     centers = args.centers.split(",") if args.centers else None
-    result = evaluate(args.data, args.base, adapter=args.adapter, centers=centers, split=args.split,
-                      score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
+    common = dict(centers=centers, split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)
+    if args.bank:
+        from centerprompt.bank import evaluate_with_bank
+
+        result = evaluate_with_bank(args.data, args.base, args.bank, center=args.center or "auto", **common)
+    else:
+        result = evaluate(args.data, args.base, adapter=args.adapter, **common)
     write_json(result, args.out)
     print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
     for center, s in {**result["per_center"], "all": result["overall"]}.items():
@@ -81,14 +91,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from centerprompt.jobs import predict, predict_folder
+    from centerprompt.jobs import folder_pairs, predict
 
     if args.input:
-        written = predict_folder(args.base, args.input, args.out, adapter=args.adapter)
+        pairs = folder_pairs(args.input, args.out)
     elif args.ct and args.pet:
-        written = predict(args.base, [(args.ct, args.pet, args.out)], adapter=args.adapter)
+        pairs = [(args.ct, args.pet, args.out)]
     else:
         raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
+    if args.bank:
+        from centerprompt.bank import predict_with_bank
+
+        records = predict_with_bank(args.base, args.bank, pairs, center=args.center or "auto")
+        for r in records:
+            route = r.get("route") or {}
+            print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
+        written = [r["out"] for r in records]
+    else:
+        written = predict(args.base, pairs, adapter=args.adapter)
     print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
     return 0
 
@@ -162,6 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
     p.add_argument("--skip-bad-cases", action="store_true")
+    _bank_options(p)
     p.add_argument("--out", required=True, type=Path, help="JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -171,6 +192,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ct", type=Path, help="CT NIfTI of one case")
     p.add_argument("--pet", type=Path, help="PET NIfTI of the same case")
     p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
+    _bank_options(p)
     p.add_argument("--out", required=True, type=Path, help="output NIfTI (one case) or folder (--input)")
     p.set_defaults(func=_cmd_predict)
 

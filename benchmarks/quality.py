@@ -1,0 +1,166 @@
+"""What each strategy gains, on synthetic leave-one-center-out (preset cpu): Dice, speed, sweeps.
+
+Built on ``centerprompt.experiment.run_experiment``. Per held-out center and seed one base model
+is pretrained and then reused by the headline comparison and by every sweep. A finished
+experiment folder (its results.json) is skipped on rerun, and run_experiment reuses finished
+adaptation runs, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HELD_OUT = ("MDA", "CHUM", "HGJ")
+HEADLINE_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
+SHOTS, SHOTS_STRATEGIES = (2, 4, 8), ("deep", "lora", "full")
+PROMPTS, PROMPT_STRATEGIES = (1, 5, 10, 50), ("shallow", "deep")
+DEFAULT_SHOTS, DEFAULT_PROMPTS = 8, 10
+
+
+def time_to_fraction(metrics_path: str | Path, fraction: float = 0.95) -> float | None:
+    """Cumulative training seconds until validation Dice first reaches ``fraction`` of its best.
+
+    The best (not the last) validation Dice is the reference because training returns the best
+    epoch. None when the run never validated or never scored above zero.
+    """
+    path = Path(metrics_path)
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("val_dice") is not None]
+    best = max((r["val_dice"] for r in rows), default=0.0)
+    if best <= 0:
+        return None
+    return next(float(r["seconds"]) for r in rows if r["val_dice"] >= fraction * best)
+
+
+def strategy_rows(results: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
+    """The figures the benchmark keeps from one run_experiment results.json."""
+    rows = {}
+    for name, s in results["strategies"].items():
+        rows[name] = {
+            "new": s["new_center"]["dsc_agg"]["mean"], "old": s["old_centers"]["dsc_agg"]["mean"],
+            "old_base": s["old_centers_base"]["dsc_agg"]["mean"], "trainable_params": s["trainable_params"],
+            "train_s": s["train_seconds"], "epochs": s["epochs"],
+            "time_to_95_s": None if name == "none" else time_to_fraction(out / "adapt" / name / "metrics.jsonl"),
+        }  # fmt: skip
+    return rows
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def summarize_headline(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per strategy: mean over centers for each seed, then the mean and range of those seed means."""
+    headline = [r for r in runs if r["kind"] == "headline"]
+    seeds = sorted({r["seed"] for r in headline})
+    names = list(dict.fromkeys(n for r in headline for n in r["strategies"]))
+    summary = {}
+    for name in names:
+        rows = [(r["seed"], r["strategies"][name]) for r in headline if name in r["strategies"]]
+        per_seed: dict[str, list[float | None]] = {"new": [], "old": [], "delta": []}
+        for seed in seeds:
+            mine = [row for s, row in rows if s == seed]
+            per_seed["new"].append(_mean([row["new"] for row in mine]))
+            per_seed["old"].append(_mean([row["old"] for row in mine]))
+            per_seed["delta"].append(_mean([row["old"] - row["old_base"] for row in mine
+                                            if row["old"] is not None and row["old_base"] is not None]))  # fmt: skip
+
+        def spread(values: list[float | None]) -> dict[str, float | None]:
+            kept = [v for v in values if v is not None]
+            return {"mean": _mean(kept), "min": min(kept, default=None), "max": max(kept, default=None)}
+
+        summary[name] = {
+            "new": spread(per_seed["new"]), "old": spread(per_seed["old"]), "old_delta": _mean(per_seed["delta"]),
+            "trainable_params": rows[0][1]["trainable_params"], "train_s": _median([row["train_s"] for _, row in rows]),
+            "time_to_95_s": _median([row["time_to_95_s"] for _, row in rows]), "runs": len(rows),
+        }  # fmt: skip
+    return summary
+
+
+def sweep_table(runs: Sequence[dict[str, Any]], kind: str) -> dict[str, dict[str, float | None]]:
+    """strategy -> {sweep value: new-center DSCagg averaged over centers}."""
+    cells: dict[str, dict[str, list[float | None]]] = {}
+    for r in runs:
+        if r["kind"] == kind:
+            for name, row in r["strategies"].items():
+                cells.setdefault(name, {}).setdefault(str(r["value"]), []).append(row["new"])
+    return {name: {v: _mean(vals) for v, vals in row.items()} for name, row in cells.items()}
+
+
+def _experiment(data_dir: Path, center: str, out: Path, strategies: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+    """run_experiment unless ``out`` already holds results for every requested strategy."""
+    from centerprompt.experiment import run_experiment
+
+    path = out / "results.json"
+    if path.exists():
+        results = json.loads(path.read_text())
+        if set(strategies) <= set(results["strategies"]):
+            return results
+    return run_experiment(data_dir, center, out, strategies=strategies, preset="cpu",
+                          command="python benchmarks/run.py --part quality", **kwargs)  # fmt: skip
+
+
+def run_quality(
+    data_dir: str | Path, work: str | Path, *, centers: Sequence[str] = HELD_OUT, seeds: Sequence[int] = (0, 1),
+    strategies: Sequence[str] = HEADLINE_STRATEGIES, shots_sweep: Sequence[int] = SHOTS,
+    prompts_sweep: Sequence[int] = PROMPTS, cases_per_center: int = 16, pretrain_epochs: int | None = None,
+    adapt_epochs: int | None = None, patience: int = 10, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Headline comparison for every (seed, center); shots and prompt sweeps on the first seed.
+
+    Sweep points equal to the headline setting (8 shots, P=10) reuse the headline's runs for the
+    strategies it has.
+    """
+    from centerprompt.jobs import SUMMARY, pretrain
+
+    data_dir, work = Path(data_dir), Path(work)
+    if not (data_dir / "imagesTr").is_dir():
+        from centerprompt.data.synthetic import generate_dataset
+
+        generate_dataset(data_dir, cases_per_center=cases_per_center, progress=progress)
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for center in centers:
+            root = work / f"seed{seed}" / center
+            if not (root / "pretrain" / SUMMARY).exists():
+                pretrain(data_dir, root / "pretrain", exclude_center=center, preset="cpu", epochs=pretrain_epochs,
+                         patience=patience, seed=seed, resume=True, progress=progress)  # fmt: skip
+            common = dict(base=root / "pretrain" / "model.safetensors", seed=seed, adapt_epochs=adapt_epochs,
+                          patience=patience, progress=progress)  # fmt: skip
+            out = root / "headline"
+            headline = strategy_rows(
+                _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, prompts=DEFAULT_PROMPTS, **common), out
+            )
+            runs.append({"seed": seed, "center": center, "kind": "headline", "value": None, "strategies": headline})
+            if seed != seeds[0]:
+                continue
+            sweeps = [("shots", v, SHOTS_STRATEGIES, v, DEFAULT_PROMPTS) for v in shots_sweep]
+            sweeps += [("prompts", v, PROMPT_STRATEGIES, DEFAULT_SHOTS, v) for v in prompts_sweep]
+            for kind, value, names, shots, prompts in sweeps:
+                same = (shots, prompts) == (DEFAULT_SHOTS, DEFAULT_PROMPTS)
+                rows = {n: headline[n] for n in names if same and n in headline}
+                missing = [n for n in names if n not in rows]
+                if missing:
+                    out = root / f"{kind}{value}"
+                    results = _experiment(data_dir, center, out, missing, shots=shots, prompts=prompts, **common)
+                    rows.update(strategy_rows(results, out))
+                rows = {n: rows[n] for n in names}
+                runs.append({"seed": seed, "center": center, "kind": kind, "value": value, "strategies": rows})
+    settings = {"data_dir": str(data_dir), "work": str(work), "centers": list(centers), "seeds": list(seeds),
+                "strategies": list(strategies), "shots": DEFAULT_SHOTS, "prompts": DEFAULT_PROMPTS,
+                "shots_sweep": list(shots_sweep), "prompts_sweep": list(prompts_sweep),
+                "pretrain_epochs": pretrain_epochs, "adapt_epochs": adapt_epochs, "patience": patience}  # fmt: skip
+    return {"settings": settings, "runs": runs, "headline": summarize_headline(runs),
+            "shots": sweep_table(runs, "shots"), "prompts": sweep_table(runs, "prompts")}  # fmt: skip

@@ -1,0 +1,100 @@
+"""``centerprompt bank``: keep per-center prompts beside one frozen backbone and route scans to them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from centerprompt.bank import PromptBank, routing_key_from_data
+
+    if (args.data is None) != (args.base is None):
+        raise ValueError("give both --data and --base to compute the routing key, or neither.")
+    bank, key = PromptBank(args.bank), None
+    bank.check(args.center, args.adapter)  # refuse before the slow key computation
+    if args.data is not None:
+        key = routing_key_from_data(args.data, args.center, args.base, skip_bad_cases=args.skip_bad_cases)
+    entry = bank.add(args.center, args.adapter, key=key)
+    routing = "no key"
+    if entry.routing:
+        routing = f"key from {entry.routing['n_cases']} cases, threshold {entry.routing['threshold']:.4f}"
+    print(f"added {entry.center} to {args.bank} ({entry.strategy}, {entry.bytes:,} bytes, {routing})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from centerprompt.bank import PromptBank
+
+    entries = PromptBank(args.bank).entries()
+    if not entries:
+        print(f"bank {args.bank} is empty")
+        return 0
+    print(f"{'center':12} {'strategy':8} {'bytes':>9} {'key cases':>9} {'threshold':>9}  created")
+    for e in entries:
+        n, t = (e.routing["n_cases"], f"{e.routing['threshold']:.4f}") if e.routing else ("–", "–")
+        print(f"{e.center:12} {e.strategy:8} {e.bytes:>9,} {n:>9} {t:>9}  {e.created}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from centerprompt.bank import PromptBank
+
+    PromptBank(args.bank).remove(args.center)
+    print(f"removed {args.center} from {args.bank}")
+    return 0
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    from centerprompt.bank import run_bank, write_routing_report
+
+    modes: tuple[str, ...] = ()
+    if args.command_name == "evaluate":
+        modes = ("base", "oracle", "auto") + ((args.single_center,) if args.single_center else ())
+    centers = args.centers.split(",") if args.centers else None
+    result = run_bank(args.data, args.base, args.bank, modes=modes, threshold=args.threshold, centers=centers,
+                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
+    paths = write_routing_report(result, args.out)
+    print(paths["markdown"].read_text())
+    print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bank = sub.add_parser("bank", help="serve every center's prompts from one frozen backbone, with routing")
+    actions = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+
+    p = actions.add_parser("add", help="copy a prompt-only adapter (shallow or deep) into a bank")
+    p.add_argument("--bank", required=True, type=Path, help="bank folder (created if absent)")
+    p.add_argument("--center", required=True, help="center name: letters, digits, - and _ (1-32)")
+    p.add_argument("--adapter", required=True, type=Path, help="adapter.safetensors from `centerprompt adapt`")
+    p.add_argument("--data", type=Path, help="HECKTOR-layout folder: routing key from the center's training cases")
+    p.add_argument("--base", type=Path, help="base checkpoint the adapter was trained on (with --data)")
+    p.add_argument("--skip-bad-cases", action="store_true")
+    p.set_defaults(func=_cmd_add)
+
+    p = actions.add_parser("list", help="the centers in a bank")
+    p.add_argument("--bank", required=True, type=Path)
+    p.set_defaults(func=_cmd_list)
+
+    p = actions.add_parser("remove", help="delete a center from a bank")
+    p.add_argument("--bank", required=True, type=Path)
+    p.add_argument("--center", required=True)
+    p.set_defaults(func=_cmd_remove)
+
+    for name, text in (("route", "route every scan of a split; confusion matrix and routing accuracy"),
+                       ("evaluate", "routing plus Dice per center: base, oracle and automatic routing")):  # fmt: skip
+        p = actions.add_parser(name, help=text)
+        p.add_argument("--bank", required=True, type=Path)
+        p.add_argument("--base", required=True, type=Path, help="the base checkpoint the bank was built on")
+        p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder with every center to test")
+        p.add_argument("--threshold", type=float, help="cosine distance beyond which a scan falls back to the base "
+                       "model (default: the largest per-center threshold in the bank)")  # fmt: skip
+        p.add_argument("--centers", help="comma-separated centers to test (default: all)")
+        p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+        p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
+        p.add_argument("--skip-bad-cases", action="store_true")
+        if name == "evaluate":
+            p.add_argument("--single-center", help="also score every scan with this bank center's prompts")
+        p.add_argument("--out", required=True, type=Path, help="folder for bank_eval.json, bank_eval.md, confusion.png")
+        p.set_defaults(func=_cmd_route, command_name=name)

@@ -1,0 +1,133 @@
+"""Benchmarks: the cost code path on a tiny model, the quality bookkeeping, and the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import cost  # noqa: E402
+import quality  # noqa: E402
+import render  # noqa: E402
+
+from tiny import TINY  # noqa: E402
+
+TINY_MODEL = {k: v for k, v in TINY.items() if k not in ("in_channels", "out_channels")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy CI runner spinning OpenMP threads make tiny steps 20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_cost_structure_and_ratios():
+    result = cost.measure_training(
+        {**TINY_MODEL, "num_layers": 4}, 1, ("full", "partial", "deep"), levers=("deep+ckpt",),
+        warmup=1, repeats=1, progress=False,
+    )  # fmt: skip
+    rows = result["strategies"]
+    assert list(rows) == ["full", "partial", "deep", "deep+ckpt"]
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["time_ratio"] > 0 and row["memory_ratio"] > 0
+        assert len(row["steps_s"]) == 1
+    assert rows["full"]["time_ratio"] == 1.0 and rows["full"]["memory_ratio"] == 1.0
+    full, deep = rows["full"]["memory"], rows["deep"]["memory"]
+    # A frozen backbone keeps no gradients and no optimizer state for the backbone.
+    assert deep["gradients_mb"] < 0.01 * full["gradients_mb"]
+    assert deep["optimizer_mb"] < 0.01 * full["optimizer_mb"] and full["optimizer_mb"] > 0
+    assert deep["activations_mb"] <= full["activations_mb"]
+    # Prompts sit at the input of every layer: backward reaches the ViT but never encoder1.
+    assert "vit" in rows["deep"]["backward_reaches"] and "encoder1" not in rows["deep"]["backward_reaches"]
+    assert rows["partial"]["backward_reaches"] == ["decoder2", "out"]
+    assert rows["deep+ckpt"]["memory"]["activations_mb"] < deep["activations_mb"]
+
+
+def test_inference_against_monai_and_storage():
+    result = cost.measure_inference({**TINY_MODEL, "num_layers": 12}, (32, 32, 32), warmup=0, repeats=1)
+    assert result["baseline"] == "monai" and result["ratio"] > 0
+    assert result["max_abs_diff_plain_vs_monai"] < 1e-4  # same weights, no prompts: MONAI's UNETR
+    storage = cost.measure_storage({**TINY_MODEL, "num_layers": 4})
+    assert 0 < storage["adapter_bytes"] < storage["checkpoint_bytes"]
+
+
+def test_bad_repeats():
+    with pytest.raises(ValueError, match="warmup and repeats"):
+        cost.measure_training(TINY_MODEL, 1, ("full",), warmup=0, repeats=1)
+
+
+def test_time_to_fraction(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"epoch": 1, "loss": 1.0, "seconds": 10.0, "val_dice": 0.2},
+            {"epoch": 2, "loss": 0.8, "seconds": 20.0},
+            {"epoch": 3, "loss": 0.7, "seconds": 30.0, "val_dice": 0.58},
+            {"epoch": 4, "loss": 0.6, "seconds": 40.0, "val_dice": 0.6},
+            {"epoch": 5, "loss": 0.5, "seconds": 50.0, "val_dice": 0.5}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality.time_to_fraction(path) == 30.0  # 0.58 >= 0.95 * 0.6
+    assert quality.time_to_fraction(tmp_path / "missing.jsonl") is None
+    path.write_text(json.dumps({"epoch": 1, "seconds": 1.0, "val_dice": 0.0}) + "\n")
+    assert quality.time_to_fraction(path) is None
+
+
+def test_summaries_over_seeds_and_sweeps():
+    def row(new: float) -> dict:
+        return {"new": new, "old": 0.5, "old_base": 0.6, "trainable_params": 10, "train_s": 5.0,
+                "epochs": 3, "time_to_95_s": 2.0}  # fmt: skip
+
+    runs = [{"seed": s, "center": c, "kind": "headline", "value": None, "strategies": {"deep": row(0.1 * s + i)}}
+            for s in (0, 1) for i, c in enumerate(("A", "B"))]  # fmt: skip
+    runs += [{"seed": 0, "center": "A", "kind": "shots", "value": v, "strategies": {"deep": row(v / 10)}} for v in (2, 4)]
+    summary = quality.summarize_headline(runs)["deep"]
+    assert summary["new"]["min"] == pytest.approx(0.5) and summary["new"]["max"] == pytest.approx(0.6)
+    assert summary["old_delta"] == pytest.approx(-0.1) and summary["runs"] == 4
+    assert quality.sweep_table(runs, "shots") == {"deep": {"2": 0.2, "4": 0.4}}
+
+
+def _fake_results(deep_time: float) -> dict:
+    machine = {"cpu": "Test CPU", "cores": 2, "device": "CPU only", "torch": "2.x", "monai": "1.x"}
+    memory = {"weights_mb": 10.0, "activations_mb": 5.0, "gradients_mb": 10.0, "optimizer_mb": 20.0,
+              "training_mb": 45.0, "peak_sampled_mb": 50.0}  # fmt: skip
+
+    def row(time_ratio: float, memory_ratio: float) -> dict:
+        return {"step_s": time_ratio, "min_step_s": time_ratio, "steps_s": [time_ratio], "memory": memory,
+                "activations_by_module_mb": {"vit": 1.0}, "backward_reaches": ["vit"], "trainable_params": 5,
+                "trainable_fraction": 0.01, "time_ratio": time_ratio, "min_time_ratio": time_ratio,
+                "memory_ratio": memory_ratio, "peak_sampled_ratio": 1.0}  # fmt: skip
+
+    training = {"model": {"img_size": [32, 32, 32], "hidden_size": 48, "num_layers": 4}, "batch": 1, "warmup": 1,
+                "repeats": 1, "strategies": {"full": row(1.0, 1.0), "deep": row(deep_time, 0.4)}}  # fmt: skip
+    return {"cost": {
+        "date": "2024-01-01", "command": "python benchmarks/run.py --quick", "machine": machine, "wall_s": 1.0,
+        "quick": True, "training": {"vit-b": training},
+        "inference": {"vit-b": {"volume": [96, 96, 96], "seconds": {"deep": 1.05, "plain": 1.0, "monai": 1.0},
+                                "ratio": 1.05, "baseline": "monai", "voxels_per_s": {"deep": 1e5}}},
+        "storage": {"num_prompts": 10, "adapter_bytes": 100, "checkpoint_bytes": 100_000, "ratio": 0.001},
+        "data": {"strategy": "deep", "cases": 4, "crops_per_batch": 2, "steps": 3, "wait_s": 0.01, "step_s": 0.2,
+                 "fraction": 0.05},
+        "levers": {"compile": {"skipped": "full mode only"}},
+    }}  # fmt: skip
+
+
+def test_render_targets(tmp_path):
+    text = render.render(_fake_results(deep_time=0.7))
+    assert "Test CPU" in text and "`python benchmarks/run.py --quick`" in text
+    assert "- **not met**: deep step time vs full (vit-b): 0.70× (target ≤ 0.60×)" in text
+    assert "- **met**: deep training memory vs full (vit-b): 0.40× (target ≤ 0.50×)" in text
+    assert "- **met**: deep P=10 inference time vs MONAI UNETR (vit-b, sliding window): 1.05×" in text
+    assert "- **met**: deep P=10 adapter bytes vs full checkpoint (vit-b): 0.1000% (target ≤ 0.2%)" in text
+    assert "- **met**: time waiting for data" in text
+    assert "Why deep prompts do not make a step free" in text
+    assert "- **met**: deep step time vs full (vit-b): 0.55×" in render.render(_fake_results(deep_time=0.55))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_fake_results(0.5)))
+    assert render.write_markdown(path, tmp_path / "RESULTS.md").read_text().startswith("# Benchmarks")
