@@ -80,6 +80,12 @@ def run_experiment(
                      patience=patience, seed=seed, resume=True, skip_bad_cases=skip_bad_cases,
                      progress=progress)  # fmt: skip
         else:
+            done = json.loads((pre_dir / "config.json").read_text())
+            if (done["preset"], done["exclude_center"]) != (preset, new_center):
+                raise ValueError(
+                    f"{pre_dir} holds a pretraining run for preset {done['preset']} without {done['exclude_center']}; "
+                    f"use another --out for preset {preset} without {new_center}."
+                )
             logger.info("reusing the finished pretraining run %s", pre_dir)
         base = pre_dir / "model.safetensors"
     base = Path(base)

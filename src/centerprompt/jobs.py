@@ -89,7 +89,8 @@ def _check_resumable(run_dir: Path, config: dict[str, Any], resume: bool) -> Non
     path = run_dir / "config.json"
     if resume and path.exists():
         old = json.loads(path.read_text())
-        changed = sorted(k for k in config if k != "resume" and old.get(k) != config[k])
+        new = json.loads(json.dumps(config, default=str))  # tuples become lists, as in the file
+        changed = sorted(k for k in new if old.get(k) != new[k])
         if changed:
             raise ValueError(f"{run_dir}: cannot resume, the configuration changed ({', '.join(changed)}).")
     if rank() == 0:

@@ -3,7 +3,7 @@
 ``cpu`` is what the demo and the CPU benchmarks run (a small ViT at 4 mm, 32^3 windows over a
 48^3 head-and-neck crop; 48^3 training windows stayed in the all-background minimum for hundreds of
 steps, tumour-centred 32^3 crops learn within about a hundred); ``vit-b`` is the paper's configuration (MONAI's default UNETR, 96^3 crops at
-2 mm), meant for a GPU.
+2 mm), meant for a GPU; ``tiny`` exists for tests.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PRESETS: dict[str, Preset] = {
             model=dict(img_size=(32, 32, 32), feature_size=16, hidden_size=192, mlp_dim=768, num_heads=6, num_layers=6),
             preprocess=PreprocessConfig(spacing=(4.0, 4.0, 4.0), crop_mm=(192.0, 192.0, 192.0), roi_size=(32, 32, 32)),
             pretrain_epochs=12,
-            adapt_epochs=10,
+            adapt_epochs=20,
             batch_size=2,
             pretrain_lr=3e-3,
             notes="ViT 192 wide, 6 layers, 4 mm voxels, 32^3 windows over a 48^3 crop: a CPU demo in minutes",
@@ -48,6 +48,16 @@ PRESETS: dict[str, Preset] = {
             batch_size=2,
             pretrain_lr=1e-4,
             notes="MONAI's default UNETR (ViT-B, 12 layers), 96^3 crops at 2 mm: the paper's scale",
+        ),
+        Preset(
+            name="tiny",
+            model=dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4, num_layers=3),
+            preprocess=PreprocessConfig(spacing=(6.0, 6.0, 6.0), crop_mm=(192.0, 192.0, 192.0), roi_size=(32, 32, 32)),
+            pretrain_epochs=2,
+            adapt_epochs=2,
+            batch_size=2,
+            pretrain_lr=3e-3,
+            notes="seconds per command: for tests and smoke runs, not for results",
         ),
     )
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGY_NAMES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
+PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.presets.PRESETS, named here to keep --help instant
 DEMO_DATA = Path("data/synth")
 DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
 
@@ -156,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder")
     p.add_argument("--exclude-center", help="center left out of pretraining (the future new center)")
     p.add_argument("--out", required=True, type=Path, help="run folder (model.safetensors is written there)")
-    p.add_argument("--preset", default="cpu", choices=("cpu", "vit-b"), help="model size and preprocessing")
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES, help="model size and preprocessing")
     _common_training(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -201,7 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-center", required=True, help="held-out center, or 'all' for each in turn")
     p.add_argument("--strategies", default="none,full,partial,shallow,deep,deep+head,lora")
     p.add_argument("--base", type=Path, help="use this base model instead of pretraining one")
-    p.add_argument("--preset", default="cpu", choices=("cpu", "vit-b"))
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--pretrain-epochs", type=int)

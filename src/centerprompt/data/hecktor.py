@@ -274,7 +274,8 @@ def leave_one_center_out(
     The new center's train+val pool is shuffled once per seed: ``adapt_val`` (``n_val`` cases,
     default the size of its val split, at least 1) comes first, so it is the same for every
     ``shots``; ``adapt_train`` are the next ``shots`` cases, so smaller shot sets are nested in
-    larger ones. ``new_test`` is the center's test split, never used for adaptation.
+    larger ones. ``new_test`` is the rest of the center (its test split plus the pool cases not
+    used for adaptation), as in the paper's protocol; it never overlaps the adaptation cases.
     """
     if new_center not in splits:
         raise ValueError(f"new center {new_center!r} has no labelled cases (centers: {', '.join(sorted(splits))})")
@@ -300,6 +301,6 @@ def leave_one_center_out(
         pretrain_val=sorted(i for c in others for i in splits[c]["val"]),
         adapt_train=sorted(pool[n_val : n_val + shots]),
         adapt_val=sorted(pool[:n_val]),
-        new_test=sorted(own["test"]),
+        new_test=sorted(own["test"] + pool[n_val + shots :]),
         old_test=sorted(i for c in others for i in splits[c]["test"]),
     )

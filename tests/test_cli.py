@@ -1,0 +1,115 @@
+"""Every command end to end on a few generated cases, with the tiny preset (seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from centerprompt.cli import main
+from centerprompt.presets import PRESETS
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from centerprompt.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=6, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("pretrain")
+    args = ["pretrain", "--data", str(data), "--exclude-center", "MDA", "--out", str(run), "--preset", "tiny"]
+    assert main(args) == 0
+    return run / "model.safetensors"
+
+
+def test_pretrain_writes_a_complete_run_folder(base: Path) -> None:
+    run = base.parent
+    for name in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["exclude_center"] == "MDA"
+    assert all(not c.startswith("MDA") for c in config["train_cases"] + config["val_cases"])
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == PRESETS["tiny"].pretrain_epochs
+
+
+def test_resume_of_a_finished_run_and_of_a_changed_configuration(data: Path, base: Path) -> None:
+    args = ["pretrain", "--data", str(data), "--exclude-center", "MDA", "--out", str(base.parent), "--preset", "tiny"]
+    assert main([*args, "--resume"]) == 0  # nothing left to do
+    assert len((base.parent / "metrics.jsonl").read_text().splitlines()) == PRESETS["tiny"].pretrain_epochs
+    assert main([*args, "--resume", "--epochs", "5", "--lr", "0.1"]) == 2  # refuses, names what changed
+
+
+@pytest.mark.parametrize("strategy", ["deep", "lora"])
+def test_adapt_then_evaluate_with_the_adapter(data: Path, base: Path, tmp_path: Path, strategy: str) -> None:
+    run = tmp_path / strategy
+    args = ["adapt", "--data", str(data), "--center", "MDA", "--base", str(base), "--strategy", strategy,
+            "--prompts", "4", "--shots", "2", "--epochs", "2", "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["artifact_bytes"] == (run / "adapter.safetensors").stat().st_size
+    assert 0 < summary["trainable_params"] < 0.05 * summary["total_params"]
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--data", str(data), "--base", str(base), "--adapter", str(run / "adapter.safetensors"),
+            "--centers", "MDA", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["per_center"]) == {"MDA"}
+    assert result["per_case"] and all(c["center"] == "MDA" for c in result["per_case"])
+    assert {"dsc_agg", "dice_mean", "hd95_median", "n_cases"} <= set(result["overall"])
+
+
+def test_predict_writes_labels_on_the_ct_grid(data: Path, base: Path, tmp_path: Path) -> None:
+    ct, pet = data / "imagesTr" / "MDA-001__CT.nii.gz", data / "imagesTr" / "MDA-001__PT.nii.gz"
+    out = tmp_path / "MDA-001.nii.gz"
+    assert main(["predict", "--base", str(base), "--ct", str(ct), "--pet", str(pet), "--out", str(out)]) == 0
+    pred, reference = nib.load(out), nib.load(ct)
+    assert pred.shape == reference.shape
+    assert np.allclose(pred.affine, reference.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+    folder = tmp_path / "all"
+    assert main(["predict", "--base", str(base), "--input", str(data), "--out", str(folder)]) == 0
+    assert len(list(folder.glob("*.nii.gz"))) == 12
+
+
+def test_bad_input_gives_one_clear_error(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.safetensors"
+    args = ["adapt", "--data", str(data), "--center", "MDA", "--base", str(missing), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full",
+            "--base", str(base), "--shots", "2", "--prompts", "4", "--adapt-epochs", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("new_center", "data_dir", "base_checkpoint", "new_center_test_cases", "strategies"):
+        assert key in results, key
+    assert results["new_center"] == "MDA" and results["base_checkpoint"] == str(base)
+    assert results["new_center_test_cases"] and all(c.startswith("MDA") for c in results["new_center_test_cases"])
+    assert set(results["strategies"]) == {"none", "deep", "full"}
+    for name, s in results["strategies"].items():
+        for key in ("trainable_params", "total_params", "artifact_bytes", "train_seconds", "peak_memory_mb", "artifact"):
+            assert key in s, (name, key)
+        for part in ("new_center", "old_centers", "old_centers_base"):
+            assert set(s[part]["dsc_agg"]) == {"gtvp", "gtvn", "mean"}, (name, part)
+    deep = results["strategies"]["deep"]
+    assert Path(deep["artifact"]).exists() and deep["artifact_bytes"] < 0.05 * results["strategies"]["full"]["artifact_bytes"]
+    # "none" is the base model: its old-center figures are the base figures.
+    none = results["strategies"]["none"]
+    assert none["old_centers"]["dsc_agg"] == none["old_centers_base"]["dsc_agg"]
+    for name in ("results.md", "dice_per_strategy.png", "params_vs_dice.png", "case_slices.png"):
+        assert (out / name).exists(), name
+    assert "| deep |" in (out / "results.md").read_text()
