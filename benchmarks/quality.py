@@ -117,8 +117,10 @@ def run_quality(
     strategies: Sequence[str] = HEADLINE_STRATEGIES, shots_sweep: Sequence[int] = SHOTS,
     prompts_sweep: Sequence[int] = PROMPTS, cases_per_center: int = 16, pretrain_epochs: int | None = None,
     adapt_epochs: int | None = None, patience: int = 10, progress: bool = True,
+    sweep_centers: Sequence[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Headline comparison for every (seed, center); shots and prompt sweeps on the first seed.
+    """Headline comparison for every (seed, center); shots and prompt sweeps on the first seed
+    (for ``sweep_centers`` only, when given: the sweeps cost as much as the headline again).
 
     Sweep points equal to the headline setting (8 shots, P=10) reuse the headline's runs for the
     strategies it has.
@@ -144,7 +146,7 @@ def run_quality(
                 _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, prompts=DEFAULT_PROMPTS, **common), out
             )
             runs.append({"seed": seed, "center": center, "kind": "headline", "value": None, "strategies": headline})
-            if seed != seeds[0]:
+            if seed != seeds[0] or (sweep_centers is not None and center not in sweep_centers):
                 continue
             sweeps = [("shots", v, SHOTS_STRATEGIES, v, DEFAULT_PROMPTS) for v in shots_sweep]
             sweeps += [("prompts", v, PROMPT_STRATEGIES, DEFAULT_SHOTS, v) for v in prompts_sweep]
@@ -161,6 +163,7 @@ def run_quality(
     settings = {"data_dir": str(data_dir), "work": str(work), "centers": list(centers), "seeds": list(seeds),
                 "strategies": list(strategies), "shots": DEFAULT_SHOTS, "prompts": DEFAULT_PROMPTS,
                 "shots_sweep": list(shots_sweep), "prompts_sweep": list(prompts_sweep),
+                "sweep_centers": list(sweep_centers) if sweep_centers is not None else list(centers),
                 "pretrain_epochs": pretrain_epochs, "adapt_epochs": adapt_epochs, "patience": patience}  # fmt: skip
     return {"settings": settings, "runs": runs, "headline": summarize_headline(runs),
             "shots": sweep_table(runs, "shots"), "prompts": sweep_table(runs, "prompts")}  # fmt: skip

@@ -86,7 +86,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     import quality
 
     return quality.run_quality(
-        args.data, args.work, centers=args.centers.split(","), seeds=[int(s) for s in args.seeds.split(",")]
+        args.data, args.work, centers=args.centers.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+        sweep_centers=args.sweep_centers.split(",") if args.sweep_centers else None,
     )
 
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/bench"), help="quality: run folders (resumable)")
     p.add_argument("--centers", default="MDA,CHUM,HGJ", help="quality: held-out centers")
     p.add_argument("--seeds", default="0,1", help="quality: seeds of the headline table")
+    p.add_argument("--sweep-centers", help="quality: centers that get the shots and prompts sweeps (default: all)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

@@ -39,7 +39,7 @@ from centerprompt.artifacts import PROMPT_FIELDS, atomic_path, backbone_fingerpr
 from centerprompt.data.hecktor import Case
 from centerprompt.data.transforms import PreprocessConfig, inference_transforms, save_prediction
 from centerprompt.evaluate import aggregate, sliding_window_predict
-from centerprompt.jobs import Scorer, base_preprocess, load_index
+from centerprompt.jobs import SW_BATCH, Scorer, base_preprocess, load_index, prediction_inputs
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.strategies import apply_strategy
 from centerprompt.train import default_device
@@ -480,18 +480,12 @@ def predict_with_bank(
     if center not in ("auto", BASE):
         model.prompts_for([center])
     preprocess = base_preprocess(base)
-    transform = inference_transforms(preprocess, with_label=False)
     records = []
-    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
-        for path in (ct, pet):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such file.")
-        data = transform({"ct": str(ct), "pet": str(pet), "case_id": Path(out).name})
-        image = data["image"].as_tensor()[None].to(default_device())
+    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
         route = model.route(image, threshold)[0] if center == "auto" else None
         chosen = route.center if route else center
         net, kwargs = model.member(chosen)
-        pred = sliding_window_predict(net, image, preprocess.roi_size, **kwargs).argmax(1).cpu()
+        pred = sliding_window_predict(net, image, preprocess.roi_size, SW_BATCH, **kwargs).argmax(1).cpu()
         save_prediction(pred, data, out, transform)
         records.append({"ct": str(ct), "out": str(out), "center": chosen, "route": route.to_dict() if route else None})
         logger.info("%s -> %s with %s", ct, out, chosen)

@@ -298,6 +298,20 @@ def evaluate(
             "split": split, "score_at": score_at, **aggregate(per_case), "per_case": per_case}  # fmt: skip
 
 
+def prediction_inputs(
+    pairs: Sequence[tuple[str | Path, str | Path, str | Path]], preprocess: PreprocessConfig, progress: bool = True
+) -> Iterator[tuple[Path, Path, dict[str, Any], torch.Tensor, Any]]:
+    """For each (CT, PET, output): the CT path, the output path, the preprocessed item, the network
+    input (1, 2, D, H, W) on the default device, and the transform that inverts it."""
+    transform = inference_transforms(preprocess, with_label=False)
+    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
+        for path in (ct, pet):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such file.")
+        data = transform({"ct": str(ct), "pet": str(pet), "case_id": Path(out).name})
+        yield Path(ct), Path(out), data, data["image"].as_tensor()[None].to(default_device()), transform
+
+
 def predict(
     base: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     adapter: str | Path | None = None, progress: bool = True,
@@ -305,16 +319,9 @@ def predict(
     """Segment each (CT, PET) pair and write the label map to its output path on the CT grid."""
     model = build_adapted_model(base, adapter).to(default_device())
     preprocess = base_preprocess(base)
-    transform = inference_transforms(preprocess, with_label=False)
     written = []
-    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
-        for path in (ct, pet):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such file.")
+    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
         started = time.perf_counter()
-        item = {"ct": str(ct), "pet": str(pet), "case_id": Path(out).name}
-        data = transform(item)
-        image = data["image"].as_tensor()[None].to(default_device())
         pred = sliding_window_predict(model, image, preprocess.roi_size, SW_BATCH).argmax(1).cpu()
         written.append(save_prediction(pred, data, out, transform))
         logger.info("%s -> %s (%.1f s)", ct, out, time.perf_counter() - started)
