@@ -186,7 +186,7 @@ def _quality_sections(q: Mapping[str, Any]) -> list[str]:
             continue
         columns = sorted({int(c) for row in table.values() for c in row})
         lines += ["", f"New-center DSCagg by {label} (seed {st['seeds'][0]}, mean over centers):", "",
-                  f"| strategy | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
+                  "| strategy | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
         for name, row in table.items():
             lines.append(f"| {name} | " + " | ".join(_f(row.get(str(c)), ".3f") for c in columns) + " |")
     return lines + [""]

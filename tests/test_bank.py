@@ -18,12 +18,12 @@ from centerprompt.bank import (
     BankModel,
     PromptBank,
     RoutingKey,
-    evaluate_with_bank,
     predict_with_bank,
     route_features,
     routing_key,
     validate_center,
 )
+from centerprompt.bank_eval import evaluate_with_bank
 from centerprompt.cli.bank import register
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.strategies import STRATEGIES

@@ -46,7 +46,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
-    from centerprompt.bank import run_bank, write_routing_report
+    from centerprompt.bank_eval import run_bank, write_routing_report
 
     modes: tuple[str, ...] = ()
     if args.command_name == "evaluate":

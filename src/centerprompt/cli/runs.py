@@ -77,7 +77,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     centers = args.centers.split(",") if args.centers else None
     common = dict(centers=centers, split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)
     if args.bank:
-        from centerprompt.bank import evaluate_with_bank
+        from centerprompt.bank_eval import evaluate_with_bank
 
         result = evaluate_with_bank(args.data, args.base, args.bank, center=args.center or "auto", **common)
     else:

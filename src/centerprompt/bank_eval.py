@@ -1,0 +1,220 @@
+"""Scoring a prompt bank: routing accuracy, confusion across centers, Dice per routing mode.
+
+Modes: ``base`` (no prompts), ``oracle`` (the true center's prompts when it has an entry, the base
+model otherwise), ``auto`` (nearest-key routing with fallback) and a bank center's name (that
+center's prompts for every scan). Each (scan, chosen center) is predicted once and shared by the
+modes that choose it, so oracle equals base for centers without an entry by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from centerprompt.artifacts import atomic_path
+from centerprompt.bank import BASE, DISTANCE, Route, load_bank_model
+from centerprompt.data.hecktor import Case
+from centerprompt.data.transforms import PreprocessConfig
+from centerprompt.evaluate import aggregate
+from centerprompt.jobs import Scorer, base_preprocess, load_index
+from centerprompt.train import default_device
+
+logger = logging.getLogger(__name__)
+
+
+def routing_summary(true_centers: Sequence[str], routes: Sequence[Route], bank_names: Sequence[str]) -> dict[str, Any]:
+    """Confusion matrix (true center x bank center or "base"), routing accuracy, unknown-center outcomes.
+
+    A scan of a banked center is routed correctly when it goes to its own center; a scan of a
+    center absent from the bank when it falls back to the base model (``accuracy_all`` counts both).
+    """
+    columns = [*bank_names, BASE]
+    confusion = {t: dict.fromkeys(columns, 0) for t in sorted(set(true_centers))}
+    for t, r in zip(true_centers, routes):
+        confusion[t][r.center] += 1
+    known = [(t, r) for t, r in zip(true_centers, routes) if t in bank_names]
+    right = sum(r.center == (t if t in bank_names else BASE) for t, r in zip(true_centers, routes))
+    unknown = {}
+    for t in sorted(set(true_centers) - set(bank_names)):
+        n, fallback = sum(confusion[t].values()), confusion[t][BASE]
+        unknown[t] = {"n": n, "fallback": fallback, "wrong_center": n - fallback, "fallback_rate": fallback / n}
+    return {
+        "columns": columns, "confusion": confusion, "n_known": len(known),
+        "accuracy": sum(r.center == t for t, r in known) / len(known) if known else None,
+        "accuracy_all": right / len(routes) if routes else None, "unknown_centers": unknown,
+    }  # fmt: skip
+
+
+def _chooser(mode: str, bank_names: Sequence[str]) -> Any:
+    """``(true center, route) -> bank center or "base"`` serving a scan under ``mode``."""
+    if mode == BASE:
+        return lambda center, route: BASE
+    if mode == "oracle":  # the true center's prompts when it has an entry; the base model otherwise
+        return lambda center, route: center if center in bank_names else BASE
+    if mode == "auto":
+        return lambda center, route: route.center
+    if mode not in bank_names:
+        raise ValueError(f"mode {mode!r} is neither base, oracle, auto nor a bank center ({', '.join(bank_names)}).")
+    return lambda center, route: mode
+
+
+class _RoutedScorer(Scorer):
+    """Scorer whose prediction for case i is that of bank center ``choices[i]``, made once per (case, choice)."""
+
+    def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, score_at: str) -> None:
+        super().__init__(cases, preprocess, score_at=score_at)
+        self.choices: list[str] = []
+        self.preds: dict[tuple[int, str], torch.Tensor] = {}
+
+    def predict(self, model: nn.Module, index: int, **_: Any) -> torch.Tensor:
+        key = (index, self.choices[index])
+        if key not in self.preds:
+            net, kwargs = model.member(key[1])
+            self.preds[key] = super().predict(net, index, **kwargs).to(torch.uint8)
+        return self.preds[key].long()
+
+
+def run_bank(
+    data_dir: str | Path, base: str | Path, bank: str | Path, *, modes: Sequence[str] = ("base", "oracle", "auto"),
+    threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Route every scan of ``split`` and score each mode: ``base``, ``oracle``, ``auto`` or a bank center.
+
+    Each (scan, chosen center) is predicted once and shared by the modes that choose it. With no
+    modes only routing is done. Returns ``{"bank", "base", "data_dir", "split", "threshold",
+    "threshold_rule", "bank_centers", "routing": routing_summary(...), "modes": {mode: aggregate(...)},
+    "per_case": [...]}``.
+    """
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be train, val, test or all, got {split!r}.")
+    wanted = set(centers) if centers else set(splits)
+    if wanted - set(splits):
+        raise ValueError(f"no labelled cases for center(s) {sorted(wanted - set(splits))} in {data_dir}.")
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    ids = sorted(i for c in wanted for part in parts for i in splits[c][part])
+    model = load_bank_model(base, bank, default_device())
+    choosers = {mode: _chooser(mode, model.names) for mode in modes}
+    scorer = _RoutedScorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    truth = [c.center for c in scorer.cases]
+    routed = bool(model.bank.key_names) or "auto" in modes or not modes  # keyless banks serve named centers
+    routes: list[Route | None] = [None] * len(ids)
+    if routed:
+        routes = [model.route(scorer.dataset[i]["image"].as_tensor()[None], threshold)[0] for i in range(len(ids))]
+    per_case = [{"case_id": c.case_id, "center": c.center, "in_bank": c.center in model.names,
+                 "route": r and r.to_dict(), "scores": {}} for c, r in zip(scorer.cases, routes)]  # fmt: skip
+    summaries = {}
+    for mode, choose in choosers.items():
+        scorer.choices = [choose(t, r) for t, r in zip(truth, routes)]
+        results = scorer.score(model, desc=mode, progress=progress)
+        for record, used, scores in zip(per_case, scorer.choices, results):
+            metrics = {k: v for k, v in scores.items() if k not in ("case_id", "center")}
+            record["scores"][mode] = {"used": used, **metrics}
+        summaries[mode] = aggregate(results)
+    return {
+        "data_dir": str(data_dir), "base": str(base), "bank": str(bank), "split": split, "score_at": score_at,
+        "bank_centers": model.names, "distance": DISTANCE, "threshold": model.bank.threshold(threshold),
+        "threshold_rule": "user value" if threshold is not None else "max of per-center thresholds",
+        "routing": routing_summary(truth, routes, model.names) if routed else None, "modes": summaries,
+        "per_case": per_case,
+    }  # fmt: skip
+
+
+def evaluate_with_bank(
+    data_dir: str | Path, base: str | Path, bank: str | Path, *, center: str = "auto",
+    threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Like ``jobs.evaluate``, every scan served from the bank: ``center="auto"`` routes each scan,
+    a bank center name gives every scan that center's prompts. Adds ``routing`` (the summary) and
+    each case's ``route`` and ``used`` center.
+    """
+    run = run_bank(data_dir, base, bank, modes=(center,), threshold=threshold, centers=centers, split=split,
+                   score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress)  # fmt: skip
+    per_case = [{"case_id": r["case_id"], "center": r["center"], "route": r["route"], **r["scores"][center]}
+                for r in run["per_case"]]  # fmt: skip
+    return {"data_dir": str(data_dir), "base": str(base), "bank": str(bank), "center": center, "split": split,
+            "score_at": score_at, "threshold": run["threshold"], "routing": run["routing"],
+            **run["modes"][center], "per_case": per_case}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _dsc(summary: dict[str, Any] | None, center: str) -> str:
+    value = ((summary or {}).get("per_center", {}).get(center) or {}).get("dsc_agg", {}).get("mean")
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def routing_markdown(result: dict[str, Any]) -> str:
+    """Routing accuracy, confusion matrix, unknown-center outcomes and DSCagg per center and mode."""
+    routing, columns = result["routing"], result["routing"]["columns"]
+    acc, acc_all = (("–" if a is None else f"{100 * a:.1f}%") for a in (routing["accuracy"], routing["accuracy_all"]))
+    lines = [
+        "# Prompt bank routing", "",
+        f"Bank {result['bank']} ({', '.join(result['bank_centers'])}); "
+        f"{result['split']} split of {result['data_dir']}; "
+        f"{result['distance']} distance, threshold {result['threshold']:.4f} ({result['threshold_rule']}).", "",
+        f"Routing accuracy on banked centers' scans: {acc} ({routing['n_known']} scans); "
+        f"counting fallback as right for unknown centers: {acc_all}.", "",
+        "| true \\ routed | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
+    ]  # fmt: skip
+    for t, row in routing["confusion"].items():
+        lines.append(f"| {t} | " + " | ".join(str(row[c]) for c in columns) + " |")
+    if routing["unknown_centers"]:
+        lines += ["", "Centers absent from the bank:", "",
+                  "| center | scans | fallback | wrong center |", "|---|---:|---:|---:|"]  # fmt: skip
+        for t, u in routing["unknown_centers"].items():
+            lines.append(f"| {t} | {u['n']} | {u['fallback']} | {u['wrong_center']} |")
+    modes = result.get("modes") or {}
+    if modes:
+        names = [m if m in (BASE, "oracle", "auto") else f"single {m}" for m in modes]
+        lines += ["", "DSCagg (mean of GTVp and GTVn) per center:", "",
+                  "| center | in bank | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(modes)]  # fmt: skip
+        for t in routing["confusion"]:
+            row = " | ".join(_dsc(s, t) for s in modes.values())
+            lines.append(f"| {t} | {'yes' if t in result['bank_centers'] else 'no'} | {row} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(result: dict[str, Any], path: str | Path) -> Path:
+    """Heatmap of the routing confusion matrix, rows normalised, counts written in the cells."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    routing = result["routing"]
+    rows, columns = list(routing["confusion"]), routing["columns"]
+    counts = np.array([[routing["confusion"][t][c] for c in columns] for t in rows], dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(1.2 + 0.7 * len(columns), 1.0 + 0.5 * len(rows)))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, int(n), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("true center")
+    fig.colorbar(image, ax=ax, label="share of the center's scans")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
+    return Path(path)
+
+
+def write_routing_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``OUT/bank_eval.json``, ``OUT/bank_eval.md`` and ``OUT/confusion.png``."""
+    from centerprompt.report import write_json
+
+    out = Path(out_dir)
+    paths = {"json": write_json(result, out / "bank_eval.json"), "png": plot_confusion(result, out / "confusion.png")}
+    with atomic_path(out / "bank_eval.md") as tmp:
+        tmp.write_text(routing_markdown(result))
+    paths["markdown"] = out / "bank_eval.md"
+    return paths
