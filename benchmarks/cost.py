@@ -67,7 +67,7 @@ def build(
 def checkpoint_backbone(model: PromptedUNETR) -> None:
     """Recompute the ViT blocks and the ViT-fed decoder blocks in backward instead of keeping their activations."""
     names = [f"vit.blocks.{i}" for i in range(model.num_layers)]
-    names += ["encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2"]
+    names += [n for n, _ in model.named_children() if n.startswith("decoder") or n in ("encoder2", "encoder3", "encoder4")]
     for name in names:
         module = model.get_submodule(name)
         forward = module.forward

@@ -1,7 +1,10 @@
 """What each strategy gains, on synthetic leave-one-center-out (preset cpu): Dice, speed, sweeps.
 
 Built on ``centerprompt.experiment.run_experiment``. Per held-out center and seed one base model
-is pretrained and then reused by the headline comparison and by every sweep. A finished
+is pretrained and then reused by the headline comparison and by every sweep; the headline adds
+the in-domain oracle (the same budget with the new center's adaptation cases in pretraining), so
+each gain is also reported as a fraction of the oracle gap, and the base model's transformer
+reliance. A finished
 experiment folder (its results.json) is skipped on rerun, and run_experiment reuses finished
 adaptation runs, so an interrupted benchmark resumes where it stopped.
 """
@@ -15,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 HELD_OUT = ("MDA", "CHUM", "HGJ")
-HEADLINE_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
-SHOTS, SHOTS_STRATEGIES = (2, 4, 8), ("deep", "lora", "full")
-PROMPTS, PROMPT_STRATEGIES = (1, 5, 10, 50), ("shallow", "deep")
+HEADLINE_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit", "oracle")
+ALL = "all"  # every train+val case of the new center not kept for validation
+SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), ("deep", "deep+head", "full")
+PROMPTS, PROMPT_STRATEGIES = (1, 10, 50), ("shallow", "deep")
 DEFAULT_SHOTS, DEFAULT_PROMPTS = 8, 10
 
 
@@ -45,7 +49,7 @@ def strategy_rows(results: dict[str, Any], out: Path) -> dict[str, dict[str, Any
         rows[name] = {
             "new": s["new_center"]["dsc_agg"]["mean"], "old": s["old_centers"]["dsc_agg"]["mean"],
             "old_base": s["old_centers_base"]["dsc_agg"]["mean"], "trainable_params": s["trainable_params"],
-            "train_s": s["train_seconds"], "epochs": s["epochs"],
+            "train_s": s["train_seconds"], "epochs": s["epochs"], "gain": s.get("gain"),
             "time_to_95_s": None if name == "none" else time_to_fraction(out / "adapt" / name / "metrics.jsonl"),
         }  # fmt: skip
     return rows
@@ -59,6 +63,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def _median(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return statistics.median(kept) if kept else None
+
+
+def _ratio(gain: float | None, gap: float | None) -> float | None:
+    """Mean gain over mean oracle gap: a ratio of means, steadier than a mean of per-run ratios."""
+    from centerprompt.experiment import MIN_GAP
+
+    return None if gain is None or gap is None or gap < MIN_GAP else gain / gap
 
 
 def summarize_headline(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -81,8 +92,11 @@ def summarize_headline(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
             kept = [v for v in values if v is not None]
             return {"mean": _mean(kept), "min": min(kept, default=None), "max": max(kept, default=None)}
 
+        gains = [row["gain"] for _, row in rows]
+        gaps = [r["oracle_gap"] for r in headline if name in r["strategies"]]
         summary[name] = {
             "new": spread(per_seed["new"]), "old": spread(per_seed["old"]), "old_delta": _mean(per_seed["delta"]),
+            "gain": _mean(gains), "gap_closed": _ratio(_mean(gains), _mean(gaps)),
             "trainable_params": rows[0][1]["trainable_params"], "train_s": _median([row["train_s"] for _, row in rows]),
             "time_to_95_s": _median([row["time_to_95_s"] for _, row in rows]), "runs": len(rows),
         }  # fmt: skip
@@ -97,6 +111,15 @@ def sweep_table(runs: Sequence[dict[str, Any]], kind: str) -> dict[str, dict[str
             for name, row in r["strategies"].items():
                 cells.setdefault(name, {}).setdefault(str(r["value"]), []).append(row["new"])
     return {name: {v: _mean(vals) for v, vals in row.items()} for name, row in cells.items()}
+
+
+def _shots(data_dir: Path, center: str, value: int | str) -> int:
+    if value != ALL:
+        return int(value)
+    from centerprompt.jobs import load_index
+
+    own = load_index(data_dir, check=False)[1][center]
+    return len(own["train"]) + len(own["val"]) - max(1, len(own["val"]))  # leave_one_center_out's validation
 
 
 def _experiment(data_dir: Path, center: str, out: Path, strategies: Sequence[str], **kwargs: Any) -> dict[str, Any]:
@@ -140,15 +163,18 @@ def run_quality(
                 pretrain(data_dir, root / "pretrain", exclude_center=center, preset="cpu", epochs=pretrain_epochs,
                          patience=patience, seed=seed, resume=True, progress=progress)  # fmt: skip
             common = dict(base=root / "pretrain" / "model.safetensors", seed=seed, adapt_epochs=adapt_epochs,
-                          patience=patience, progress=progress)  # fmt: skip
+                          pretrain_epochs=pretrain_epochs, patience=patience, progress=progress)  # fmt: skip
             out = root / "headline"
             headline = strategy_rows(
                 _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, prompts=DEFAULT_PROMPTS, **common), out
             )
-            runs.append({"seed": seed, "center": center, "kind": "headline", "value": None, "strategies": headline})
+            results = json.loads((out / "results.json").read_text())
+            runs.append({"seed": seed, "center": center, "kind": "headline", "value": None, "strategies": headline,
+                         "oracle_gap": results.get("oracle_gap"),
+                         "reliance": results["base"]["transformer_reliance"]})  # fmt: skip
             if seed != seeds[0] or (sweep_centers is not None and center not in sweep_centers):
                 continue
-            sweeps = [("shots", v, SHOTS_STRATEGIES, v, DEFAULT_PROMPTS) for v in shots_sweep]
+            sweeps = [("shots", v, SHOTS_STRATEGIES, _shots(data_dir, center, v), DEFAULT_PROMPTS) for v in shots_sweep]
             sweeps += [("prompts", v, PROMPT_STRATEGIES, DEFAULT_SHOTS, v) for v in prompts_sweep]
             for kind, value, names, shots, prompts in sweeps:
                 same = (shots, prompts) == (DEFAULT_SHOTS, DEFAULT_PROMPTS)

@@ -77,11 +77,13 @@ def _training_table(training: Mapping[str, Any]) -> list[str]:
             f"{m['activations_mb']:.0f} | {m['gradients_mb']:.0f} | {m['optimizer_mb']:.0f} | "
             f"{m['peak_sampled_mb']:.0f} | {_f(r.get('peak_sampled_ratio'))} |"
         )
+    seen = {m for r in training["strategies"].values() for m in (*r["backward_reaches"], *r["activations_by_module_mb"])}
+    modules = [m for m in MODULE_ORDER if m in seen or m in ("vit", "encoder1")]
     lines += ["", "Backward reaches (✓: the module's output requires grad) and activations kept for backward, MB:", "",
-              "| strategy | " + " | ".join(MODULE_ORDER) + " |", "|---|" + "---|" * len(MODULE_ORDER)]  # fmt: skip
+              "| strategy | " + " | ".join(modules) + " |", "|---|" + "---|" * len(modules)]  # fmt: skip
     for name, r in training["strategies"].items():
         acts = r["activations_by_module_mb"]
-        cells = [("✓ " if mod in r["backward_reaches"] else "") + f"{acts.get(mod, 0.0):.0f}" for mod in MODULE_ORDER]
+        cells = [("✓ " if mod in r["backward_reaches"] else "") + f"{acts.get(mod, 0.0):.0f}" for mod in modules]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -171,30 +173,56 @@ def _quality_sections(q: Mapping[str, Any]) -> list[str]:
              f"Held-out centers {', '.join(st['centers'])}; seeds {', '.join(map(str, st['seeds']))}; "
              f"{st['shots']} shots, P={st['prompts']}. DSCagg is the mean of GTVp and GTVn aggregated Dice; "
              "values are the mean over centers, averaged over seeds, with the range of the per-seed means.", "",
-             "| strategy | trainable | new center DSCagg | old centers DSCagg | Δ old vs base | adapt time (s) "
-             "| time to 95% of best val (s) |", "|---|" + "---|" * 6]  # fmt: skip
+             "| strategy | trainable | new center DSCagg | gain over base | oracle gap closed | old centers DSCagg "
+             "| Δ old vs base | adapt time (s) | time to 95% of best val (s) |", "|---|" + "---|" * 8]  # fmt: skip
     for name, r in q["headline"].items():
         new, old = r["new"], r["old"]
         lines.append(
             f"| {name} | {r['trainable_params']:,} | {_f(new['mean'], '.3f')} ({_f(new['min'], '.3f')}–{_f(new['max'], '.3f')}) | "
+            f"{_f(r.get('gain'), '+.3f')} | {_f(r.get('gap_closed'), '.0%')} | "
             f"{_f(old['mean'], '.3f')} ({_f(old['min'], '.3f')}–{_f(old['max'], '.3f')}) | {_f(r['old_delta'], '+.3f')} | "
             f"{_f(r['train_s'], '.0f')} | {_f(r['time_to_95_s'], '.0f')} |"
         )
+    per_run = [r for r in q["runs"] if r["kind"] == "headline" and r.get("reliance")]
+    if per_run:
+        lines += ["", "Per held-out center and seed: the base model's transformer reliance (old-center DSCagg intact → "
+                  "with mean tokens) and the oracle gap on the new center (oracle − base):", "",
+                  "| held out | seed | base old DSCagg | with mean tokens | reliance (drop) | oracle gap | deep gap closed "
+                  "| full gap closed |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in per_run:
+            rel, gap = r["reliance"], r.get("oracle_gap")
+            closed = {n: (r["strategies"][n]["gain"] / gap if n in r["strategies"] and gap and gap >= 0.01 else None)
+                      for n in ("deep", "full")}  # fmt: skip
+            lines.append(f"| {r['center']} | {r['seed']} | {_f(rel['intact_dsc_agg'], '.3f')} | "
+                         f"{_f(rel['ablated_dsc_agg'], '.3f')} | {_f(rel['drop'], '.3f')} | {_f(gap, '+.3f')} | "
+                         f"{_f(closed['deep'], '.0%')} | {_f(closed['full'], '.0%')} |")  # fmt: skip
     for key, label in (("shots", "shots"), ("prompts", "prompts P")):
         table = q.get(key) or {}
         if not table:
             continue
-        columns = sorted({int(c) for row in table.values() for c in row})
+        columns = sorted({c for row in table.values() for c in row}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0))
         lines += ["", f"New-center DSCagg by {label} (seed {st['seeds'][0]}, mean over centers):", "",
                   "| strategy | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
         for name, row in table.items():
-            lines.append(f"| {name} | " + " | ".join(_f(row.get(str(c)), ".3f") for c in columns) + " |")
+            lines.append(f"| {name} | " + " | ".join(_f(row.get(c), ".3f") for c in columns) + " |")
     return lines + [""]
+
+
+def _preset_section(p: Mapping[str, Any]) -> list[str]:
+    import candidates
+
+    return ["## Choosing the CPU preset: does the decoder use the transformer?", "",
+            f"Each candidate pretrained without {p['held_out']} (seed {p['seed']}) with its own epoch budget; step = "
+            "median of 5 full fine-tuning steps (batch 2) after 2 warm-up steps; pretraining = wall time of the "
+            "pretraining run including validation; DSCagg = mean of GTVp and GTVn on the old centers' test cases, "
+            "original CT grid; ablated = the same with every ViT token grid feeding the decoder replaced by its "
+            "mean token; reliance = the drop. Targets for the chosen preset: DSCagg ≥ 0.70 and reliance ≥ 0.25.", "",
+            candidates.table(p["rows"])]  # fmt: skip
 
 
 def render(results: Mapping[str, Any]) -> str:
     """RESULTS.md text: header, targets, then one section per measurement."""
-    parts = [p for p in ("cost", "quality") if p in results]
+    parts = [p for p in ("presets", "cost", "quality") if p in results]
     lines = ["# Benchmarks: what prompt tuning costs and gains", ""]
     for part in parts:
         r = results[part]
@@ -213,6 +241,8 @@ def render(results: Mapping[str, Any]) -> str:
                   "## Targets", ""]  # fmt: skip
         lines += [_target_line(row) for row in target_rows(results)] + [""]
         lines += _cost_sections(results["cost"])
+    if "presets" in results:
+        lines += _preset_section(results["presets"])
     if "quality" in results:
         lines += _quality_sections(results["quality"])
     return "\n".join(lines).rstrip() + "\n"

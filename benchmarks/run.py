@@ -1,6 +1,6 @@
 """Measure what prompt tuning costs and gains; write benchmarks/results.json and RESULTS.md.
 
-    python benchmarks/run.py [--quick] [--part cost|quality|all] [--out benchmarks]
+    python benchmarks/run.py [--quick] [--part presets|cost|quality|all] [--out benchmarks]
 
 ``--quick`` runs the cost part with few repeats (about 10 minutes on a 2-core CPU) and never the
 quality part; on a GPU (``--device cuda``) the cost part repeats more (``SETTINGS["gpu"]``). A
@@ -82,6 +82,12 @@ def run_cost(quick: bool, device: Any) -> dict[str, Any]:
     return result
 
 
+def run_presets(args: argparse.Namespace) -> dict[str, Any]:
+    import candidates
+
+    return candidates.run_candidates(args.data, args.work.parent / "candidates", center=args.centers.split(",")[0])
+
+
 def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     import quality
 
@@ -94,7 +100,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="cost part only, few repeats (~10 min on a CPU)")
-    p.add_argument("--part", choices=("cost", "quality", "all"), default="all")
+    p.add_argument("--part", choices=("presets", "cost", "quality", "all"), default="all",
+                   help="presets: the CPU preset candidates (pretraining each); all: cost then quality")
     p.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder of results.json and RESULTS.md")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 on a shared, busy CPU")
@@ -121,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    parts = ["cost"] if args.quick or args.part == "cost" else ["quality"] if args.part == "quality" else ["cost", "quality"]
+    parts = ["cost"] if args.quick else ["cost", "quality"] if args.part == "all" else [args.part]
+    run_part = {"presets": run_presets, "cost": lambda a: run_cost(a.quick, device), "quality": run_quality}
     for part in parts:
         started = time.perf_counter()
-        section = run_cost(args.quick, device) if part == "cost" else run_quality(args)
+        section = run_part[part](args)
         section.update(date=date.today().isoformat(), command=command.strip(), machine=machine_info(),
                        threads=torch.get_num_threads(),
                        wall_s=time.perf_counter() - started, quick=args.quick)  # fmt: skip

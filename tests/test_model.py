@@ -120,3 +120,56 @@ def test_bad_arguments() -> None:
         tiny_model(skip_layers=(1, 2, 9))
     with pytest.raises(ValueError, match="num_prompts"):
         tiny_model(prompt_mode="deep", num_prompts=0)
+
+
+def test_patch_8_gives_the_paper_token_grid_with_one_fewer_up_sampling_stage() -> None:
+    torch.manual_seed(0)
+    model = tiny_model(patch_size=8, img_size=(48, 48, 48), prompt_mode="deep", num_prompts=2).eval()
+    assert model.feat_size == (6, 6, 6) and model.skip_layers == pu.default_skip_layers(4, 8) == (1, 2)
+    names = dict(model.named_children())
+    assert {"encoder2", "encoder3", "decoder4", "decoder3", "decoder2"} <= set(names)
+    assert "encoder4" not in names and "decoder5" not in names
+    x = torch.randn(1, 2, 48, 48, 48)
+    with torch.no_grad():
+        assert model(x).shape == (1, 3, 48, 48, 48)
+        out, hidden = model.encode(x)
+    assert out.shape == (1, 216, TINY["hidden_size"]) and all(h.shape == (1, 216, TINY["hidden_size"]) for h in hidden)
+    # Each skip level's resolution: encoder2 at 1/2, encoder3 at 1/4, the ViT output enters decoder4 at 1/8.
+    shapes = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: shapes.__setitem__(n, o.shape[2:]))
+             for n in ("encoder1", "encoder2", "encoder3", "decoder4")]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert shapes == {"encoder1": (48,) * 3, "encoder2": (24,) * 3, "encoder3": (12,) * 3, "decoder4": (12,) * 3}
+    assert pu.default_skip_layers(12, 8) == (4, 8) and pu.default_skip_layers(12, 16) == (3, 6, 9)
+
+
+def test_patch_8_model_round_trips_through_the_checkpoint_and_adapter(tmp_path) -> None:
+    from centerprompt.artifacts import build_adapted_model, save_adapter, save_model
+    from centerprompt.strategies import apply_strategy
+
+    torch.manual_seed(0)
+    base = tiny_model(patch_size=8)
+    save_model(base, tmp_path / "model.safetensors")
+    adapted = tiny_model(patch_size=8, prompt_mode="deep", num_prompts=3)
+    adapted.load_backbone_state_dict(base.state_dict())
+    apply_strategy(adapted, "deep")
+    with torch.no_grad():
+        adapted.prompts.tokens.normal_()
+    save_adapter(adapted, tmp_path / "adapter.safetensors", "deep", {})
+    rebuilt = build_adapted_model(tmp_path / "model.safetensors", tmp_path / "adapter.safetensors").eval()
+    assert rebuilt.config["patch_size"] == 8 and rebuilt.feat_size == (4, 4, 4)
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), adapted.eval()(x), atol=1e-5)
+
+
+def test_bad_patch_size() -> None:
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny_model(patch_size=4)
+    with pytest.raises(ValueError, match="skip_layers must be 2"):
+        tiny_model(patch_size=8, skip_layers=(1, 2, 3))
+    with pytest.raises(ValueError, match="divisible by the patch size 8"):
+        tiny_model(patch_size=8, img_size=(36, 32, 32))

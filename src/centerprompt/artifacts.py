@@ -113,7 +113,7 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 1
     """Recover a UNETR configuration from a bare MONAI state dict (``num_heads`` is not in it)."""
     try:
         pos = state["vit.patch_embedding.position_embeddings"]  # (1, N, C)
-        patch_w = state["vit.patch_embedding.patch_embeddings.weight"]  # (C, in, 16, 16, 16)
+        patch_w = state["vit.patch_embedding.patch_embeddings.weight"]  # (C, in, p, p, p)
         side = round(pos.shape[1] ** (1 / 3)) * patch_w.shape[-1]
         return dict(
             in_channels=patch_w.shape[1], out_channels=state["out.conv.conv.weight"].shape[0],
@@ -121,6 +121,7 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 1
             hidden_size=patch_w.shape[0], mlp_dim=state["vit.blocks.0.mlp.linear1.weight"].shape[0],
             num_heads=num_heads, qkv_bias="vit.blocks.0.attn.qkv.bias" in state,
             num_layers=len({k.split(".")[2] for k in state if k.startswith("vit.blocks.")}),
+            patch_size=patch_w.shape[-1],
         )  # fmt: skip
     except KeyError as err:
         raise ValueError(f"not a UNETR state dict: key {err} is missing.") from err

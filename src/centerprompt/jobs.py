@@ -40,7 +40,7 @@ from centerprompt.data.transforms import (
 )
 from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import ADAPT_LR, get_preset
+from centerprompt.presets import ADAPT_LR, Preset, get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, get_strategy, parameter_report
 from centerprompt.report import write_json
 from centerprompt.train import TrainConfig, default_device, fit, rank
@@ -161,32 +161,50 @@ def validator(scorer: Scorer) -> Callable[[torch.nn.Module], float]:
 # ----------------------------------------------------------------------------- pretrain
 
 
+def pretrain_case_ids(
+    splits: dict[str, dict[str, list[str]]], exclude_center: str | None, *, oracle_shots: int = 0, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(train, validation) case IDs of a base model, or of the in-domain oracle for ``exclude_center``.
+
+    The oracle adds the excluded center's ``oracle_shots`` adaptation cases to the training set
+    and its adaptation validation cases to the validation set, exactly those that ``adapt`` with
+    ``shots=oracle_shots`` and this seed uses; the center's test cases never enter.
+    """
+    if exclude_center is None:
+        if oracle_shots:
+            raise ValueError("an oracle needs the center it stands for: give exclude_center.")
+        return sorted(i for s in splits.values() for i in s["train"]), sorted(i for s in splits.values() for i in s["val"])
+    loco = leave_one_center_out(splits, exclude_center, shots=oracle_shots, seed=seed)
+    if not oracle_shots:
+        return loco.pretrain_train, loco.pretrain_val
+    return sorted(loco.pretrain_train + loco.adapt_train), sorted(loco.pretrain_val + loco.adapt_val)
+
+
 def pretrain(
-    data_dir: str | Path, out: str | Path, *, exclude_center: str | None = None, preset: str = "cpu",
+    data_dir: str | Path, out: str | Path, *, exclude_center: str | None = None, preset: str | Preset = "cpu",
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, patience: int = 10,
     seed: int = 0, resume: bool = False, skip_bad_cases: bool = False, amp: bool = False,
     compile: bool = False, progress: bool = True, cases_limit: int | None = None,
+    oracle_shots: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Train the base model with every weight on all centers but ``exclude_center``.
 
     Writes ``OUT/model.safetensors`` (the best epoch on the validation cases, with its
     configuration and preprocessing in the metadata). ``cases_limit`` caps the training cases
-    (for smoke tests).
+    (for smoke tests). ``oracle_shots`` > 0 trains the in-domain oracle instead, with the same
+    budget: see :func:`pretrain_case_ids`.
     """
-    run_dir, p = Path(out), get_preset(preset)
+    run_dir = Path(out)
+    p = preset if isinstance(preset, Preset) else get_preset(preset)
     with run_log(run_dir):
         cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, seed=seed)
-        if exclude_center is not None:
-            loco = leave_one_center_out(splits, exclude_center, shots=0, seed=seed)
-            train_ids, val_ids = loco.pretrain_train, loco.pretrain_val
-        else:
-            train_ids = sorted(i for s in splits.values() for i in s["train"])
-            val_ids = sorted(i for s in splits.values() for i in s["val"])
+        train_ids, val_ids = pretrain_case_ids(splits, exclude_center, oracle_shots=oracle_shots, seed=seed)
         train_ids = train_ids[:cases_limit] if cases_limit else train_ids
         cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr or p.pretrain_lr, batch_size=batch_size or p.batch_size,
-                          patience=patience, seed=seed, amp=amp, compile=compile)  # fmt: skip
+                          patience=patience, seed=seed, amp=amp, compile=compile, val_every=p.val_every)  # fmt: skip
         config = {
-            "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": preset,
+            "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": p.name,
+            "oracle_shots": oracle_shots,
             "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
             "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "train_cases": train_ids,
             "val_cases": val_ids,
@@ -202,8 +220,8 @@ def pretrain(
         summary = {"job": "pretrain", **result.__dict__, **parameter_report(model)}
         if rank() == 0:
             train_centers = sorted({cases[i].center for i in train_ids})
-            extra = {"preprocess": p.preprocess.to_dict(), "preset": preset, "train_centers": train_centers,
-                     "exclude_center": exclude_center}  # fmt: skip
+            extra = {"preprocess": p.preprocess.to_dict(), "preset": p.name, "train_centers": train_centers,
+                     "exclude_center": exclude_center, "oracle_shots": oracle_shots}  # fmt: skip
             save_model(model, run_dir / "model.safetensors", extra=extra)
             write_json(summary, run_dir / SUMMARY)
     return summary

@@ -23,6 +23,7 @@ class Preset:
     adapt_epochs: int
     batch_size: int
     pretrain_lr: float
+    val_every: int = 1
     notes: str = ""
 
 

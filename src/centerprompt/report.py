@@ -103,6 +103,23 @@ def _base_levels(results: Mapping[str, Any]) -> tuple[float, float]:
     return new, old
 
 
+def _context_lines(results: Mapping[str, Any]) -> list[str]:
+    """The two numbers a reader needs before the table: can prompts act, and how much is there to gain."""
+    lines = []
+    reliance = _get(results, "base", "transformer_reliance")
+    if reliance:
+        lines.append(
+            f"Transformer reliance of the base model: old-center DSCagg {_fmt(_num(reliance.get('intact_dsc_agg')))} "
+            f"intact, {_fmt(_num(reliance.get('ablated_dsc_agg')))} with every ViT token grid feeding the decoder "
+            f"replaced by its mean token (drop {_fmt(_num(reliance.get('drop')))}; near 0 means the decoder ignores "
+            "the transformer and prompts have nothing to steer)."
+        )
+    gap = results.get("oracle_gap")
+    if gap is not None:
+        lines.append(f"Oracle gap on the new center (oracle − base, DSCagg mean): {_fmt(_num(gap), '+.3f')}.")
+    return [line for text in lines for line in (text, "")]
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
     """Paper-style markdown: one row per strategy, then old-center DSCagg per old center."""
     strategies: Mapping[str, Any] = results.get("strategies", {})
@@ -115,11 +132,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"date {results.get('date', '?')}; machine {machine_text or '?'}.",
         "",
         "DSCagg = 2·Σ|A∩B| / Σ(|A|+|B|) pooled over the cases of a set (HECKTOR); mean = mean of GTVp and GTVn. "
-        "Δ old = old-centers DSCagg mean of the adapted model minus the base model's.",
+        "Δ old = old-centers DSCagg mean of the adapted model minus the base model's. Gain = new-center mean "
+        "minus the base model's; gap closed = gain / (oracle − base), where the oracle is the same "
+        "architecture and budget pretrained with the new center's adaptation cases added.",
         "",
-        "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean "
+        *_context_lines(results),
+        "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean | Gain | Gap closed "
         "| Old mean | Δ old | Time (s) | Peak mem (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in strategies.items():
         new = _get(s, "new_center", "dsc_agg") or {}
@@ -135,6 +155,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {_DASH if fraction is None else format(100 * fraction, '.3g') + '%'} "
             f"| {human_bytes(s.get('artifact_bytes'))} "
             f"| {_fmt(_num(new.get('gtvp')))} | {_fmt(_num(new.get('gtvn')))} | {_fmt(_num(new.get('mean')))} "
+            f"| {_fmt(s.get('gain'), '+.3f')} | {_fmt(s.get('gap_closed'), '.0%')} "
             f"| {_fmt(old_mean)} | {_fmt(delta, '+.3f')} "
             f"| {_fmt(seconds, '.1f' if seconds is not None and seconds < 10 else '.0f')} "
             f"| {_fmt(s.get('peak_memory_mb'), '.0f')} |"

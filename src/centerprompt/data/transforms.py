@@ -57,7 +57,7 @@ from centerprompt.data.hecktor import Case, DataError
 
 logger = logging.getLogger(__name__)
 
-ROI_DIVISOR = 16  # UNETR patch size: the ViT needs roi_size divisible by it
+ROI_DIVISOR = 8  # smallest ViT patch size (PromptedUNETR: 8 or 16); the model checks its own
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class PreprocessConfig:
         crop_mm: head-and-neck crop in mm (left-right, posterior-anterior, inferior-superior), or
             None for no crop. Default (200, 200, 240): the axial extent reaches from the vertex
             down to the lower neck nodes.
-        roi_size: training crop and sliding-window size in voxels; divisible by 16. Default 96^3.
+        roi_size: training crop and sliding-window size in voxels; divisible by the patch size. Default 96^3.
         num_samples: training crops drawn per volume per epoch. Default 2.
         pos, neg: ratio of crops centred on tumour vs background voxels. Default 1:1 (balanced).
         flip_prob: probability of a left-right flip. Default 0.5.

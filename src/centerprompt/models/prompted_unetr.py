@@ -8,6 +8,7 @@ prompts: VPT, Jia et al., arXiv 2203.12119.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,11 +30,20 @@ MONAI_SKIP_LAYERS = (3, 6, 9)  # indices into the per-block hidden states (outpu
 UNUSED_PARAMETER_MARKERS = ("norm_cross_attn",)
 
 
-def default_skip_layers(num_layers: int) -> tuple[int, int, int]:
-    """Skip connections spread evenly over the encoder: (3, 6, 9) for MONAI's 12 layers."""
-    if num_layers < 3:
-        raise ValueError(f"num_layers must be at least 3 for three skip connections, got {num_layers}.")
-    return (num_layers // 4, num_layers // 2, (3 * num_layers) // 4)
+PATCH_SIZES = (8, 16)  # 16: MONAI's UNETR; 8: one fewer up-sampling stage, 4x the tokens per window
+
+
+def num_skips(patch_size: int) -> int:
+    """ViT hidden states feeding the decoder's skip connections: one per level between 1/patch and 1."""
+    return int(math.log2(patch_size)) - 1
+
+
+def default_skip_layers(num_layers: int, patch_size: int = MONAI_PATCH_SIZE) -> tuple[int, ...]:
+    """Skip connections spread evenly over the encoder: (3, 6, 9) for MONAI's 12 layers at patch 16."""
+    n = num_skips(patch_size)
+    if num_layers < n:
+        raise ValueError(f"num_layers must be at least {n} for {n} skip connections, got {num_layers}.")
+    return tuple((i * num_layers) // (n + 1) for i in range(1, n + 1))
 
 
 class PromptedUNETR(nn.Module):
@@ -44,8 +54,13 @@ class PromptedUNETR(nn.Module):
         norm_name, conv_block, res_block, dropout_rate, spatial_dims, qkv_bias, save_attn:
             as in ``monai.networks.nets.UNETR`` (same names and defaults).
         num_layers: transformer depth. Defaults to 12 (MONAI's UNETR); smaller for CPU demos and tests.
-        skip_layers: three hidden-state indices feeding the decoder's skip connections. Defaults to
-            ``default_skip_layers(num_layers)``, which is MONAI's (3, 6, 9) at 12 layers.
+        skip_layers: hidden-state indices feeding the decoder's skip connections (three at patch 16,
+            two at patch 8). Defaults to ``default_skip_layers(num_layers, patch_size)``, which is
+            MONAI's (3, 6, 9) at 12 layers and patch 16.
+        patch_size: ViT patch edge, 16 (MONAI's UNETR, parity kept) or 8. At 8 the token grid of a
+            window is 8x larger and the decoder has one up-sampling stage fewer (no ``encoder4`` and
+            ``decoder5``; ``decoder4`` takes the ViT output), so a 48^3 window gives the 6^3 tokens
+            that a 96^3 window gives MONAI's UNETR.
         prompt_mode: ``"none"``, ``"shallow"`` (P tokens inserted after patch and position embedding,
             before layer 1) or ``"deep"`` (a fresh set of P tokens at the input of every layer; the
             previous layer's prompt outputs are dropped). Defaults to ``"none"``.
@@ -76,6 +91,7 @@ class PromptedUNETR(nn.Module):
         save_attn: bool = False,
         num_layers: int = MONAI_NUM_LAYERS,
         skip_layers: Sequence[int] | None = None,
+        patch_size: int = MONAI_PATCH_SIZE,
         prompt_mode: str = "none",
         num_prompts: int = 10,
         prompt_dropout: float = 0.0,
@@ -88,13 +104,19 @@ class PromptedUNETR(nn.Module):
             raise ValueError("dropout_rate should be between 0 and 1.")
         if hidden_size % num_heads != 0:
             raise ValueError("hidden_size should be divisible by num_heads.")
+        if patch_size not in PATCH_SIZES:
+            raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}.")
         img_size = ensure_tuple_rep(img_size, spatial_dims)
-        patch_size = ensure_tuple_rep(MONAI_PATCH_SIZE, spatial_dims)
-        if any(i % p for i, p in zip(img_size, patch_size)):
-            raise ValueError(f"img_size {img_size} must be divisible by the patch size {MONAI_PATCH_SIZE}.")
-        skip_layers = tuple(skip_layers) if skip_layers is not None else default_skip_layers(num_layers)
-        if len(skip_layers) != 3 or not all(0 <= s < num_layers for s in skip_layers):
-            raise ValueError(f"skip_layers must be three indices below num_layers={num_layers}, got {skip_layers}.")
+        patch = ensure_tuple_rep(patch_size, spatial_dims)
+        if any(i % p for i, p in zip(img_size, patch)):
+            raise ValueError(f"img_size {img_size} must be divisible by the patch size {patch_size}.")
+        n_skips = num_skips(patch_size)
+        skip_layers = tuple(skip_layers) if skip_layers is not None else default_skip_layers(num_layers, patch_size)
+        if len(skip_layers) != n_skips or not all(0 <= s < num_layers for s in skip_layers):
+            raise ValueError(
+                f"skip_layers must be {n_skips} indices below num_layers={num_layers} at patch size {patch_size}, "
+                f"got {skip_layers}."
+            )
 
         # The arguments that rebuild this model; saved with every checkpoint and artifact.
         self.config: dict[str, Any] = dict(
@@ -102,18 +124,18 @@ class PromptedUNETR(nn.Module):
             feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads,
             proj_type=proj_type, norm_name=norm_name if isinstance(norm_name, str) else list(norm_name),
             conv_block=conv_block, res_block=res_block, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
-            qkv_bias=qkv_bias, num_layers=num_layers, skip_layers=list(skip_layers),
+            qkv_bias=qkv_bias, num_layers=num_layers, skip_layers=list(skip_layers), patch_size=patch_size,
             prompt_mode=prompt_mode, num_prompts=num_prompts, prompt_dropout=prompt_dropout,
         )  # fmt: skip
         self.num_layers = num_layers
         self.skip_layers = skip_layers
-        self.patch_size = patch_size
-        self.feat_size = tuple(i // p for i, p in zip(img_size, patch_size))
+        self.patch_size = patch
+        self.feat_size = tuple(i // p for i, p in zip(img_size, patch))
         self.hidden_size = hidden_size
         self.prompt_mode = prompt_mode
 
         self.vit = ViT(
-            in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+            in_channels=in_channels, img_size=img_size, patch_size=patch, hidden_size=hidden_size,
             mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, proj_type=proj_type,
             classification=False, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
             qkv_bias=qkv_bias, save_attn=save_attn,
@@ -135,23 +157,24 @@ class PromptedUNETR(nn.Module):
                 upsample_kernel_size=2, norm_name=norm_name, res_block=res_block,
             )  # fmt: skip
 
+        # Level l (1 .. n_skips) sits at 1/2^l of the input: encoder{l+1} up-samples hidden state
+        # skip_layers[l-1] from 1/patch to it, decoder{l+1} brings level l to level l-1. At patch 16
+        # these are MONAI's encoder2-4 and decoder2-5 with its channel widths.
         fs = feature_size
         self.encoder1 = UnetrBasicBlock(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=fs, kernel_size=3, stride=1,
             norm_name=norm_name, res_block=res_block,
         )  # fmt: skip
-        self.encoder2 = up(hidden_size, fs * 2, num_layer=2)
-        self.encoder3 = up(hidden_size, fs * 4, num_layer=1)
-        self.encoder4 = up(hidden_size, fs * 8, num_layer=0)
-        self.decoder5 = dec(hidden_size, fs * 8)
-        self.decoder4 = dec(fs * 8, fs * 4)
-        self.decoder3 = dec(fs * 4, fs * 2)
-        self.decoder2 = dec(fs * 2, fs)
+        for level in range(1, n_skips + 1):
+            self.add_module(f"encoder{level + 1}", up(hidden_size, fs * 2**level, num_layer=n_skips - level))
+        self.add_module(f"decoder{n_skips + 2}", dec(hidden_size, fs * 2**n_skips))
+        for level in range(n_skips, 0, -1):
+            self.add_module(f"decoder{level + 1}", dec(fs * 2**level, fs * 2 ** (level - 1)))
         self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=fs, out_channels=out_channels)
 
         self.prompts: PromptTokens | None = None
         if prompt_mode != "none":
-            bound = vpt_init_bound(in_channels, patch_size, hidden_size)
+            bound = vpt_init_bound(in_channels, patch, hidden_size)
             num_sets = 1 if prompt_mode == "shallow" else num_layers
             self.prompts = PromptTokens(num_sets, num_prompts, hidden_size, bound, prompt_dropout)
 
@@ -191,15 +214,22 @@ class PromptedUNETR(nn.Module):
     def forward(self, x_in: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`."""
         x, hidden_states = self.encode(x_in, prompts)
-        s1, s2, s3 = self.skip_layers
-        enc1 = self.encoder1(x_in)
-        enc2 = self.encoder2(self.proj_feat(hidden_states[s1]))
-        enc3 = self.encoder3(self.proj_feat(hidden_states[s2]))
-        enc4 = self.encoder4(self.proj_feat(hidden_states[s3]))
-        dec3 = self.decoder5(self.proj_feat(x), enc4)
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        return self.out(self.decoder2(dec1, enc1))
+        skips = [self.encoder1(x_in)]
+        for level, layer in enumerate(self.skip_layers, start=1):
+            skips.append(getattr(self, f"encoder{level + 1}")(self.proj_feat(hidden_states[layer])))
+        out = self.proj_feat(x)
+        for level in range(len(self.skip_layers), -1, -1):  # decoder5 (patch 16) ... decoder2
+            out = getattr(self, f"decoder{level + 2}")(out, skips[level])
+        return self.out(out)
+
+    def token_consumers(self) -> list[nn.Module]:
+        """The decoder modules whose first input is a ViT token grid (hidden state or output).
+
+        ``encoder2`` .. ``encoder{n+1}`` take the skip hidden states, the top decoder the normed ViT
+        output; hooks on them see every path from the transformer to the segmentation.
+        """
+        n = len(self.skip_layers)
+        return [getattr(self, f"encoder{level + 1}") for level in range(1, n + 1)] + [getattr(self, f"decoder{n + 2}")]
 
     def train(self, mode: bool = True) -> PromptedUNETR:
         """Like ``nn.Module.train``, but subtrees with no trainable parameter stay in eval mode.

@@ -1,0 +1,95 @@
+"""Does the decoder use the transformer? The token ablation behind ``base.transformer_reliance``.
+
+Prompts, LoRA and BitFit act only inside the ViT. If a UNETR segments from its convolutional
+skip path on the raw image, they have nothing to steer, whatever their recipe. The ablation
+replaces every ViT token grid that feeds the decoder (the skip hidden states and the normed
+output) by its mean over the window's tokens: the transformer's spatial information is gone, its
+global summary stays. The drop in DSCagg from the intact model is the model's reliance on the
+transformer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from centerprompt.artifacts import build_adapted_model, read_model_metadata
+from centerprompt.evaluate import aggregate
+from centerprompt.jobs import Scorer, base_preprocess, load_index
+from centerprompt.models.prompted_unetr import PromptedUNETR
+from centerprompt.train import default_device
+
+
+def _mean_token_grid(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    grid = args[0]  # (B, C, *feat_size)
+    spatial = tuple(range(2, grid.ndim))
+    return (grid.mean(dim=spatial, keepdim=True).expand_as(grid).contiguous(), *args[1:])
+
+
+@contextlib.contextmanager
+def mean_token_ablation(model: PromptedUNETR) -> Iterator[PromptedUNETR]:
+    """Within the block, every token grid reaching the decoder is replaced by its mean token."""
+    handles = [m.register_forward_pre_hook(_mean_token_grid) for m in model.token_consumers()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _dsc_agg(results: list[dict[str, Any]]) -> float:
+    value = aggregate(results)["overall"]["dsc_agg"]["mean"]
+    return float("nan") if value is None else float(value)
+
+
+def transformer_reliance(
+    model: PromptedUNETR, scorer: Scorer, *, intact_cases: list[dict[str, Any]] | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """DSCagg (mean of GTVp and GTVn) of ``model`` on ``scorer``'s cases, intact and token-ablated.
+
+    ``drop`` = intact - ablated: near 0 when the decoder ignores the transformer, large when the
+    segmentation depends on it. ``intact_cases``: the intact model's per-case scores on these
+    cases, when the caller already has them.
+    """
+    if intact_cases is None:
+        intact_cases = scorer.score(model, desc="reliance: intact", progress=progress)
+    with mean_token_ablation(model):
+        ablated_cases = scorer.score(model, desc="reliance: mean tokens", progress=progress)
+    intact, ablated = _dsc_agg(intact_cases), _dsc_agg(ablated_cases)
+    return {
+        "intact_dsc_agg": intact,
+        "ablated_dsc_agg": ablated,
+        "drop": intact - ablated if not (np.isnan(intact) or np.isnan(ablated)) else float("nan"),
+        "cases": [c["case_id"] for c in intact_cases],
+        "ablation": "every ViT token grid feeding the decoder replaced by its mean token",
+    }
+
+
+def inspect_base(
+    base: str | Path, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Transformer reliance of a base checkpoint on its own (pretraining) centers' ``split`` cases.
+
+    ``centers`` defaults to the centers the checkpoint was trained on (its metadata), or every
+    labelled center for a checkpoint without that record (e.g. a bare MONAI UNETR).
+    """
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    if not centers:
+        trained = read_model_metadata(base)["extra"].get("train_centers") if Path(base).suffix == ".safetensors" else None
+        centers = [c for c in (trained or sorted(splits)) if c in splits]
+    unknown = sorted(set(centers) - set(splits))
+    if unknown or not centers:
+        raise ValueError(f"no labelled cases for center(s) {unknown or '(none)'} in {data_dir}.")
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    ids = sorted(i for c in centers for part in parts for i in splits[c][part])
+    model = build_adapted_model(base).to(default_device())
+    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    return {"base": str(base), "data_dir": str(data_dir), "centers": list(centers), "split": split,
+            "score_at": score_at, "token_grid": list(model.feat_size),
+            **transformer_reliance(model, scorer, progress=progress)}  # fmt: skip
