@@ -122,7 +122,9 @@ def _shots(data_dir: Path, center: str, value: int | str) -> int:
     return len(own["train"]) + len(own["val"]) - max(1, len(own["val"]))  # leave_one_center_out's validation
 
 
-def _experiment(data_dir: Path, center: str, out: Path, strategies: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+def _experiment(
+    data_dir: Path, center: str, out: Path, strategies: Sequence[str], preset: str, **kwargs: Any
+) -> dict[str, Any]:
     """run_experiment unless ``out`` already holds results for every requested strategy."""
     from centerprompt.experiment import run_experiment
 
@@ -131,7 +133,7 @@ def _experiment(data_dir: Path, center: str, out: Path, strategies: Sequence[str
         results = json.loads(path.read_text())
         if set(strategies) <= set(results["strategies"]):
             return results
-    return run_experiment(data_dir, center, out, strategies=strategies, preset="cpu",
+    return run_experiment(data_dir, center, out, strategies=strategies, preset=preset,
                           command="python benchmarks/run.py --part quality", **kwargs)  # fmt: skip
 
 
@@ -140,7 +142,7 @@ def run_quality(
     strategies: Sequence[str] = HEADLINE_STRATEGIES, shots_sweep: Sequence[int] = SHOTS,
     prompts_sweep: Sequence[int] = PROMPTS, cases_per_center: int = 16, pretrain_epochs: int | None = None,
     adapt_epochs: int | None = None, patience: int = 10, progress: bool = True,
-    sweep_centers: Sequence[str] | None = None,
+    sweep_centers: Sequence[str] | None = None, preset: str = "cpu",
 ) -> dict[str, Any]:  # fmt: skip
     """Headline comparison for every (seed, center); shots and prompt sweeps on the first seed
     (for ``sweep_centers`` only, when given: the sweeps cost as much as the headline again).
@@ -160,10 +162,10 @@ def run_quality(
         for center in centers:
             root = work / f"seed{seed}" / center
             if not (root / "pretrain" / SUMMARY).exists():
-                pretrain(data_dir, root / "pretrain", exclude_center=center, preset="cpu", epochs=pretrain_epochs,
+                pretrain(data_dir, root / "pretrain", exclude_center=center, preset=preset, epochs=pretrain_epochs,
                          patience=patience, seed=seed, resume=True, progress=progress)  # fmt: skip
             common = dict(base=root / "pretrain" / "model.safetensors", seed=seed, adapt_epochs=adapt_epochs,
-                          pretrain_epochs=pretrain_epochs, patience=patience, progress=progress)  # fmt: skip
+                          pretrain_epochs=pretrain_epochs, patience=patience, progress=progress, preset=preset)  # fmt: skip
             out = root / "headline"
             headline = strategy_rows(
                 _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, prompts=DEFAULT_PROMPTS, **common), out
@@ -190,6 +192,7 @@ def run_quality(
                 "strategies": list(strategies), "shots": DEFAULT_SHOTS, "prompts": DEFAULT_PROMPTS,
                 "shots_sweep": list(shots_sweep), "prompts_sweep": list(prompts_sweep),
                 "sweep_centers": list(sweep_centers) if sweep_centers is not None else list(centers),
-                "pretrain_epochs": pretrain_epochs, "adapt_epochs": adapt_epochs, "patience": patience}  # fmt: skip
+                "pretrain_epochs": pretrain_epochs, "adapt_epochs": adapt_epochs, "patience": patience,
+                "preset": preset}  # fmt: skip
     return {"settings": settings, "runs": runs, "headline": summarize_headline(runs),
             "shots": sweep_table(runs, "shots"), "prompts": sweep_table(runs, "prompts")}  # fmt: skip

@@ -169,7 +169,7 @@ def _cost_sections(cost: Mapping[str, Any]) -> list[str]:
 
 def _quality_sections(q: Mapping[str, Any]) -> list[str]:
     st = q["settings"]
-    lines = ["## Quality: synthetic leave-one-center-out (preset cpu)", "",
+    lines = [f"## Quality: synthetic leave-one-center-out (preset {st.get('preset', 'cpu')})", "",
              f"Held-out centers {', '.join(st['centers'])}; seeds {', '.join(map(str, st['seeds']))}; "
              f"{st['shots']} shots, P={st['prompts']}. DSCagg is the mean of GTVp and GTVn aggregated Dice; "
              "values are the mean over centers, averaged over seeds, with the range of the per-seed means.", "",

@@ -93,7 +93,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 
     return quality.run_quality(
         args.data, args.work, centers=args.centers.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-        sweep_centers=args.sweep_centers.split(",") if args.sweep_centers else None,
+        sweep_centers=args.sweep_centers.split(",") if args.sweep_centers else None, preset=args.preset,
+        pretrain_epochs=args.pretrain_epochs, adapt_epochs=args.adapt_epochs,
     )
 
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--centers", default="MDA,CHUM,HGJ", help="quality: held-out centers")
     p.add_argument("--seeds", default="0,1", help="quality: seeds of the headline table")
     p.add_argument("--sweep-centers", help="quality: centers that get the shots and prompts sweeps (default: all)")
+    p.add_argument("--preset", default="cpu", help="quality: model preset (vit-b: the paper's scale, on a GPU)")
+    p.add_argument("--pretrain-epochs", type=int, help="quality: pretraining (and oracle) epochs (default: the preset's)")
+    p.add_argument("--adapt-epochs", type=int, help="quality: adaptation epochs (default: the preset's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

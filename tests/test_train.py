@@ -110,3 +110,17 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     initial = tiny_model(prompt_mode="deep", num_prompts=2)
     assert not torch.equal(a["out.conv.conv.weight"], initial.state_dict()["out.conv.conv.weight"])
+
+
+def test_sgd_is_vpts_optimizer_and_others_are_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(prompt_mode="deep", num_prompts=2)
+    params = apply_strategy(model, "deep")
+    before = model.prompts.tokens.detach().clone()
+    cfg = TrainConfig(**{**CFG, "epochs": 1, "optimizer": "sgd", "lr": 1.0})
+    fit(model, params, toy_data(), cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    assert state["momentum"] == 0.9 and "betas" not in state
+    assert not torch.equal(model.prompts.tokens, before)
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
+        TrainConfig(optimizer="lamb")

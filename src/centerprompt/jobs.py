@@ -243,7 +243,7 @@ def adapt(
     prompts: int = 10, shots: int = 8, epochs: int | None = None, lr: float | None = None,
     batch_size: int | None = None, patience: int = 10, options: dict[str, Any] | None = None,
     prompt_dropout: float = 0.0, seed: int = 0, resume: bool = False, skip_bad_cases: bool = False,
-    amp: bool = False, compile: bool = False, progress: bool = True,
+    amp: bool = False, compile: bool = False, progress: bool = True, optimizer: str = "adamw",
 ) -> dict[str, Any]:  # fmt: skip
     """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
 
@@ -263,7 +263,8 @@ def adapt(
         mode = STRATEGIES[strategy].prompt_mode
         cfg = TrainConfig(epochs=epochs or preset.adapt_epochs, lr=lr or ADAPT_LR.get(strategy, 1e-3),
                           batch_size=batch_size or preset.batch_size, patience=patience, seed=seed,
-                          weight_decay=0.0 if mode != "none" else 1e-5, amp=amp, compile=compile)  # fmt: skip
+                          weight_decay=0.0 if mode != "none" else 1e-5, amp=amp, compile=compile,
+                          optimizer=optimizer)  # fmt: skip
         config = {
             "job": "adapt", "data_dir": str(data_dir), "center": center, "base": str(base), "strategy": strategy,
             "prompts": prompts, "prompt_dropout": prompt_dropout, "shots": shots, "options": options,

@@ -8,6 +8,7 @@ pretraining checkpoints the whole model. Every epoch reseeds all random sources 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,9 +40,18 @@ BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9),
+}
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings (AdamW, warm-up then cosine decay, gradient clipping).
+    """Optimisation settings (AdamW or SGD, warm-up then cosine decay, gradient clipping).
+
+    ``optimizer="sgd"`` is VPT's recipe for prompts (SGD with momentum 0.9 and large learning
+    rates); AdamW is the default for everything.
 
     ``patience`` stops training after that many validations without improvement of the
     validation Dice (0 disables early stopping). ``amp`` (bf16 autocast) and ``compile``
@@ -51,6 +61,7 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    optimizer: str = "adamw"
     warmup_epochs: int = 2
     batch_size: int = 2
     grad_clip: float = 1.0
@@ -66,6 +77,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and val_every must be at least 1.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -228,7 +241,7 @@ def fit(
     if not params:
         raise ValueError("nothing to train: the strategy left no trainable parameter.")
     model.to(device)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = DistributedSampler(train_data, seed=cfg.seed) if is_distributed() else None
     loader_gen = torch.Generator()
     loader = DataLoader(

@@ -11,6 +11,7 @@ STRATEGY_NAMES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lo
 PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.presets.PRESETS, named here to keep --help instant
 DEMO_DATA = Path("data/synth")
 DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
+DEMO_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora")
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         args.data, args.center, args.base, args.out, strategy=args.strategy, prompts=args.prompts, shots=args.shots,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
         options=_strategy_options(args), prompt_dropout=args.prompt_dropout, seed=args.seed, resume=args.resume,
-        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
+        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile, optimizer=args.optimizer,
     )  # fmt: skip
     print(f"{args.strategy}: {s['trainable_params']:,} trainable of {s['total_params']:,} "
           f"({100 * s['trainable_fraction']:.3f}%), artifact {s['artifact']} ({s['artifact_bytes']:,} bytes), "
@@ -160,8 +161,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         generate_dataset(data, cases_per_center=args.cases_per_center)
     out = Path(args.out) / ("quick" if args.quick else "full")
     quick = dict(pretrain_epochs=3, adapt_epochs=2, strategies=("none", "full", "deep"), shots=4, patience=0)
-    full = dict(pretrain_epochs=None, adapt_epochs=None, strategies=STRATEGY_NAMES[:-1], shots=8, patience=10)
+    full = dict(pretrain_epochs=None, adapt_epochs=None, strategies=DEMO_STRATEGIES, shots=8, patience=10)
     settings = quick if args.quick else full
+    if args.oracle:
+        settings["strategies"] = (*settings["strategies"], "oracle")
     run_experiment(data, args.new_center, out, preset="cpu", seed=args.seed,
                    command="centerprompt demo" + (" --quick" if args.quick else ""), **settings)  # fmt: skip
     print((out / "results.md").read_text())
@@ -188,6 +191,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--partial-modules", help="comma-separated modules for --strategy partial (default decoder2,out)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                   help="sgd: VPT's recipe for prompts (momentum 0.9; give a large --lr)")
     p.add_argument("--out", required=True, type=Path, help="run folder (adapter.safetensors is written there)")
     _common_training(p)
     p.set_defaults(func=_cmd_adapt)
@@ -245,6 +250,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="synthetic data, then the experiment for one held-out center, on a CPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
+    p.add_argument("--oracle", action="store_true",
+                   help="also train the in-domain oracle (a second pretraining) and report each gain as a "
+                        "fraction of its gap; rerun with it after a demo to add it to the finished runs")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="generated here if absent")
     p.add_argument("--new-center", default=DEMO_CENTER)
