@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 HELD_OUT = ("MDA", "CHUM", "HGJ")
-HEADLINE_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit", "oracle")
+# shallow and bitfit moved new-center DSCagg by < 0.01 in every earlier run and cost as much as deep;
+# the demo keeps shallow. Each (center, seed) pretrains twice (base and oracle) on a CPU.
+HEADLINE_STRATEGIES = ("none", "full", "partial", "deep", "deep+head", "lora", "oracle")
 ALL = "all"  # every train+val case of the new center not kept for validation
-SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), ("deep", "deep+head", "full")
-PROMPTS, PROMPT_STRATEGIES = (1, 10, 50), ("shallow", "deep")
+SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), ("deep", "full")
+PROMPTS, PROMPT_STRATEGIES = (1, 10, 50), ("deep",)
 DEFAULT_SHOTS, DEFAULT_PROMPTS = 8, 10
 
 
@@ -92,8 +94,8 @@ def summarize_headline(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
             kept = [v for v in values if v is not None]
             return {"mean": _mean(kept), "min": min(kept, default=None), "max": max(kept, default=None)}
 
-        gains = [row["gain"] for _, row in rows]
-        gaps = [r["oracle_gap"] for r in headline if name in r["strategies"]]
+        gains = [row.get("gain") for _, row in rows]
+        gaps = [r.get("oracle_gap") for r in headline if name in r["strategies"]]
         summary[name] = {
             "new": spread(per_seed["new"]), "old": spread(per_seed["old"]), "old_delta": _mean(per_seed["delta"]),
             "gain": _mean(gains), "gap_closed": _ratio(_mean(gains), _mean(gaps)),

@@ -29,7 +29,7 @@ def _f(x: Any, spec: str = ".2f") -> str:
 def _model_label(training: Mapping[str, Any]) -> str:
     m = training["model"]
     side = "×".join(str(s) for s in m["img_size"])
-    return (f"{side}, hidden {m.get('hidden_size', 768)}, {m.get('num_layers', 12)} layers, "
+    return (f"{side}, patch {m.get('patch_size', 16)}, hidden {m.get('hidden_size', 768)}, {m.get('num_layers', 12)} layers, "
             f"batch {training['batch']}, {training['warmup']} warm-up + {training['repeats']} timed rounds")  # fmt: skip
 
 
@@ -222,7 +222,7 @@ def _preset_section(p: Mapping[str, Any]) -> list[str]:
 
 def render(results: Mapping[str, Any]) -> str:
     """RESULTS.md text: header, targets, then one section per measurement."""
-    parts = [p for p in ("presets", "cost", "quality") if p in results]
+    parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
     lines = ["# Benchmarks: what prompt tuning costs and gains", ""]
     for part in parts:
         r = results[part]
@@ -245,6 +245,14 @@ def render(results: Mapping[str, Any]) -> str:
         lines += _preset_section(results["presets"])
     if "quality" in results:
         lines += _quality_sections(results["quality"])
+    if "recipe" in results:
+        import recipe
+
+        r = results["recipe"]
+        lines += ["## Deep-prompt recipes (is it how the prompts are trained?)", "",
+                  f"One base model (held out {r['center']}, seed {r['seed']}, {r['shots']} shots, P=10 unless stated), "
+                  "each recipe adapting it on the same cases; DSCagg mean of GTVp and GTVn on the same test cases as "
+                  "the headline.", "", *recipe.table(r), ""]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -88,6 +88,12 @@ def run_presets(args: argparse.Namespace) -> dict[str, Any]:
     return candidates.run_candidates(args.data, args.work.parent / "candidates", center=args.centers.split(",")[0])
 
 
+def run_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    import recipe
+
+    return recipe.run_recipes(args.data, args.work, center=args.centers.split(",")[0])
+
+
 def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     import quality
 
@@ -101,8 +107,9 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="cost part only, few repeats (~10 min on a CPU)")
-    p.add_argument("--part", choices=("presets", "cost", "quality", "all"), default="all",
-                   help="presets: the CPU preset candidates (pretraining each); all: cost then quality")
+    p.add_argument("--part", choices=("presets", "cost", "quality", "recipe", "all"), default="all",
+                   help="presets: the CPU preset candidates (pretraining each); recipe: deep-prompt training "
+                        "recipes on the quality part's first base; all: cost then quality")
     p.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder of results.json and RESULTS.md")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 on a shared, busy CPU")
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = ["cost"] if args.quick else ["cost", "quality"] if args.part == "all" else [args.part]
-    run_part = {"presets": run_presets, "cost": lambda a: run_cost(a.quick, device), "quality": run_quality}
+    run_part = {"presets": run_presets, "cost": lambda a: run_cost(a.quick, device), "quality": run_quality,
+                "recipe": run_recipe}
     for part in parts:
         started = time.perf_counter()
         section = run_part[part](args)

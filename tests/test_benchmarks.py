@@ -93,6 +93,18 @@ def test_summaries_over_seeds_and_sweeps():
     assert quality.sweep_table(runs, "shots") == {"deep": {"2": 0.2, "4": 0.4}}
 
 
+def test_gap_closed_is_the_mean_gain_over_the_mean_oracle_gap():
+    def run(center: str, gain: float, gap: float) -> dict:
+        deep = {"new": 0.5 + gain, "old": 0.5, "old_base": 0.5, "trainable_params": 10, "train_s": 1.0,
+                "epochs": 3, "time_to_95_s": 1.0, "gain": gain}  # fmt: skip
+        return {"seed": 0, "center": center, "kind": "headline", "value": None, "strategies": {"deep": deep},
+                "oracle_gap": gap}  # fmt: skip
+
+    summary = quality.summarize_headline([run("A", 0.02, 0.10), run("B", 0.06, 0.30)])["deep"]
+    assert summary["gain"] == pytest.approx(0.04) and summary["gap_closed"] == pytest.approx(0.04 / 0.20)
+    assert quality.summarize_headline([run("A", 0.02, 0.005)])["deep"]["gap_closed"] is None  # no gap to close
+
+
 def _fake_results(deep_time: float) -> dict:
     machine = {"cpu": "Test CPU", "cores": 2, "device": "CPU only", "torch": "2.x", "monai": "1.x"}
     memory = {"weights_mb": 10.0, "activations_mb": 5.0, "gradients_mb": 10.0, "optimizer_mb": 20.0,

@@ -91,15 +91,28 @@ def test_bad_input_gives_one_clear_error(data: Path, tmp_path: Path, capsys: pyt
 
 def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "exp"
-    args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full",
+    args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full,oracle",
             "--base", str(base), "--shots", "2", "--prompts", "4", "--adapt-epochs", "1", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
+    reliance = results["base"]["transformer_reliance"]
+    assert reliance["drop"] == pytest.approx(reliance["intact_dsc_agg"] - reliance["ablated_dsc_agg"])
+    assert sorted(reliance["cases"]) == sorted(results["old_center_test_cases"])
+    # The oracle is the base model's preset retrained with the 2 adaptation cases; never a test case.
+    oracle_config = json.loads((out / "oracle" / "config.json").read_text())
+    assert set(results["adapt_train_cases"]) <= set(oracle_config["train_cases"])
+    assert not set(oracle_config["train_cases"]) & set(results["new_center_test_cases"])
+    assert oracle_config["preset"] == "tiny" and oracle_config["oracle_shots"] == 2
+    oracle = results["strategies"]["oracle"]
+    assert results["oracle_gap"] == pytest.approx(
+        oracle["new_center"]["dsc_agg"]["mean"] - results["strategies"]["none"]["new_center"]["dsc_agg"]["mean"]
+    )
+    assert "Transformer reliance of the base model" in (out / "results.md").read_text()
     for key in ("new_center", "data_dir", "base_checkpoint", "new_center_test_cases", "strategies"):
         assert key in results, key
     assert results["new_center"] == "MDA" and results["base_checkpoint"] == str(base)
     assert results["new_center_test_cases"] and all(c.startswith("MDA") for c in results["new_center_test_cases"])
-    assert set(results["strategies"]) == {"none", "deep", "full"}
+    assert set(results["strategies"]) == {"none", "deep", "full", "oracle"}
     for name, s in results["strategies"].items():
         for key in ("trainable_params", "total_params", "artifact_bytes", "train_seconds", "peak_memory_mb", "artifact"):
             assert key in s, (name, key)
@@ -113,3 +126,15 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
     for name in ("results.md", "dice_per_strategy.png", "params_vs_dice.png", "case_slices.png"):
         assert (out / name).exists(), name
     assert "| deep |" in (out / "results.md").read_text()
+
+
+def test_inspect_reports_the_transformer_reliance(data: Path, base: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "reliance.json"
+    assert main(["inspect", "--base", str(base), "--data", str(data), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["centers"] == ["CHUM"]  # what the base model was trained on (MDA was held out)
+    assert result["cases"] and all(c.startswith("CHUM") for c in result["cases"])
+    assert result["token_grid"] == [2, 2, 2]
+    assert "transformer reliance" in capsys.readouterr().out
+    assert main(["inspect", "--base", str(base), "--data", str(data), "--centers", "USZ"]) == 2
