@@ -60,8 +60,9 @@ CANDIDATES: dict[str, Preset] = {
         # wants a smaller step than the 3e-3 the convolutional path tolerated. Chosen: the cpu preset.
         dataclasses.replace(PRESETS["cpu"], name=CHOSEN),
         _candidate("p8-48@4mm-fs16-1crop", img=48, patch=8, fs=16, spacing=4.0, crop=192.0, epochs=12, crops_per_case=1),
-        # Every whole-crop candidate above predicts no GTVn at all (DSCagg 0.000): a 240 mm crop lets
-        # the tumour/background-balanced 48^3 crops centre on nodes half the time, as 32^3 crops did.
+        # The chosen whole-crop candidate predicts no GTVn at all (DSCagg 0.000): a 240 mm crop lets
+        # the tumour/background-balanced 48^3 crops centre on a tumour or node half the time, as the
+        # 32^3 crops of the patch-16 candidate did (GTVn > 0 there).
         _candidate("p8-48@4mm-fs8-crop240-lr1e-3", img=48, patch=8, fs=8, spacing=4.0, crop=240.0, epochs=12, lr=1e-3),
     )
 }
