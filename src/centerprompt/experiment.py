@@ -131,8 +131,9 @@ def run_experiment(
             logger.info("reusing the finished adaptation run %s", run_dir)
         if name == "none":
             new, old, model = base_new, base_old, base_model
-        else:  # an adapter, or the oracle's own model
-            model = build_adapted_model(base, summary["artifact"]).to(device)
+        else:  # the oracle's own model, or the base with an adapter
+            parts = (summary["artifact"], None) if name == ORACLE else (base, summary["artifact"])
+            model = build_adapted_model(*parts).to(device)
             new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
             old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))
             previews[name] = new_scorer.predict(model, slice_case)[0].numpy()
