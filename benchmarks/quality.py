@@ -22,7 +22,8 @@ HELD_OUT = ("MDA", "CHUM", "HGJ")
 # the demo keeps shallow. Each (center, seed) pretrains twice (base and oracle) on a CPU.
 HEADLINE_STRATEGIES = ("none", "full", "partial", "deep", "deep+head", "lora", "oracle")
 ALL = "all"  # every train+val case of the new center not kept for validation
-SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), ("deep", "full")
+# Each shots point has its own new-center test set (the rest of the center), so it scores the base too.
+SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), ("none", "deep", "full")
 PROMPTS, PROMPT_STRATEGIES = (1, 10, 50), ("deep",)
 DEFAULT_SHOTS, DEFAULT_PROMPTS = 8, 10
 
@@ -105,13 +106,13 @@ def summarize_headline(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
     return summary
 
 
-def sweep_table(runs: Sequence[dict[str, Any]], kind: str) -> dict[str, dict[str, float | None]]:
-    """strategy -> {sweep value: new-center DSCagg averaged over centers}."""
+def sweep_table(runs: Sequence[dict[str, Any]], kind: str, key: str = "new") -> dict[str, dict[str, float | None]]:
+    """strategy -> {sweep value: new-center DSCagg (``key="gain"``: its gain over the base) averaged over centers}."""
     cells: dict[str, dict[str, list[float | None]]] = {}
     for r in runs:
         if r["kind"] == kind:
             for name, row in r["strategies"].items():
-                cells.setdefault(name, {}).setdefault(str(r["value"]), []).append(row["new"])
+                cells.setdefault(name, {}).setdefault(str(r["value"]), []).append(row.get(key))
     return {name: {v: _mean(vals) for v, vals in row.items()} for name, row in cells.items()}
 
 
@@ -197,4 +198,5 @@ def run_quality(
                 "pretrain_epochs": pretrain_epochs, "adapt_epochs": adapt_epochs, "patience": patience,
                 "preset": preset}  # fmt: skip
     return {"settings": settings, "runs": runs, "headline": summarize_headline(runs),
-            "shots": sweep_table(runs, "shots"), "prompts": sweep_table(runs, "prompts")}  # fmt: skip
+            "shots": sweep_table(runs, "shots"), "shots_gain": sweep_table(runs, "shots", "gain"),
+            "prompts": sweep_table(runs, "prompts")}  # fmt: skip

@@ -196,7 +196,8 @@ def _quality_sections(q: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {r['center']} | {r['seed']} | {_f(rel['intact_dsc_agg'], '.3f')} | "
                          f"{_f(rel['ablated_dsc_agg'], '.3f')} | {_f(rel['drop'], '.3f')} | {_f(gap, '+.3f')} | "
                          f"{_f(closed['deep'], '.0%')} | {_f(closed['full'], '.0%')} |")  # fmt: skip
-    for key, label in (("shots", "shots"), ("prompts", "prompts P")):
+    for key, label in (("shots", "shots"), ("shots_gain", "shots, as gain over the base on the same test cases"),
+                       ("prompts", "prompts P")):
         table = q.get(key) or {}
         if not table:
             continue
@@ -204,7 +205,8 @@ def _quality_sections(q: Mapping[str, Any]) -> list[str]:
         lines += ["", f"New-center DSCagg by {label} (seed {st['seeds'][0]}, mean over centers):", "",
                   "| strategy | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]  # fmt: skip
         for name, row in table.items():
-            lines.append(f"| {name} | " + " | ".join(_f(row.get(c), ".3f") for c in columns) + " |")
+            spec = "+.3f" if key.endswith("_gain") else ".3f"
+            lines.append(f"| {name} | " + " | ".join(_f(row.get(c), spec) for c in columns) + " |")
     return lines + [""]
 
 
@@ -229,7 +231,8 @@ def render(results: Mapping[str, Any]) -> str:
         m = r["machine"]
         lines.append(f"- {part}: {r['date']} on {m['cpu']} ({m['cores']} cores, {r.get('threads', '?')} torch threads; "
                      f"{m['device']}), torch {m['torch']}, "
-                     f"monai {m['monai']}; `{r['command']}` ({r['wall_s']:.0f} s{', quick' if r.get('quick') else ''})")  # fmt: skip
+                     f"monai {m['monai']}; `{r['command']}` ({r['wall_s']:.0f} s{', quick' if r.get('quick') else ''})"
+                     + (f". {r['note']}" if r.get("note") else ""))  # fmt: skip
     lines.append("")
     if "cost" in results:
         lines += ["Costs are medians over interleaved rounds in one process (same weights, same batch); "

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu", help="quality: model preset (vit-b: the paper's scale, on a GPU)")
     p.add_argument("--pretrain-epochs", type=int, help="quality: pretraining (and oracle) epochs (default: the preset's)")
     p.add_argument("--adapt-epochs", type=int, help="quality: adaptation epochs (default: the preset's)")
+    p.add_argument("--note", help="stated beside the part in RESULTS.md (e.g. other work that ran beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         section = run_part[part](args)
         section.update(date=date.today().isoformat(), command=command.strip(), machine=machine_info(),
                        threads=torch.get_num_threads(),
-                       wall_s=time.perf_counter() - started, quick=args.quick)  # fmt: skip
+                       wall_s=time.perf_counter() - started, quick=args.quick, note=args.note)  # fmt: skip
         results[part] = section
         write_json(results, path)
         print(f"{part}: {section['wall_s']:.0f} s", file=sys.stderr, flush=True)
