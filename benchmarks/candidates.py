@@ -52,7 +52,6 @@ CANDIDATES: dict[str, Preset] = {
     p.name: p
     for p in (
         _candidate("p16-32@4mm", img=32, patch=16, fs=16, spacing=4.0, crop=192.0, epochs=12),  # former cpu: 2^3 tokens
-        _candidate("p16-64@3mm-fs8", img=64, patch=16, fs=8, spacing=3.0, crop=192.0, epochs=12),  # 4^3 tokens
         _candidate("p8-32@4mm", img=32, patch=8, fs=16, spacing=4.0, crop=192.0, epochs=12),  # 4^3 tokens
         _candidate("p8-48@4mm-fs8", img=48, patch=8, fs=8, spacing=4.0, crop=192.0, epochs=12),  # 6^3 tokens
         # The window is the whole 192 mm crop, so two crops of a case are the same crop: one per case,

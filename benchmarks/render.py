@@ -96,10 +96,12 @@ def floor_paragraph(training: Mapping[str, Any], size: str) -> str:
     full, deep = s["full"]["memory"], s["deep"]["memory"]
     acts_full, acts_deep = s["full"]["activations_by_module_mb"], s["deep"]["activations_by_module_mb"]
     fed = sum(acts_deep.get(m, 0.0) for m in MODULE_ORDER if m not in ("vit", "encoder1"))
+    patch = training["model"].get("patch_size", 16)
+    fed_blocks = "encoder2–4, decoder5–2" if patch == 16 else "encoder2–3, decoder4–2"
     text = (
         f"**Why deep prompts do not make a step free ({size}).** The backbone is frozen, but prompt tokens enter "
         "every ViT layer, so backward must traverse the whole ViT and every decoder block fed by the ViT skips "
-        "(encoder2–4, decoder5–2, out); only encoder1, the convolution on the raw image, is skipped. What a "
+        f"({fed_blocks}, out); only encoder1, the convolution on the raw image, is skipped. What a "
         "frozen backbone saves is the weight-gradient half of backward (a linear or convolution layer's backward "
         "is one input-gradient and one weight-gradient product, each roughly a forward's cost), the gradient "
         "buffers and AdamW's two moments. A rough time floor is thus (forward + input-gradient backward) / "
@@ -231,7 +233,7 @@ def render(results: Mapping[str, Any]) -> str:
         m = r["machine"]
         lines.append(f"- {part}: {r['date']} on {m['cpu']} ({m['cores']} cores, {r.get('threads', '?')} torch threads; "
                      f"{m['device']}), torch {m['torch']}, "
-                     f"monai {m['monai']}; `{r['command']}` ({r['wall_s']:.0f} s{', quick' if r.get('quick') else ''})"
+                     f"monai {m['monai']}; `{r['command'].split(' --note ')[0]}` ({r['wall_s']:.0f} s{', quick' if r.get('quick') else ''})"
                      + (f". {r['note']}" if r.get("note") else ""))  # fmt: skip
     lines.append("")
     if "cost" in results:

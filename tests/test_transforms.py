@@ -41,8 +41,8 @@ def test_config_validates_and_round_trips() -> None:
     again = PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.roi_size == (64, 64, 48)
     assert PreprocessConfig().crop_voxels == (100, 100, 120)
-    with pytest.raises(ValueError, match="roi_size must be 3 positive multiples of 16"):
-        PreprocessConfig(roi_size=(96, 96, 40))
+    with pytest.raises(ValueError, match="roi_size must be 3 positive multiples of 8"):
+        PreprocessConfig(roi_size=(96, 96, 36))
     with pytest.raises(ValueError, match="ct_window"):
         PreprocessConfig(ct_window=(250, -250))
     with pytest.raises(ValueError, match="unknown preprocessing option"):
