@@ -201,7 +201,7 @@ def pretrain(
         train_ids, val_ids = pretrain_case_ids(splits, exclude_center, oracle_shots=oracle_shots, seed=seed)
         train_ids = train_ids[:cases_limit] if cases_limit else train_ids
         cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr or p.pretrain_lr, batch_size=batch_size or p.batch_size,
-                          patience=patience, seed=seed, amp=amp, compile=compile, val_every=p.val_every)  # fmt: skip
+                          patience=patience, seed=seed, amp=amp, compile=compile)  # fmt: skip
         config = {
             "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": p.name,
             "oracle_shots": oracle_shots,
@@ -296,20 +296,26 @@ def adapt(
 # ----------------------------------------------------------------------------- evaluate and predict
 
 
+def split_case_ids(
+    splits: dict[str, dict[str, list[str]]], centers: Sequence[str], split: str, data_dir: str | Path
+) -> list[str]:
+    """Case IDs of ``centers`` in ``split`` (train, val, test or all); unknown centers are an error."""
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be train, val, test or all, got {split!r}.")
+    unknown = sorted(set(centers) - set(splits))
+    if unknown or not centers:
+        raise ValueError(f"no labelled cases for center(s) {unknown or '(none)'} in {data_dir}.")
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    return sorted(i for c in centers for part in parts for i in splits[c][part])
+
+
 def evaluate(
     data_dir: str | Path, base: str | Path, *, adapter: str | Path | None = None, centers: Sequence[str] | None = None,
     split: str = "test", score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Per-case and per-center scores of the base model (with an adapter if given) on one split."""
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
-    if split not in ("train", "val", "test", "all"):
-        raise ValueError(f"split must be train, val, test or all, got {split!r}.")
-    wanted = set(centers) if centers else set(splits)
-    unknown = wanted - set(splits)
-    if unknown:
-        raise ValueError(f"no labelled cases for center(s) {sorted(unknown)} in {data_dir}.")
-    parts = ("train", "val", "test") if split == "all" else (split,)
-    ids = sorted(i for c in wanted for part in parts for i in splits[c][part])
+    ids = split_case_ids(splits, centers or sorted(splits), split, data_dir)
     model = build_adapted_model(base, adapter).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
     per_case = scorer.score(model, desc="evaluate", progress=progress)

@@ -26,7 +26,6 @@ class Preset:
     adapt_epochs: int
     batch_size: int
     pretrain_lr: float
-    val_every: int = 1
     notes: str = ""
 
 

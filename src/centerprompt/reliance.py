@@ -20,7 +20,7 @@ from torch import nn
 
 from centerprompt.artifacts import build_adapted_model, read_model_metadata
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import Scorer, base_preprocess, load_index
+from centerprompt.jobs import Scorer, base_preprocess, load_index, split_case_ids
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
 
@@ -83,11 +83,7 @@ def inspect_base(
     if not centers:
         trained = read_model_metadata(base)["extra"].get("train_centers") if Path(base).suffix == ".safetensors" else None
         centers = [c for c in (trained or sorted(splits)) if c in splits]
-    unknown = sorted(set(centers) - set(splits))
-    if unknown or not centers:
-        raise ValueError(f"no labelled cases for center(s) {unknown or '(none)'} in {data_dir}.")
-    parts = ("train", "val", "test") if split == "all" else (split,)
-    ids = sorted(i for c in centers for part in parts for i in splits[c][part])
+    ids = split_case_ids(splits, centers, split, data_dir)
     model = build_adapted_model(base).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
     return {"base": str(base), "data_dir": str(data_dir), "centers": list(centers), "split": split,
