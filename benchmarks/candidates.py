@@ -26,7 +26,8 @@ from monai.losses import DiceCELoss
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.data.transforms import PreprocessConfig
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, Scorer, load_index, pretrain
+from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, load_index, pretrain
+from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import PRESETS, Preset
 from centerprompt.reliance import transformer_reliance

@@ -33,7 +33,8 @@ def run_recipes(
     from centerprompt.artifacts import build_adapted_model
     from centerprompt.data.hecktor import leave_one_center_out
     from centerprompt.evaluate import aggregate
-    from centerprompt.jobs import Scorer, adapt, base_preprocess, load_index
+    from centerprompt.jobs import adapt, base_preprocess, load_index
+    from centerprompt.scoring import Scorer
 
     root = work / f"seed{seed}" / center
     base = root / "pretrain" / "model.safetensors"

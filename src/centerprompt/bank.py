@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from centerprompt.artifacts import PROMPT_FIELDS, atomic_path, backbone_fingerprint, load_model, read_adapter_metadata
 from centerprompt.data.transforms import inference_transforms, save_prediction
 from centerprompt.evaluate import sliding_window_predict
-from centerprompt.jobs import SW_BATCH, base_preprocess, load_index, prediction_inputs
+from centerprompt.jobs import base_preprocess, load_index, prediction_inputs
+from centerprompt.scoring import SW_BATCH
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.strategies import apply_strategy
 from centerprompt.train import default_device

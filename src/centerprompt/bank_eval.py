@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,9 @@ from torch import nn
 
 from centerprompt.artifacts import atomic_path
 from centerprompt.bank import BASE, DISTANCE, Route, load_bank_model
-from centerprompt.data.hecktor import Case
-from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import Scorer, base_preprocess, load_index
+from centerprompt.jobs import base_preprocess, load_index, split_case_ids
+from centerprompt.scoring import Predictor, Scorer
 from centerprompt.train import default_device
 
 logger = logging.getLogger(__name__)
@@ -64,20 +63,22 @@ def _chooser(mode: str, bank_names: Sequence[str]) -> Any:
     return lambda center, route: mode
 
 
-class _RoutedScorer(Scorer):
-    """Scorer whose prediction for case i is that of bank center ``choices[i]``, made once per (case, choice)."""
+def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]], Predictor]:
+    """For a list of chosen centers (one per case), the predictor that serves case i from center
+    ``choices[i]``; each (case, center) is predicted once and shared by every list that chooses it."""
+    preds: dict[tuple[int, str], torch.Tensor] = {}
 
-    def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, score_at: str) -> None:
-        super().__init__(cases, preprocess, score_at=score_at)
-        self.choices: list[str] = []
-        self.preds: dict[tuple[int, str], torch.Tensor] = {}
+    def routed(choices: list[str]) -> Predictor:
+        def predict(index: int) -> torch.Tensor:
+            key = (index, choices[index])
+            if key not in preds:
+                net, kwargs = model.member(key[1])
+                preds[key] = scorer.predict(net, index, **kwargs).to(torch.uint8)
+            return preds[key].long()
 
-    def predict(self, model: nn.Module, index: int, **_: Any) -> torch.Tensor:
-        key = (index, self.choices[index])
-        if key not in self.preds:
-            net, kwargs = model.member(key[1])
-            self.preds[key] = super().predict(net, index, **kwargs).to(torch.uint8)
-        return self.preds[key].long()
+        return predict
+
+    return routed
 
 
 def run_bank(
@@ -93,16 +94,11 @@ def run_bank(
     "per_case": [...]}``.
     """
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
-    if split not in ("train", "val", "test", "all"):
-        raise ValueError(f"split must be train, val, test or all, got {split!r}.")
-    wanted = set(centers) if centers else set(splits)
-    if wanted - set(splits):
-        raise ValueError(f"no labelled cases for center(s) {sorted(wanted - set(splits))} in {data_dir}.")
-    parts = ("train", "val", "test") if split == "all" else (split,)
-    ids = sorted(i for c in wanted for part in parts for i in splits[c][part])
+    ids = split_case_ids(splits, list(centers) if centers else sorted(splits), split, data_dir)
     model = load_bank_model(base, bank, default_device())
     choosers = {mode: _chooser(mode, model.names) for mode in modes}
-    scorer = _RoutedScorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    routed_predictor = _cached_predictor(scorer, model)
     truth = [c.center for c in scorer.cases]
     routed = bool(model.bank.key_names) or "auto" in modes or not modes  # keyless banks serve named centers
     routes: list[Route | None] = [None] * len(ids)
@@ -112,9 +108,9 @@ def run_bank(
                  "route": r and r.to_dict(), "scores": {}} for c, r in zip(scorer.cases, routes)]  # fmt: skip
     summaries = {}
     for mode, choose in choosers.items():
-        scorer.choices = [choose(t, r) for t, r in zip(truth, routes)]
-        results = scorer.score(model, desc=mode, progress=progress)
-        for record, used, scores in zip(per_case, scorer.choices, results):
+        choices = [choose(t, r) for t, r in zip(truth, routes)]
+        results = scorer.score_predictions(routed_predictor(choices), desc=mode, progress=progress)
+        for record, used, scores in zip(per_case, choices, results):
             metrics = {k: v for k, v in scores.items() if k not in ("case_id", "center")}
             record["scores"][mode] = {"used": used, **metrics}
         summaries[mode] = aggregate(results)

@@ -24,7 +24,8 @@ import torch
 from centerprompt.artifacts import build_adapted_model, read_model_metadata
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import SUMMARY, Scorer, adapt, base_preprocess, load_index, pretrain, pretrain_case_ids
+from centerprompt.scoring import Scorer
+from centerprompt.jobs import SUMMARY, adapt, base_preprocess, load_index, pretrain, pretrain_case_ids
 from centerprompt.reliance import transformer_reliance
 from centerprompt.report import plot_case_slices, write_report
 from centerprompt.strategies import get_strategy

@@ -38,18 +38,18 @@ from centerprompt.data.transforms import (
     save_prediction,
     train_transforms,
 )
-from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
+from centerprompt.evaluate import aggregate, sliding_window_predict
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import ADAPT_LR, Preset, get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, get_strategy, parameter_report
 from centerprompt.report import write_json
+from centerprompt.scoring import SW_BATCH, Scorer, validator
 from centerprompt.train import TrainConfig, default_device, fit, rank
 
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 IN_CHANNELS, OUT_CHANNELS = 2, 3  # CT + PET in; background, GTVp, GTVn out
-SW_BATCH = 4  # sliding windows per forward pass: fewer, larger calls are faster on CPU and GPU
 
 
 @contextlib.contextmanager
@@ -95,67 +95,6 @@ def _check_resumable(run_dir: Path, config: dict[str, Any], resume: bool) -> Non
             raise ValueError(f"{run_dir}: cannot resume, the configuration changed ({', '.join(changed)}).")
     if rank() == 0:
         write_json(config, path)
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-class Scorer:
-    """Scores models on a fixed set of labelled cases, preprocessing each case once.
-
-    ``score_at="ct"`` maps every prediction back onto the case's original CT grid and compares it
-    with the label there, as the HECKTOR evaluation does; ``"preprocessed"`` compares in the
-    resampled crop (faster, used for validation during training).
-    """
-
-    def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, score_at: str = "ct") -> None:
-        if score_at not in ("ct", "preprocessed"):
-            raise ValueError(f"score_at must be 'ct' or 'preprocessed', got {score_at!r}.")
-        self.cases = list(cases)
-        self.preprocess = preprocess
-        self.score_at = score_at
-        self.transform = inference_transforms(preprocess, with_label=True)
-        self.dataset = make_dataset(self.cases, self.transform, cache="memory")
-        self._ct_labels: dict[str, tuple[np.ndarray, tuple[float, ...]]] = {}
-
-    def _reference(self, index: int) -> tuple[np.ndarray, tuple[float, ...]]:
-        case = self.cases[index]
-        if case.case_id not in self._ct_labels:
-            import nibabel as nib
-
-            spacing = tuple(float(s) for s in nib.load(case.ct).header.get_zooms()[:3])
-            self._ct_labels[case.case_id] = (load_label_on_ct_grid(case), spacing)
-        return self._ct_labels[case.case_id]
-
-    def predict(self, model: torch.nn.Module, index: int, **model_kwargs: Any) -> torch.Tensor:
-        """Label map (1, D, H, W) in preprocessed space for case ``index``."""
-        image = self.dataset[index]["image"].as_tensor()[None].to(next(model.parameters()).device)
-        probs = sliding_window_predict(model, image, self.preprocess.roi_size, SW_BATCH, **model_kwargs)
-        return probs.argmax(1).cpu()
-
-    def score(self, model: torch.nn.Module, desc: str = "score", progress: bool = True) -> list[dict[str, Any]]:
-        results = []
-        for i in tqdm(range(len(self.cases)), desc=desc, unit="case", disable=not progress, leave=False):
-            case, pred = self.cases[i], self.predict(model, i)
-            if self.score_at == "ct":
-                pred_ct = invert_prediction(pred, self.dataset[i], self.transform)[0].numpy().round()
-                label, spacing = self._reference(i)
-                metrics = case_metrics(pred_ct.astype(np.int64), label.astype(np.int64), spacing)
-            else:
-                label = self.dataset[i]["label"][0].as_tensor().round().long()
-                metrics = case_metrics(pred[0], label, self.preprocess.spacing)
-            results.append({"case_id": case.case_id, "center": case.center, **metrics})
-        return results
-
-
-def validator(scorer: Scorer) -> Callable[[torch.nn.Module], float]:
-    """Validation metric for early stopping: mean of the GTVp and GTVn aggregated Dice."""
-
-    def validate(model: torch.nn.Module) -> float:
-        value = aggregate(scorer.score(model, progress=False))["overall"]["dsc_agg"]["mean"]
-        return 0.0 if np.isnan(value) else float(value)
-
-    return validate
 
 
 # ----------------------------------------------------------------------------- pretrain

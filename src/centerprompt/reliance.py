@@ -20,7 +20,8 @@ from torch import nn
 
 from centerprompt.artifacts import build_adapted_model, read_model_metadata
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import Scorer, base_preprocess, load_index, split_case_ids
+from centerprompt.jobs import base_preprocess, load_index, split_case_ids
+from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
 
