@@ -26,10 +26,11 @@ from monai.losses import DiceCELoss
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.data.transforms import PreprocessConfig
+from centerprompt.config import PretrainRun
 from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, load_index, pretrain
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import PRESETS, Preset
+from centerprompt.presets import PRESETS, Preset, register_preset
 from centerprompt.reliance import transformer_reliance
 
 CHOSEN = "p8-48@4mm-fs8-1crop-lr1e-3"  # the candidate that became PRESETS["cpu"]
@@ -95,7 +96,9 @@ def measure(preset: Preset, data: Path, work: Path, center: str, seed: int) -> d
         summary = json.loads(summary_path.read_text())
     else:
         started = time.perf_counter()
-        summary = pretrain(data, run_dir, exclude_center=center, preset=preset, seed=seed, resume=True, progress=False)
+        register_preset(preset)
+        summary = pretrain(PretrainRun(data_dir=data, out=run_dir, exclude_center=center, preset=preset.name, seed=seed,
+                                       resume=True, progress=False))
         summary["wall_seconds"] = time.perf_counter() - started
         summary_path.write_text(json.dumps(summary, indent=1))
     cases, splits = load_index(data, seed=seed)

@@ -32,13 +32,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from centerprompt.artifacts import save_adapter, save_model
+from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS
 from centerprompt.models.prompted_unetr import MONAI_NUM_LAYERS, PromptedUNETR
 from centerprompt.presets import PRESETS
-from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report
+from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report, strategy_names
 from centerprompt.train import peak_memory
 
-IN_CHANNELS, OUT_CHANNELS = 2, 3  # as in centerprompt.jobs: CT + PET in; background, GTVp, GTVn out
-COST_STRATEGIES = ("full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
+COST_STRATEGIES = tuple(n for n in strategy_names() if STRATEGIES[n].trains)  # every registered strategy that trains
 # The two configurations compared: the CPU demo and the paper's ViT-B (PromptedUNETR defaults).
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"model": dict(PRESETS["cpu"].model), "batch": 2},

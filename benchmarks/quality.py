@@ -128,16 +128,20 @@ def _shots(data_dir: Path, center: str, value: int | str) -> int:
 def _experiment(
     data_dir: Path, center: str, out: Path, strategies: Sequence[str], preset: str, **kwargs: Any
 ) -> dict[str, Any]:
-    """run_experiment unless ``out`` already holds results for every requested strategy."""
+    """run_experiment unless ``out`` already holds results for every requested strategy with the same
+    center, seed, shots and P (run_experiment itself re-checks every stage's full provenance)."""
+    from centerprompt.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
+    run = ExperimentRun(data_dir=data_dir, new_center=center, out=out, strategies=tuple(strategies), preset=preset,
+                        command="python benchmarks/run.py --part quality", **kwargs)  # fmt: skip
     path = out / "results.json"
     if path.exists():
         results = json.loads(path.read_text())
-        if set(strategies) <= set(results["strategies"]):
+        asked = {"new_center": center, "seed": run.seed, "shots": run.shots, "prompts": run.num_prompts}
+        if set(strategies) <= set(results["strategies"]) and all(results.get(k) == v for k, v in asked.items()):
             return results
-    return run_experiment(data_dir, center, out, strategies=strategies, preset=preset,
-                          command="python benchmarks/run.py --part quality", **kwargs)  # fmt: skip
+    return run_experiment(run)
 
 
 def run_quality(
@@ -153,6 +157,7 @@ def run_quality(
     Sweep points equal to the headline setting (8 shots, P=10) reuse the headline's runs for the
     strategies it has.
     """
+    from centerprompt.config import PretrainRun
     from centerprompt.jobs import SUMMARY, pretrain
 
     data_dir, work = Path(data_dir), Path(work)
@@ -164,14 +169,15 @@ def run_quality(
     for seed in seeds:
         for center in centers:
             root = work / f"seed{seed}" / center
-            if not (root / "pretrain" / SUMMARY).exists():
-                pretrain(data_dir, root / "pretrain", exclude_center=center, preset=preset, epochs=pretrain_epochs,
-                         patience=patience, seed=seed, resume=True, progress=progress)  # fmt: skip
+            if not (root / "pretrain" / SUMMARY).exists():  # a finished base of an earlier run is kept
+                pretrain(PretrainRun(data_dir=data_dir, out=root / "pretrain", exclude_center=center, preset=preset,
+                                     epochs=pretrain_epochs, patience=patience, seed=seed, resume=True,
+                                     progress=progress))  # fmt: skip
             common = dict(base=root / "pretrain" / "model.safetensors", seed=seed, adapt_epochs=adapt_epochs,
                           pretrain_epochs=pretrain_epochs, patience=patience, progress=progress, preset=preset)  # fmt: skip
             out = root / "headline"
             headline = strategy_rows(
-                _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, prompts=DEFAULT_PROMPTS, **common), out
+                _experiment(data_dir, center, out, strategies, shots=DEFAULT_SHOTS, num_prompts=DEFAULT_PROMPTS, **common), out
             )
             results = json.loads((out / "results.json").read_text())
             runs.append({"seed": seed, "center": center, "kind": "headline", "value": None, "strategies": headline,
@@ -187,7 +193,7 @@ def run_quality(
                 missing = [n for n in names if n not in rows]
                 if missing:
                     out = root / f"{kind}{value}"
-                    results = _experiment(data_dir, center, out, missing, shots=shots, prompts=prompts, **common)
+                    results = _experiment(data_dir, center, out, missing, shots=shots, num_prompts=prompts, **common)
                     rows.update(strategy_rows(results, out))
                 rows = {n: rows[n] for n in names}
                 runs.append({"seed": seed, "center": center, "kind": kind, "value": value, "strategies": rows})

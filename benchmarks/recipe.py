@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# label: (strategy, adapt() keyword arguments)
+# label: (strategy, AdaptRun fields)
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "deep, AdamW 1e-2 (default)": ("deep", {}),
     "deep, AdamW 1e-1": ("deep", {"lr": 1e-1}),
@@ -21,7 +21,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "deep, SGD 5 (VPT)": ("deep", {"optimizer": "sgd", "lr": 5.0}),
     "deep, 3x epochs": ("deep", {"epochs": 60}),
     "deep, prompt dropout 0.1": ("deep", {"prompt_dropout": 0.1}),
-    "deep, P=50, AdamW 1e-1": ("deep", {"prompts": 50, "lr": 1e-1}),
+    "deep, P=50, AdamW 1e-1": ("deep", {"num_prompts": 50, "lr": 1e-1}),
     "deep+head (VPT's head)": ("deep+head", {}),
 }
 
@@ -33,6 +33,7 @@ def run_recipes(
     from centerprompt.artifacts import build_adapted_model
     from centerprompt.data.hecktor import leave_one_center_out
     from centerprompt.evaluate import aggregate
+    from centerprompt.config import AdaptRun
     from centerprompt.jobs import adapt, base_preprocess, load_index
     from centerprompt.scoring import Scorer
 
@@ -49,8 +50,8 @@ def run_recipes(
     rows = [{"recipe": "base (no adaptation)", **dsc(build_adapted_model(base))}]
     for i, (label, (strategy, kwargs)) in enumerate(RECIPES.items()):
         run_dir = root / "recipe" / f"r{i}"
-        summary = adapt(data_dir, center, base, run_dir, strategy=strategy, shots=shots, seed=seed, resume=True,
-                        progress=progress, **{"prompts": 10, **kwargs})  # fmt: skip
+        summary = adapt(AdaptRun(data_dir=data_dir, center=center, base=base, out=run_dir, strategy=strategy, shots=shots,
+                                 seed=seed, resume=True, progress=progress, **{"num_prompts": 10, **kwargs}))  # fmt: skip
         model = build_adapted_model(base, summary["artifact"])
         rows.append({"recipe": label, "strategy": strategy, **kwargs, **dsc(model), "epochs": summary["epochs_run"],
                      "best_epoch": summary["best_epoch"], "train_s": summary["train_seconds"]})  # fmt: skip

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from centerprompt.experiment import machine_info
-    from centerprompt.report import write_json
+    from centerprompt.files import write_json
     from render import write_markdown
 
     if args.threads:

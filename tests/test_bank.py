@@ -14,19 +14,22 @@ from tiny import tiny_model
 from centerprompt import apply_strategy
 from centerprompt.artifacts import backbone_fingerprint, build_adapted_model, load_model, save_adapter, save_model
 from centerprompt.bank import (
-    BASE,
+    FALLBACK,
     BankModel,
     PromptBank,
+    Route,
     RoutingKey,
     predict_with_bank,
     route_features,
     routing_key,
     validate_center,
 )
-from centerprompt.bank_eval import evaluate_with_bank
+from centerprompt.bank.evaluation import evaluate_with_bank, routing_summary, run_bank
 from centerprompt.cli.bank import register
 from centerprompt.data.transforms import PreprocessConfig
-from centerprompt.strategies import STRATEGIES
+from centerprompt.scoring import Scorer
+from centerprompt.strategies import STRATEGIES, Strategy, bankable_names, is_prompt, set_trainable, unregister
+from centerprompt.strategies import register as register_strategy
 
 # 6 mm voxels and a 192 mm crop give 32^3 volumes: one window of the tiny model.
 SMALL = PreprocessConfig(spacing=(6.0, 6.0, 6.0), crop_mm=(192.0, 192.0, 192.0), roi_size=(32, 32, 32))
@@ -87,7 +90,7 @@ def test_interrupted_add_leaves_bank_json_unchanged(tmp_path: Path, base_file: P
         Path(dst).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("centerprompt.bank.shutil.copyfile", crash)
+    monkeypatch.setattr("centerprompt.bank.storage.shutil.copyfile", crash)
     with pytest.raises(OSError, match="disk full"):
         bank.add("MDA", tmp_path / "a.safetensors")
     assert (bank_dir / "bank.json").read_bytes() == before
@@ -116,9 +119,24 @@ def test_another_backbone_is_refused(tmp_path: Path, base_file: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["deep+head", "partial"])
 def test_non_prompt_strategy_is_refused(tmp_path: Path, base_file: Path, strategy: str) -> None:
-    with pytest.raises(ValueError, match="not prompt-only"):
+    with pytest.raises(ValueError, match=f"not prompt-only; only {', '.join(bankable_names())} adapters"):
         PromptBank(tmp_path / "bank").add("CHUM", _adapter(base_file, tmp_path / "a.safetensors", strategy))
     assert not (tmp_path / "bank" / "bank.json").exists()
+
+
+def test_bankability_comes_from_the_registry(tmp_path: Path, base_file: Path) -> None:
+    """A strategy registered as bankable is banked without the bank knowing its name (fails on a name list)."""
+    toy = Strategy("toy-prompts", "deep prompts under another name", lambda m, o: set_trainable(m, is_prompt),
+                   prompt_mode="deep", bankable=True, adds=is_prompt)  # fmt: skip
+    register_strategy(toy)
+    try:
+        assert toy.name in bankable_names()
+        entry = PromptBank(tmp_path / "bank").add("CHUM", _adapter(base_file, tmp_path / "a.safetensors", toy.name))
+        assert entry.strategy == toy.name
+    finally:
+        unregister(toy.name)
+    with pytest.raises(ValueError, match="'toy-prompts' is not prompt-only"):  # unregistered: not bankable
+        PromptBank(tmp_path / "bank2").add("CHUM", tmp_path / "a.safetensors")
 
 
 def test_mixed_center_batch_equals_single_runs(tmp_path: Path, base_file: Path) -> None:
@@ -127,14 +145,14 @@ def test_mixed_center_batch_equals_single_runs(tmp_path: Path, base_file: Path) 
     for center, path in adapters.items():
         bank.add(center, path)
     model = BankModel.from_files(base_file, tmp_path / "bank")
-    centers = ["A", BASE, "B", "B"]
+    centers = ["A", FALLBACK, "B", "B"]
     torch.manual_seed(3)
     x = torch.randn(len(centers), 2, 32, 32, 32)
     x[3] = x[0]  # the same scan served with another center's prompts
     with torch.no_grad():
         mixed = model(x, centers)
         for i, center in enumerate(centers[:3]):
-            alone = build_adapted_model(base_file, None if center == BASE else adapters[center])(x[i : i + 1])
+            alone = build_adapted_model(base_file, None if center == FALLBACK else adapters[center])(x[i : i + 1])
             torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(mixed[0], mixed[3], atol=1e-3)  # the prompts matter
 
@@ -144,7 +162,7 @@ def test_oracle_for_a_center_without_entry_is_the_base_model(tmp_path: Path, bas
     model = BankModel.from_files(base_file, tmp_path / "bank")
     x = torch.randn(2, 2, 32, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model(x, [BASE, BASE]), build_adapted_model(base_file)(x))
+        assert torch.equal(model(x, [FALLBACK, FALLBACK]), build_adapted_model(base_file)(x))
 
 
 def test_routing_separable_features_and_fallback() -> None:
@@ -161,35 +179,115 @@ def test_routing_separable_features_and_fallback() -> None:
     assert all(r.runner_up_distance > r.distance for r in routes)
 
     (far,) = route_features(centroids[3:], stacked, names, max(thresholds))  # orthogonal to every key
-    assert far.fallback and far.center == BASE and far.distance > max(thresholds)
+    assert far.fallback and far.center == FALLBACK and far.distance > max(thresholds)
     assert far.nearest in names and far.runner_up in names
 
 
-def test_routing_through_the_bank_on_volumes(tmp_path: Path, base_file: Path) -> None:
-    """Keys from the frozen encoder on clearly different volumes route new scans of each source home."""
+def test_routing_summary_counts_by_hand() -> None:
+    """Accuracy over banked centers' scans, and over all scans with fallback right for unknown centers."""
+
+    def route(center: str) -> Route:
+        return Route(center=center, nearest="A", distance=0.0, runner_up=None, runner_up_distance=None, threshold=1.0)
+
+    truth = ["A", "A", "B", "B", "C", "C"]  # C has no entry
+    routes = [route(c) for c in ("A", "A", "B", FALLBACK, FALLBACK, "A")]
+    summary = routing_summary(truth, routes, ["A", "B"])
+    assert summary["n_known"] == 4
+    assert summary["accuracy"] == pytest.approx(3 / 4)  # B -> base is wrong for a banked center
+    assert summary["accuracy_all"] == pytest.approx(4 / 6)  # C -> base is right, C -> A is not
+    assert summary["unknown_centers"] == {"C": {"n": 2, "fallback": 1, "wrong_center": 1, "fallback_rate": 0.5}}
+    assert summary["confusion"]["B"] == {"A": 0, "B": 1, FALLBACK: 1}
+
+
+def test_routing_two_centers_home_and_a_withheld_one_falls_back(tmp_path: Path, base_file: Path) -> None:
+    """Keys from the frozen encoder on volumes of different intensity route each banked center's new
+    scans home; the scans of a center withheld from the bank lie beyond every threshold and fall back."""
     base = load_model(base_file).eval()
-    levels = {"A": 0.1, "B": 0.9}
+    levels = {"A": 0.1, "B": 0.9, "C": 0.5}  # C: withheld; its nearest key is B's, but far beyond its threshold
 
     def scans(center: str, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return levels[center] + 0.02 * torch.randn(n, 2, 40, 36, 32, generator=g)  # larger than the window
 
     bank = PromptBank(tmp_path / "bank")
-    for i, center in enumerate(levels):
+    for i, center in enumerate(("A", "B")):
         adapter = _adapter(base_file, tmp_path / f"{center}.safetensors", seed=i)
         bank.add(center, adapter, routing_key(base, scans(center, 3, i)))
     model = BankModel.from_files(base_file, tmp_path / "bank")
     assert model.bank.key_names == ["A", "B"] and set(model.bank.thresholds) == {"A", "B"}
-    test = torch.cat([scans("A", 2, 10), scans("B", 2, 11)])
+    truth = ["A", "A", "B", "B", "C", "C"]
+    test = torch.cat([scans("A", 2, 10), scans("B", 2, 11), scans("C", 2, 12)])
+
     routes = model.route(test)
-    assert [r.center for r in routes] == ["A", "A", "B", "B"]
-    assert all(r.center == BASE for r in model.route(test, threshold=-1.0))
+    assert [r.center for r in routes] == ["A", "A", "B", "B", FALLBACK, FALLBACK]
+    assert all(r.nearest == "B" and r.distance > r.threshold for r in routes[4:])
+    summary = routing_summary(truth, routes, model.names)
+    known = [(t, r) for t, r in zip(truth, routes) if t in model.names]
+    home = sum(r.center == t for t, r in known)
+    fell_back = sum(r.fallback for t, r in zip(truth, routes) if t not in model.names)
+    assert summary["accuracy"] == home / len(known) == 1.0
+    assert summary["accuracy_all"] == (home + fell_back) / len(truth) == 1.0
+    assert summary["unknown_centers"]["C"]["fallback"] == 2
+
+    nearest = model.route(test, threshold=2.0)  # no fallback: C's scans go to the nearest key, wrongly
+    assert [r.center for r in nearest] == ["A", "A", "B", "B", "B", "B"]
+    summary = routing_summary(truth, nearest, model.names)
+    assert summary["accuracy"] == 1.0 and summary["accuracy_all"] == pytest.approx(4 / 6)
+    assert summary["unknown_centers"]["C"] == {"n": 2, "fallback": 0, "wrong_center": 2, "fallback_rate": 0.0}
+    assert all(r.center == FALLBACK for r in model.route(test, threshold=-1.0))
 
 
-def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two synthetic centers, three cases each (one per split); read-only for the tests that share it."""
     from centerprompt.data.synthetic import generate_dataset
 
-    data = generate_dataset(tmp_path / "data", centers=["CHUM", "MDA"], cases_per_center=3, progress=False)
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    return generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=3, progress=False)
+
+
+def test_bank_predictions_equal_separately_built_models(
+    tmp_path: Path, base_file: Path, synthetic_data: Path, monkeypatch
+) -> None:  # fmt: skip
+    """Every mode's prediction of every case equals that of a model built on its own from the base file
+    plus the adapter of the center the mode used (the base alone for fallback), so a prediction cache
+    that served another center's (or another mode's) label map would fail here."""
+    adapters = {c: _adapter(base_file, tmp_path / f"{c}.safetensors", seed=i) for i, c in enumerate(("CHUM", "MDA"))}
+    bank = tmp_path / "bank"
+    for center, path in adapters.items():
+        PromptBank(bank).add(center, path)
+
+    served: dict[str, list[torch.Tensor]] = {}
+    scorers: list[Scorer] = []
+    score_predictions = Scorer.score_predictions
+
+    def record(self: Scorer, predict, desc: str = "score", progress: bool = True):  # type: ignore[no-untyped-def]
+        scorers.append(self)
+        served[desc] = [predict(i).clone() for i in range(len(self.cases))]
+        return score_predictions(self, predict, desc=desc, progress=progress)
+
+    monkeypatch.setattr(Scorer, "score_predictions", record)
+    modes = (FALLBACK, "oracle", "CHUM", "MDA")  # oracle and the single centers reuse earlier predictions
+    result = run_bank(synthetic_data, base_file, bank, modes=modes, score_at="preprocessed", progress=False)
+    assert set(served) == set(modes)
+
+    scorer, references = scorers[0], {}
+    for center in (FALLBACK, *adapters):
+        model = build_adapted_model(base_file, adapters.get(center))
+        references[center] = [scorer.predict(model, i) for i in range(len(scorer.cases))]
+    for mode in modes:
+        for i, case in enumerate(result["per_case"]):
+            used = case["scores"][mode]["used"]
+            assert torch.equal(served[mode][i], references[used][i]), (mode, case["case_id"], used)
+    assert [c["scores"]["oracle"]["used"] for c in result["per_case"]] == ["CHUM", "MDA"]
+    for i in range(len(scorer.cases)):  # the centers' predictions differ, so serving the wrong one is caught
+        assert not torch.equal(references["CHUM"][i], references["MDA"][i])
+        assert not torch.equal(references["CHUM"][i], references[FALLBACK][i])
+
+
+def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path, synthetic_data: Path,
+                                                 capsys) -> None:  # fmt: skip
+    data = synthetic_data
     adapter = _adapter(base_file, tmp_path / "chum.safetensors")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -211,14 +309,8 @@ def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path
     assert sum(sum(row.values()) for row in result["routing"]["confusion"].values()) == len(result["per_case"])
     unknown = result["routing"]["unknown_centers"]
     assert unknown == {"MDA": {"n": 1, "fallback": 0, "wrong_center": 1, "fallback_rate": 0.0}}
-    assert result["routing"]["accuracy"] == 1.0  # CHUM is the only key
-    for case in result["per_case"]:
-        if case["center"] == "MDA":  # no entry: the oracle serves the base model, identically
-            assert case["scores"]["oracle"] == case["scores"]["base"]
-            assert case["scores"]["oracle"]["used"] == BASE
-        else:
-            assert case["scores"]["oracle"]["used"] == "CHUM"
-    assert result["modes"]["oracle"]["per_center"]["MDA"] == result["modes"]["base"]["per_center"]["MDA"]
+    for case in result["per_case"]:  # MDA has no entry: the oracle serves it the base model
+        assert case["scores"]["oracle"]["used"] == ("CHUM" if case["center"] == "CHUM" else FALLBACK)
 
     cli("route", "--bank", bank, "--base", base_file, "--data", data, "--out", tmp_path / "route")
     routed = json.loads((tmp_path / "route" / "bank_eval.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -153,3 +155,51 @@ def test_check_data_cli_extra_centers(hecktor_dir: Path) -> None:
     write_case(hecktor_dir, "XYZ-001")
     assert _check_data(str(hecktor_dir)) == 1
     assert _check_data(str(hecktor_dir), "--centers", "XYZ,ABC") == 0
+
+
+def _backdate(root: Path, seconds: float = 60.0) -> None:
+    """Move every file's mtime into the past: a file changed just before its check is checked again."""
+    past = time.time_ns() - int(seconds * 1e9)
+    for path in root.rglob("*.nii.gz"):
+        os.utime(path, ns=(past, past))
+
+
+def test_load_index_checks_each_case_once(hecktor_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from centerprompt import jobs
+    from centerprompt.data import checks
+
+    read: list[str] = []
+    real = checks._check_voxels
+    monkeypatch.setattr(checks, "_check_voxels", lambda case, *a: read.append(case.case_id) or real(case, *a))
+    monkeypatch.setattr(checks, "_MEMO", {})
+    _backdate(hecktor_dir)
+    run = tmp_path / "run"
+    cases, _ = jobs.load_index(hecktor_dir, cache_dir=run)
+    assert sorted(read) == sorted(cases) and (run / checks.CHECKS_FILE).exists()
+    assert not list(hecktor_dir.glob("*checks*"))  # never written into the data folder
+    read.clear()
+    assert jobs.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []  # same process
+    monkeypatch.setattr(checks, "_MEMO", {})  # a new process of the same run: the run folder's file answers
+    assert jobs.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []
+
+    touched = cases["MDA-002"].pet
+    mtime = touched.stat().st_mtime_ns
+    os.utime(touched, ns=(mtime, mtime + 10**9))  # a new mtime, still well in the past
+    jobs.load_index(hecktor_dir, cache_dir=run)
+    assert read == ["MDA-002"]
+    read.clear()
+    jobs.load_index(hecktor_dir)
+    assert read == []
+
+    label = cases["CHUM-001"].label  # new content and size, old mtime: only the size tells
+    size, mtime = label.stat().st_size, label.stat().st_mtime_ns
+    write_nifti(label, phantom_arrays()[2][:, :, :-2], CT_AFFINE)
+    os.utime(label, ns=(mtime, mtime))
+    assert label.stat().st_size != size
+    for _ in range(2):  # the bad case stays bad when its result is reused
+        with pytest.raises(DataError, match=r"CHUM-001: label .* has shape"):
+            jobs.load_index(hecktor_dir, cache_dir=run)
+    assert read == ["CHUM-001"]
+    monkeypatch.setattr(checks, "_MEMO", {})
+    good = validate_cases(find_cases(hecktor_dir), skip_bad_cases=True, cache_file=run / checks.CHECKS_FILE)
+    assert sorted(c.case_id for c in good) == sorted(set(cases) - {"CHUM-001"}) and read == ["CHUM-001"]

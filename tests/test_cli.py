@@ -120,9 +120,20 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
             assert set(s[part]["dsc_agg"]) == {"gtvp", "gtvn", "mean"}, (name, part)
     deep = results["strategies"]["deep"]
     assert Path(deep["artifact"]).exists() and deep["artifact_bytes"] < 0.05 * results["strategies"]["full"]["artifact_bytes"]
-    # "none" is the base model: its old-center figures are the base figures.
-    none = results["strategies"]["none"]
-    assert none["old_centers"]["dsc_agg"] == none["old_centers_base"]["dsc_agg"]
+    # Old-center figures (and so the forgetting delta) agree with the same models scored independently.
+    old_scores = {}
+    for name, adapter in (("none", None), ("deep", deep["artifact"])):
+        path = tmp_path / f"old_{name}.json"
+        extra = ["--adapter", adapter] if adapter else []
+        assert main(["evaluate", "--data", str(data), "--base", str(base), "--centers", "CHUM", *extra,
+                     "--out", str(path)]) == 0  # fmt: skip
+        scored = json.loads(path.read_text())
+        assert sorted(c["case_id"] for c in scored["per_case"]) == sorted(results["old_center_test_cases"])
+        old_scores[name] = scored["overall"]["dsc_agg"]["mean"]
+    assert results["strategies"]["none"]["old_centers"]["dsc_agg"]["mean"] == pytest.approx(old_scores["none"])
+    assert deep["old_centers"]["dsc_agg"]["mean"] - deep["old_centers_base"]["dsc_agg"]["mean"] == pytest.approx(
+        old_scores["deep"] - old_scores["none"]
+    )
     for name in ("results.md", "dice_per_strategy.png", "params_vs_dice.png", "case_slices.png"):
         assert (out / name).exists(), name
     assert "| deep |" in (out / "results.md").read_text()
@@ -138,3 +149,13 @@ def test_inspect_reports_the_transformer_reliance(data: Path, base: Path, tmp_pa
     assert result["token_grid"] == [2, 2, 2]
     assert "transformer reliance" in capsys.readouterr().out
     assert main(["inspect", "--base", str(base), "--data", str(data), "--centers", "USZ"]) == 2
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_bad_input_traceback_only_with_verbose(tmp_path: Path, capsys: pytest.CaptureFixture[str], verbose: bool) -> None:
+    args = ["predict", "--base", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "out")]  # no --ct/--pet
+    assert main(["-v", *args] if verbose else args) == 2
+    err = capsys.readouterr().err
+    assert "centerprompt predict: error: give --ct and --pet" in err
+    assert ("Traceback (most recent call last)" in err) == verbose
+    assert ("raise ValueError" in err) == verbose

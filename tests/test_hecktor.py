@@ -129,7 +129,7 @@ def test_splits_written_once_and_reused(tmp_path: Path) -> None:
     mtime = path.stat().st_mtime_ns
     assert load_or_create_splits(tmp_path / "many", cases, seed=5) == first  # reused, not remade
     assert path.stat().st_mtime_ns == mtime
-    assert not list(path.parent.glob(".splits.json.tmp*"))
+    assert not list(path.parent.glob(".splits.json.*tmp*"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"seed": 0, "centers": {"HMR": {"train": []}}}')
     with pytest.raises(DataError, match=r"bad\.json is not a valid splits JSON"):

@@ -107,3 +107,63 @@ def test_vit_b_parameter_counts(strategy: str, options: dict, trainable: int) ->
     assert report["artifact_tensor_bytes"] == 4 * trainable
     if strategy == "deep":
         assert report["trainable_fraction"] < 0.01
+
+
+def _norms(model: PromptedUNETR, options: dict) -> list:
+    from centerprompt.strategies import set_trainable
+
+    blocks = options["blocks"]
+    return set_trainable(model, lambda n: n.startswith("vit.blocks.") and (".norm1." in n or ".norm2." in n)
+                         and (blocks is None or int(n.split(".")[2]) in blocks))  # fmt: skip
+
+
+@pytest.fixture
+def layernorm_strategy():
+    from centerprompt.strategies import EXTRA, Option, Strategy, register, unregister
+
+    parse = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    yield register(Strategy("layernorm", "the ViT's LayerNorm weights", _norms, lr=1e-2, tier=EXTRA,
+                            options=(Option("blocks", None, parse, "ViT blocks to train"),)))  # fmt: skip
+    unregister("layernorm")
+
+
+def test_a_strategy_added_through_the_registry_alone_runs_through_adapt(
+    layernorm_strategy, hecktor_dir, tmp_path
+) -> None:
+    """The registry entry is all it takes: the CLI lists and parses it, adapt trains exactly its
+    tensors, the adapter file holds them and loads back onto the base."""
+    from safetensors.torch import load_file
+
+    from centerprompt.artifacts import build_adapted_model, load_model, read_adapter_metadata
+    from centerprompt.cli import main
+    from centerprompt.config import PretrainRun
+    from centerprompt.jobs import pretrain
+
+    pretrain(PretrainRun(data_dir=hecktor_dir, out=tmp_path / "base", exclude_center="MDA", preset="tiny", epochs=1,
+                         progress=False))  # fmt: skip
+    base = tmp_path / "base" / "model.safetensors"
+    args = ["adapt", "--data", str(hecktor_dir), "--center", "MDA", "--base", str(base), "--strategy", "layernorm",
+            "--shots", "1", "--epochs", "3", "--out", str(tmp_path / "ln")]  # fmt: skip
+    assert main([*args, "--option", "blocks=1"]) == 0
+    adapter = tmp_path / "ln" / "adapter.safetensors"
+    meta = read_adapter_metadata(adapter)
+    assert meta["strategy"] == "layernorm" and meta["options"] == {"blocks": [1]}
+    assert meta["tensors"] == sorted(f"vit.blocks.1.{m}.{p}" for m in ("norm1", "norm2") for p in ("weight", "bias"))
+    # Exactly the selected tensors trained (the last checkpoint holds the trainable state) and moved.
+    last = torch.load(tmp_path / "ln" / "last.pt", weights_only=True)["trainable"]
+    assert sorted(last) == meta["tensors"]
+    plain = load_model(base).state_dict()
+    assert any(not torch.equal(last[n], plain[n]) for n in last)
+    adapted, saved = build_adapted_model(base, adapter).state_dict(), load_file(adapter)
+    assert all(torch.equal(adapted[n], saved[n]) for n in saved)  # the adapter loads back onto the base
+    assert main([*args, "--option", "depth=1"]) == 2  # an option the strategy does not declare
+    assert main([*args, "--lora-rank", "4"]) == 2  # another strategy's flag
+
+
+def test_registry_refuses_a_taken_name_and_lists_tiers(layernorm_strategy) -> None:
+    from centerprompt.strategies import QUICK, STANDARD, Strategy, register, strategy_names
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Strategy("deep", "again", _norms))
+    assert set(strategy_names(QUICK)) < set(strategy_names(STANDARD)) < set(strategy_names())
+    assert "layernorm" in strategy_names() and "layernorm" not in strategy_names(STANDARD)

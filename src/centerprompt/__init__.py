@@ -18,6 +18,9 @@ _LAZY = {
     "apply_strategy": "centerprompt.strategies",
     "parameter_report": "centerprompt.strategies",
     "STRATEGIES": "centerprompt.strategies",
+    "Strategy": "centerprompt.strategies",
+    "Option": "centerprompt.strategies",
+    "register": "centerprompt.strategies",
     "save_adapter": "centerprompt.artifacts",
     "load_adapter": "centerprompt.artifacts",
     "save_model": "centerprompt.artifacts",
@@ -29,7 +32,7 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from centerprompt.artifacts import load_adapter, load_model, save_adapter, save_model
     from centerprompt.models.prompted_unetr import PromptedUNETR
-    from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report
+    from centerprompt.strategies import STRATEGIES, Option, Strategy, apply_strategy, parameter_report, register
 
 
 def __getattr__(name: str) -> Any:

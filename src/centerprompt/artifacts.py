@@ -2,18 +2,15 @@
 
 Both are safetensors files whose metadata carries the configuration that built the model; an
 adapter also carries the strategy, its options and the fingerprint of the frozen backbone it was
-trained on, so it refuses to load onto another backbone. Every write is atomic (temporary file in
-the same folder, then rename), so an interrupted run never leaves a half-written file.
+trained on, so it refuses to load onto another backbone. Every write is atomic
+(:func:`centerprompt.files.atomic_path`), so an interrupted run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from centerprompt.files import atomic_path
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.strategies import apply_strategy, get_strategy
+from centerprompt.strategies import BASE, apply_strategy, get_strategy, is_added_tensor
 
 MODEL_FORMAT = "centerprompt-model/1"
 ADAPTER_FORMAT = "centerprompt-adapter/1"
@@ -31,40 +29,20 @@ ADAPTER_FORMAT = "centerprompt-adapter/1"
 PROMPT_FIELDS = ("prompt_mode", "num_prompts", "prompt_dropout")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _base_name(name: str) -> str:
     """State-dict name of a backbone tensor with PEFT's wrapping removed."""
     return name.replace(".base_layer.", ".")
 
 
-def _is_added(name: str) -> bool:
-    """Tensors added on top of the backbone: prompts and LoRA adapters."""
-    return name.startswith("prompts.") or "lora_" in name
-
-
 def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
     """SHA-256 (16 hex digits) over the backbone tensors, names and values, minus ``exclude``.
 
-    Prompts and LoRA tensors are never part of it, and PEFT's ``base_layer`` wrapping is undone,
+    Tensors a strategy adds (``Strategy.adds``: prompts, LoRA) are never part of it, and PEFT's ``base_layer`` wrapping is undone,
     so a prompted or LoRA-injected model fingerprints like the plain backbone it was built on.
     """
     digest = hashlib.sha256()
     items = sorted(
-        (_base_name(n), t) for n, t in model.state_dict().items() if not _is_added(n)
+        (_base_name(n), t) for n, t in model.state_dict().items() if not is_added_tensor(n)
     )
     for name, tensor in items:
         if name in exclude:
@@ -178,7 +156,7 @@ def save_adapter(
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError(f"strategy {strategy!r} trained nothing: there is no adapter to save.")
-    replaced = {_base_name(n) for n in tensors if not _is_added(n)}
+    replaced = {_base_name(n) for n in tensors if not is_added_tensor(n)}
     meta = {
         "format": ADAPTER_FORMAT,
         "strategy": strategy,
@@ -226,7 +204,7 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
                 f"{path}: adapter needs a model with {k}={config[k]!r}, this model has {model.config[k]!r}."
             )
     strategy = meta["strategy"]
-    replaced = {_base_name(n) for n in tensors if not _is_added(n)}
+    replaced = {_base_name(n) for n in tensors if not is_added_tensor(n)}
     expected, found = meta["backbone_fingerprint"], backbone_fingerprint(model, exclude=replaced)
     if expected != found:
         raise ValueError(
@@ -249,11 +227,11 @@ def build_adapted_model(base: str | Path, adapter: str | Path | None = None) -> 
     """The base checkpoint with an adapter applied (or the base alone), ready for inference."""
     if adapter is None:
         model = load_model(base)
-        apply_strategy(model, "none")
+        apply_strategy(model, BASE)
         return model.eval()
     meta = read_adapter_metadata(adapter)
     prompt_fields = {k: meta["config"][k] for k in PROMPT_FIELDS}
     model = load_model(base, **prompt_fields)
     load_adapter(model, adapter)
-    apply_strategy(model, "none")
+    apply_strategy(model, BASE)
     return model.eval()

@@ -25,10 +25,9 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
-logger = logging.getLogger(__name__)
+from centerprompt.data.labels import CLASSES, LABEL_VALUES, NUM_LABELS
 
-#: HECKTOR label values scored, by name (0 is background and is not scored).
-CLASSES: dict[str, int] = {"gtvp": 1, "gtvn": 2}
+logger = logging.getLogger(__name__)
 
 
 def sliding_window_predict(
@@ -90,8 +89,8 @@ def _as_label_map(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     if t.is_floating_point() and not torch.equal(t, t.round()):
         raise ValueError(f"{name} must hold integer labels, got non-integer values.")
     t = t.long()
-    if t.numel() and (t.min() < 0 or t.max() > max(CLASSES.values())):
-        raise ValueError(f"{name} labels must lie in 0..{max(CLASSES.values())}, got {t.min()}..{t.max()}.")
+    if t.numel() and (t.min() < min(LABEL_VALUES) or t.max() > max(LABEL_VALUES)):
+        raise ValueError(f"{name} labels must lie in {min(LABEL_VALUES)}..{max(LABEL_VALUES)}, got {t.min()}..{t.max()}.")
     return t
 
 
@@ -121,9 +120,8 @@ def case_metrics(
         raise ValueError(f"pred shape {tuple(p.shape)} differs from label shape {tuple(g.shape)}.")
     if len(spacing) != 3:
         raise ValueError(f"spacing must give 3 values (D, H, W), got {tuple(spacing)}.")
-    num_classes = max(CLASSES.values()) + 1
-    p1h = one_hot(p[None, None], num_classes)  # (1, C, D, H, W)
-    g1h = one_hot(g[None, None], num_classes)
+    p1h = one_hot(p[None, None], NUM_LABELS)  # (1, C, D, H, W)
+    g1h = one_hot(g[None, None], NUM_LABELS)
     dice = compute_dice(p1h, g1h, include_background=True, ignore_empty=False)[0]  # (C,)
 
     out: dict[str, dict[str, float | int]] = {}

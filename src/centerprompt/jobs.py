@@ -27,7 +27,8 @@ from centerprompt.artifacts import (
     save_adapter,
     save_model,
 )
-from centerprompt.data.checks import validate_cases
+from centerprompt.data.checks import CHECKS_FILE, validate_cases
+from centerprompt.data.labels import NUM_LABELS
 from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, load_or_create_splits
 from centerprompt.data.transforms import (
     PreprocessConfig,
@@ -40,16 +41,17 @@ from centerprompt.data.transforms import (
 )
 from centerprompt.evaluate import aggregate, sliding_window_predict
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import ADAPT_LR, Preset, get_preset
-from centerprompt.strategies import STRATEGIES, apply_strategy, get_strategy, parameter_report
-from centerprompt.report import write_json
+from centerprompt.config import AdaptRun, PretrainRun, config_hash, file_sha256
+from centerprompt.presets import get_preset
+from centerprompt.strategies import FULL, apply_strategy, get_strategy, parameter_report
+from centerprompt.files import write_json
 from centerprompt.scoring import SW_BATCH, Scorer, validator
-from centerprompt.train import TrainConfig, default_device, fit, rank
+from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig, default_device, fit, rank
 
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
-IN_CHANNELS, OUT_CHANNELS = 2, 3  # CT + PET in; background, GTVp, GTVn out
+IN_CHANNELS, OUT_CHANNELS = 2, NUM_LABELS  # CT + PET in; background, GTVp, GTVn out
 
 
 @contextlib.contextmanager
@@ -74,27 +76,59 @@ def run_log(run_dir: Path) -> Iterator[None]:
 
 
 def load_index(
-    data_dir: str | Path, *, skip_bad_cases: bool = False, check: bool = True, seed: int = 0
-) -> tuple[dict[str, Case], dict[str, dict[str, list[str]]]]:
-    """Cases by ID (checked like ``check-data``) and the per-center splits (``DIR/splits.json``)."""
+    data_dir: str | Path, *, skip_bad_cases: bool = False, check: bool = True, seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> tuple[dict[str, Case], dict[str, dict[str, list[str]]]]:  # fmt: skip
+    """Cases by ID (checked like ``check-data``) and the per-center splits (``DIR/splits.json``).
+
+    The checks read every voxel, so a case is checked once per process while its files keep their
+    path, size and mtime; with ``cache_dir`` (a run folder, never the data folder) the results are
+    also kept in ``cache_dir/data_checks.json`` for later processes of the same run.
+    """
     cases = find_cases(data_dir, skip_bad_cases=skip_bad_cases)
     if check:
-        cases = validate_cases(cases, skip_bad_cases=skip_bad_cases)
+        cache_file = Path(cache_dir) / CHECKS_FILE if cache_dir is not None else None
+        cases = validate_cases(cases, skip_bad_cases=skip_bad_cases, cache_file=cache_file)
     splits = load_or_create_splits(data_dir, cases, seed=seed)
     return {c.case_id: c for c in cases}, splits
 
 
-def _check_resumable(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
-    """Refuse to resume a run folder made with another configuration."""
+RUN_FILES = ("config.json", SUMMARY, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, "model.safetensors",
+             "adapter.safetensors")  # fmt: skip
+
+
+def _clear(run_dir: Path) -> None:
+    """Remove what an earlier run left in ``run_dir`` (only the files a run writes; the log is appended to)."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: str = "refuse") -> dict[str, Any] | None:
+    """Prepare ``run_dir`` for a job with ``config``; return the finished summary when it can be reused.
+
+    A run folder never mixes two runs. Without ``resume`` it starts clean. With ``resume``: a
+    folder whose ``config.json`` equals ``config`` is resumed from its last checkpoint, or reused
+    as it is when finished; one made with another configuration is refused (``on_change="refuse"``,
+    naming the fields that differ) or cleared and run again (``"rerun"``).
+    """
     path = run_dir / "config.json"
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        new = json.loads(json.dumps(config, default=str))  # tuples become lists, as in the file
-        changed = sorted(k for k in new if old.get(k) != new[k])
-        if changed:
-            raise ValueError(f"{run_dir}: cannot resume, the configuration changed ({', '.join(changed)}).")
+    new = json.loads(json.dumps(config, default=str))  # tuples become lists, as in the file
+    old = json.loads(path.read_text()) if path.exists() else None
+    if resume and old is not None and old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if on_change == "refuse":
+            raise ValueError(f"{run_dir}: holds a run with another configuration ({', '.join(changed)}); "
+                             "use another folder, or run without --resume to start it again.")  # fmt: skip
+        logger.info("%s: configuration changed (%s); running it again", run_dir, ", ".join(changed))
+        old = None
+    if resume and old is not None and (run_dir / SUMMARY).exists():
+        logger.info("reusing the finished run %s", run_dir)
+        return json.loads((run_dir / SUMMARY).read_text())
     if rank() == 0:
-        write_json(config, path)
+        if not (resume and old is not None):
+            _clear(run_dir)
+        write_json(new, path)
+    return None
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -119,48 +153,48 @@ def pretrain_case_ids(
     return sorted(loco.pretrain_train + loco.adapt_train), sorted(loco.pretrain_val + loco.adapt_val)
 
 
-def pretrain(
-    data_dir: str | Path, out: str | Path, *, exclude_center: str | None = None, preset: str | Preset = "cpu",
-    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, patience: int = 10,
-    seed: int = 0, resume: bool = False, skip_bad_cases: bool = False, amp: bool = False,
-    compile: bool = False, progress: bool = True, cases_limit: int | None = None,
-    oracle_shots: int = 0,
-) -> dict[str, Any]:  # fmt: skip
-    """Train the base model with every weight on all centers but ``exclude_center``.
+def pretrain_config(run: PretrainRun, splits: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """Everything that determines a pretraining run's result: ``config.json`` of its folder."""
+    p = run.preset_obj
+    train_ids, val_ids = pretrain_case_ids(splits, run.exclude_center, oracle_shots=run.oracle_shots, seed=run.seed)
+    train_ids = train_ids[: run.cases_limit] if run.cases_limit else train_ids
+    cfg = TrainConfig(epochs=run.epochs or p.pretrain_epochs, lr=run.lr or p.pretrain_lr,
+                      batch_size=run.batch_size or p.batch_size, patience=run.patience, seed=run.seed, amp=run.amp,
+                      compile=run.compile)  # fmt: skip
+    return {
+        "job": "pretrain", **run.provenance(), "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
+        "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "train_cases": train_ids, "val_cases": val_ids,
+    }  # fmt: skip
+
+
+def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
+    """Train the base model with every weight on all centers but ``run.exclude_center``.
 
     Writes ``OUT/model.safetensors`` (the best epoch on the validation cases, with its
-    configuration and preprocessing in the metadata). ``cases_limit`` caps the training cases
-    (for smoke tests). ``oracle_shots`` > 0 trains the in-domain oracle instead, with the same
-    budget: see :func:`pretrain_case_ids`.
+    configuration and preprocessing in the metadata) and ``OUT/summary.json``.
     """
-    run_dir = Path(out)
-    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    run_dir, p = Path(run.out), run.preset_obj
     with run_log(run_dir):
-        cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, seed=seed)
-        train_ids, val_ids = pretrain_case_ids(splits, exclude_center, oracle_shots=oracle_shots, seed=seed)
-        train_ids = train_ids[:cases_limit] if cases_limit else train_ids
-        cfg = TrainConfig(epochs=epochs or p.pretrain_epochs, lr=lr or p.pretrain_lr, batch_size=batch_size or p.batch_size,
-                          patience=patience, seed=seed, amp=amp, compile=compile)  # fmt: skip
-        config = {
-            "job": "pretrain", "data_dir": str(data_dir), "exclude_center": exclude_center, "preset": p.name,
-            "oracle_shots": oracle_shots,
-            "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
-            "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "train_cases": train_ids,
-            "val_cases": val_ids,
-        }  # fmt: skip
-        _check_resumable(run_dir, config, resume)
-        torch.manual_seed(seed)
+        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir)
+        config = pretrain_config(run, splits)
+        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
+        if finished is not None:
+            return finished
+        train_ids, val_ids = config["train_cases"], config["val_cases"]
+        torch.manual_seed(run.seed)
         model = PromptedUNETR(**config["model"])
-        params = apply_strategy(model, "full")
+        params = apply_strategy(model, FULL)
         train_ds = make_dataset([cases[i] for i in train_ids], train_transforms(p.preprocess))
         scorer = Scorer([cases[i] for i in val_ids], p.preprocess, score_at="preprocessed")
-        logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids), exclude_center)
-        result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
-        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model)}
+        logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids),
+                    run.exclude_center)  # fmt: skip
+        cfg = TrainConfig(**config["train"])
+        result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=run.resume, progress=run.progress)
+        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model), "config_hash": config_hash(config)}
         if rank() == 0:
             train_centers = sorted({cases[i].center for i in train_ids})
             extra = {"preprocess": p.preprocess.to_dict(), "preset": p.name, "train_centers": train_centers,
-                     "exclude_center": exclude_center, "oracle_shots": oracle_shots}  # fmt: skip
+                     "exclude_center": run.exclude_center, "oracle_shots": run.oracle_shots}  # fmt: skip
             save_model(model, run_dir / "model.safetensors", extra=extra)
             write_json(summary, run_dir / SUMMARY)
     return summary
@@ -177,55 +211,57 @@ def base_preprocess(base: str | Path) -> PreprocessConfig:
 # ----------------------------------------------------------------------------- adapt
 
 
-def adapt(
-    data_dir: str | Path, center: str, base: str | Path, out: str | Path, *, strategy: str = "deep",
-    prompts: int = 10, shots: int = 8, epochs: int | None = None, lr: float | None = None,
-    batch_size: int | None = None, patience: int = 10, options: dict[str, Any] | None = None,
-    prompt_dropout: float = 0.0, seed: int = 0, resume: bool = False, skip_bad_cases: bool = False,
-    amp: bool = False, compile: bool = False, progress: bool = True, optimizer: str = "adamw",
-) -> dict[str, Any]:  # fmt: skip
-    """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
+def adapt_config(run: AdaptRun, splits: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """Everything that determines an adaptation's result: ``config.json`` of its folder.
+
+    The base checkpoint enters by the hash of its bytes, so a retrained base (same path, new
+    weights) is a new configuration.
+    """
+    meta = read_model_metadata(run.base)
+    preset = get_preset(meta["extra"].get("preset", "cpu"))
+    strategy = get_strategy(run.strategy)
+    loco = leave_one_center_out(splits, run.center, shots=run.shots, seed=run.seed)
+    cfg = TrainConfig(epochs=run.epochs or preset.adapt_epochs, lr=run.lr or strategy.lr,
+                      batch_size=run.batch_size or preset.batch_size, patience=run.patience, seed=run.seed,
+                      weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
+                      optimizer=run.optimizer)  # fmt: skip
+    return {"job": "adapt", **run.provenance(), "base_sha256": file_sha256(run.base), "train": cfg.__dict__,
+            "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
+
+
+def adapt(run: AdaptRun, *, on_change: str = "refuse") -> dict[str, Any]:
+    """Adapt the frozen base model to ``run.center`` with ``run.shots`` labelled cases and one strategy.
 
     Writes ``OUT/adapter.safetensors`` (what the strategy trained, best validation epoch) and
     ``OUT/summary.json`` (parameters, artifact bytes, wall time, peak memory).
     """
-    run_dir, options = Path(out), dict(options or {})
-    get_strategy(strategy)
+    run_dir, strategy = Path(run.out), get_strategy(run.strategy)
     with run_log(run_dir):
-        cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, seed=seed)
-        meta = read_model_metadata(base)
-        preset = get_preset(meta["extra"].get("preset", "cpu"))
-        preprocess = base_preprocess(base)
-        if center in meta["extra"].get("train_centers", []):
-            logger.warning("center %s was part of the base model's pretraining data", center)
-        loco = leave_one_center_out(splits, center, shots=shots, seed=seed)
-        mode = STRATEGIES[strategy].prompt_mode
-        cfg = TrainConfig(epochs=epochs or preset.adapt_epochs, lr=lr or ADAPT_LR.get(strategy, 1e-3),
-                          batch_size=batch_size or preset.batch_size, patience=patience, seed=seed,
-                          weight_decay=0.0 if mode != "none" else 1e-5, amp=amp, compile=compile,
-                          optimizer=optimizer)  # fmt: skip
-        config = {
-            "job": "adapt", "data_dir": str(data_dir), "center": center, "base": str(base), "strategy": strategy,
-            "prompts": prompts, "prompt_dropout": prompt_dropout, "shots": shots, "options": options,
-            "train": cfg.__dict__, "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val,
-        }  # fmt: skip
-        _check_resumable(run_dir, config, resume)
-        torch.manual_seed(seed)
-        model = load_model(base, prompt_mode=mode, num_prompts=prompts, prompt_dropout=prompt_dropout)
-        params = apply_strategy(model, strategy, **options)
-        report = parameter_report(model)
-        summary: dict[str, Any] = {"job": "adapt", "strategy": strategy, "center": center, **report,
-                                   "train_seconds": 0.0, "peak_memory_mb": 0.0, "artifact": None,
-                                   "artifact_bytes": 0}  # fmt: skip
-        if strategy != "none":
-            train_ds = make_dataset([cases[i] for i in loco.adapt_train], train_transforms(preprocess))
-            scorer = Scorer([cases[i] for i in loco.adapt_val], preprocess, score_at="preprocessed")
-            logger.info("adapting to %s with %s on %d cases", center, strategy, len(loco.adapt_train))
-            result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
+        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir)
+        config = adapt_config(run, splits)
+        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
+        if finished is not None:
+            return finished
+        if run.center in read_model_metadata(run.base)["extra"].get("train_centers", []):
+            logger.warning("center %s was part of the base model's pretraining data", run.center)
+        preprocess = base_preprocess(run.base)
+        torch.manual_seed(run.seed)
+        model = load_model(run.base, prompt_mode=strategy.prompt_mode, num_prompts=run.num_prompts,
+                           prompt_dropout=run.prompt_dropout)  # fmt: skip
+        params = apply_strategy(model, run.strategy, **run.options)
+        summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
+                                   **parameter_report(model), "train_seconds": 0.0, "peak_memory_mb": 0.0,
+                                   "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config)}  # fmt: skip
+        if strategy.trains:
+            train_ds = make_dataset([cases[i] for i in config["adapt_train"]], train_transforms(preprocess))
+            scorer = Scorer([cases[i] for i in config["adapt_val"]], preprocess, score_at="preprocessed")
+            logger.info("adapting to %s with %s on %d cases", run.center, run.strategy, len(config["adapt_train"]))
+            result = fit(model, params, train_ds, TrainConfig(**config["train"]), run_dir, validator(scorer),
+                         resume=run.resume, progress=run.progress)  # fmt: skip
             summary.update(result.__dict__)
             if rank() == 0:
-                extra = {"center": center, "shots": shots, "base": str(base)}
-                artifact = save_adapter(model, run_dir / "adapter.safetensors", strategy, options, extra=extra)
+                extra = {"center": run.center, "shots": run.shots, "base": str(run.base)}
+                artifact = save_adapter(model, run_dir / "adapter.safetensors", run.strategy, run.options, extra=extra)
                 summary.update(artifact=str(artifact), artifact_bytes=artifact.stat().st_size)
         if rank() == 0:
             write_json(summary, run_dir / SUMMARY)

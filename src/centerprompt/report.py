@@ -10,45 +10,40 @@ The results dict (written as ``results.json``, read by other tools, keys are sta
                            "old_centers": {"dsc_agg", ..., "per_center": {C: {"dsc_agg"}}},
                            "old_centers_base": {"dsc_agg", ...}, "artifact"}}}
 
-Strategy ``"none"`` is the base model (direct inference). Figures use matplotlib's object API
+Strategy ``strategies.BASE`` is the base model (direct inference). Figures use matplotlib's object API
 (``Figure``, rendered by Agg) rather than pyplot, so no global backend is switched and no figure is
 left registered; every file is written to a temporary name in its folder, then renamed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from centerprompt.artifacts import atomic_path
+from centerprompt.data.labels import GTVN, GTVP, LABEL_NAMES
+from centerprompt.files import atomic_path, write_json
+from centerprompt.strategies import BASE
 
 logger = logging.getLogger(__name__)
 
-BASE = "none"
 #: Overlay colours per label value; red and cyan stay distinct for red-green colour blindness.
-LABEL_COLORS: dict[int, tuple[str, str]] = {1: ("GTVp", "#e8242a"), 2: ("GTVn", "#1cc8e8")}
+LABEL_COLORS: dict[int, tuple[str, str]] = {GTVP: (LABEL_NAMES[GTVP], "#e8242a"), GTVN: (LABEL_NAMES[GTVN], "#1cc8e8")}
 NEW_COLOR, OLD_COLOR = "#1f5fa8", "#e07b1a"
 _DASH = "–"
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` to a temporary file next to ``path``, then rename it into place."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
 
 
 def _save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
     logger.info("wrote %s", path)
     return path
 
@@ -334,31 +329,6 @@ def plot_case_slices(
     return _save_figure(fig, path)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Atomic JSON file with NaN/inf as null (strict JSON other tools can read)."""
-    path = Path(path)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-    return path
-
-
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write results.json (NaN as null), results.md and the two summary figures into ``out_dir``."""
     out = Path(out_dir)
@@ -371,7 +341,8 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     }
     write_json(results, paths["json"])
     markdown = results_markdown(results)
-    _atomic_write(paths["markdown"], lambda f: f.write(markdown.encode("utf-8")))
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_bytes(markdown.encode("utf-8"))
     plot_dice_per_strategy(results, paths["dice_per_strategy"])
     plot_params_vs_dice(results, paths["params_vs_dice"])
     logger.info("report written to %s", out)

@@ -1,52 +1,124 @@
-"""Adaptation strategies: which parts of a PromptedUNETR train for a new center.
+"""Adaptation strategies: one registry of what each strategy trains and how.
 
-A strategy is a name and its options, not a subclass. ``apply_strategy`` freezes and unfreezes in
-place and returns the trainable parameters; everything it leaves frozen stays in eval mode while
-the model trains (see ``PromptedUNETR.train``).
+A strategy is data, as a PEFT method is: a ``Strategy`` entry carries its selection (which
+parameters of a PromptedUNETR train), its options with their defaults, its default learning rate
+and weight decay, the prompt mode the model must be built with, the tensors it adds to the
+backbone, whether a prompt bank can hold it, and where it appears (the quick comparison, the
+default one). Every other layer (CLI, jobs, artifacts, bank, experiment, demo) asks this registry,
+so adding a strategy is one ``register`` call (see README, "Add a strategy").
+
+The module imports neither torch nor MONAI at import time, so the CLI's ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from centerprompt.models.prompted_unetr import UNUSED_PARAMETER_MARKERS, PromptedUNETR
+    from centerprompt.models.prompted_unetr import PromptedUNETR
 
 logger = logging.getLogger(__name__)
 
-# The decoder's last up-block and the output head (UNETR attribute names).
-DEFAULT_PARTIAL_MODULES = ("decoder2", "out")
-DEFAULT_HEAD_MODULES = ("out",)
+BASE = "none"  # the strategy that trains nothing: the base model as it is (direct inference)
+FULL = "full"  # every weight: what pretraining uses
+DEFAULT_STRATEGY = "deep"  # the method this project is about (Saeed et al. 2023)
+ORACLE = "oracle"  # not a strategy: the experiment's row that retrains the base with the new center's cases
+
+# Where a strategy appears by default: the quick comparison (demo --quick, sweeps), the standard
+# comparison (experiment, demo), or only when asked for by name.
+QUICK, STANDARD, EXTRA = "quick", "standard", "extra"
+_TIERS = (QUICK, STANDARD, EXTRA)
+
 # MONAI's ViT attention projections; the names PEFT's target_modules match.
 DEFAULT_LORA_TARGETS = ("qkv", "out_proj")
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 @dataclass(frozen=True)
-class Strategy:
-    """What a strategy trains, and the prompt mode the model must be built with."""
+class Option:
+    """A strategy option: its default, how the CLI flag parses it, and the flag's help."""
 
     name: str
-    trains: str
-    prompt_mode: str = "none"
+    default: Any
+    parse: Callable[[str], Any] = str
+    help: str = ""
+    flag: str | None = None  # the CLI flag, e.g. "--lora-rank"; None: --option NAME=VALUE only
 
 
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s
-    for s in (
-        Strategy("none", "nothing (direct inference with the base model)"),
-        Strategy("full", "every weight"),
-        Strategy("partial", "the decoder's last up-block and the output head"),
-        Strategy("shallow", "P prompt tokens before layer 1", "shallow"),
-        Strategy("deep", "P prompt tokens at every layer", "deep"),
-        Strategy("deep+head", "deep prompts and the output head", "deep"),
-        Strategy("lora", "LoRA adapters on the attention projections (PEFT)"),
-        Strategy("bitfit", "every bias"),
-    )
-}
+# A selection freezes a model in place and returns its trainable parameters.
+Selection = Callable[["PromptedUNETR", Mapping[str, Any]], list["nn.Parameter"]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One adaptation strategy. ``select(model, options)`` receives every option, defaults filled in."""
+
+    name: str
+    description: str
+    select: Selection
+    options: tuple[Option, ...] = ()
+    prompt_mode: str = "none"  # the PromptedUNETR prompt mode the model must be built with
+    lr: float = 1e-3  # default learning rate with AdamW
+    weight_decay: float = 1e-5  # prompts take none: decaying them pulls every token to zero
+    bankable: bool = False  # its artifact holds prompt tokens only, so a bank can serve it on a shared backbone
+    adds: Callable[[str], bool] | None = None  # names of the tensors it adds on top of the backbone
+    tier: str = STANDARD
+    reference: str = ""
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every option with its value: ``given`` over the defaults; an unknown option is an error."""
+        given = dict(given or {})
+        known = {o.name: o.default for o in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            takes = f"takes {', '.join(sorted(known))}" if known else "takes no options"
+            raise ValueError(f"strategy {self.name!r} {takes}; got {', '.join(unknown)}.")
+        return {**known, **given}
+
+    @property
+    def trains(self) -> bool:
+        return self.name != BASE
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add ``strategy`` to the registry (a name already taken is an error); returns it."""
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"a strategy named {strategy.name!r} is already registered.")
+    if strategy.tier not in _TIERS:
+        raise ValueError(f"tier must be one of {', '.join(_TIERS)}, got {strategy.tier!r}.")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def unregister(name: str) -> None:
+    """Remove a strategy (for tests and plug-ins that register temporarily)."""
+    STRATEGIES.pop(name, None)
+
+
+PLUGIN_GROUP = "centerprompt.strategies"  # entry points whose import registers strategies
+_loaded_plugins: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import every module declared under the ``centerprompt.strategies`` entry-point group (once
+    each), so that strategies a package registers are known to the CLI."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.value not in _loaded_plugins:
+            _loaded_plugins.add(ep.value)
+            ep.load()
 
 
 def get_strategy(name: str) -> Strategy:
@@ -55,7 +127,26 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def _set_trainable(model: nn.Module, predicate: Any) -> list[nn.Parameter]:
+def strategy_names(tier: str = EXTRA) -> list[str]:
+    """Registered names up to ``tier``: quick ⊂ standard ⊂ extra (every strategy), in registration order."""
+    allowed = _TIERS[: _TIERS.index(tier) + 1]
+    return [s.name for s in STRATEGIES.values() if s.tier in allowed]
+
+
+def bankable_names() -> list[str]:
+    return [s.name for s in STRATEGIES.values() if s.bankable]
+
+
+def is_added_tensor(name: str) -> bool:
+    """Whether a state-dict name belongs to a tensor some strategy adds on top of the backbone."""
+    return any(s.adds is not None and s.adds(name) for s in STRATEGIES.values())
+
+
+# ----------------------------------------------------------------------------- selections
+
+
+def set_trainable(model: nn.Module, predicate: Callable[[str], bool]) -> list[nn.Parameter]:
+    """Train exactly the parameters whose name satisfies ``predicate``; return them."""
     trainable = []
     for name, param in model.named_parameters():
         param.requires_grad_(bool(predicate(name)))
@@ -64,67 +155,41 @@ def _set_trainable(model: nn.Module, predicate: Any) -> list[nn.Parameter]:
     return trainable
 
 
-def _in_modules(name: str, modules: Sequence[str]) -> bool:
+def in_modules(name: str, modules: Sequence[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
-def apply_strategy(model: PromptedUNETR, name: str, **options: Any) -> list[nn.Parameter]:
-    """Freeze ``model`` in place according to strategy ``name``; return the trainable parameters.
+def used(name: str) -> bool:
+    """MONAI's unused ``norm_cross_attn`` parameters get no gradient (and would break DDP): never trained."""
+    from centerprompt.models.prompted_unetr import UNUSED_PARAMETER_MARKERS
 
-    Options:
-        modules (partial): top-level or dotted module names to train. Defaults to
-            ``("decoder2", "out")``: the decoder's last up-block and the output head.
-        head_modules (deep+head): head modules trained with the prompts. Defaults to ``("out",)``.
-        rank, alpha, dropout, target_modules (lora): LoRA rank r (default 8), scaling alpha
-            (default 2*r), dropout (default 0.0) and the attention linear layers to adapt
-            (default ``("qkv", "out_proj")``). LoRA: Hu et al., arXiv 2106.09685, through PEFT.
+    return not any(marker in name for marker in UNUSED_PARAMETER_MARKERS)
 
-    ``shallow``, ``deep`` and ``deep+head`` need a model built with the matching ``prompt_mode``.
-    MONAI's unused ``norm_cross_attn`` parameters are never trained (they get no gradient and
-    would break DDP).
-    """
-    strategy = get_strategy(name)
-    allowed = {
-        "partial": {"modules"},
-        "deep+head": {"head_modules"},
-        "lora": {"rank", "alpha", "dropout", "target_modules"},
-    }.get(name, set())
-    unknown = set(options) - allowed
-    if unknown:
-        raise ValueError(f"strategy {name!r} takes no option(s) {sorted(unknown)}.")
-    if strategy.prompt_mode != "none" and model.prompt_mode != strategy.prompt_mode:
-        raise ValueError(
-            f"strategy {name!r} needs a model built with prompt_mode={strategy.prompt_mode!r}, "
-            f"this one has prompt_mode={model.prompt_mode!r}."
-        )
 
-    def used(n: str) -> bool:
-        return not any(marker in n for marker in UNUSED_PARAMETER_MARKERS)
+def is_prompt(name: str) -> bool:
+    return name.startswith("prompts.")
 
-    if name == "none":
-        trainable = _set_trainable(model, lambda n: False)
-    elif name == "full":
-        trainable = _set_trainable(model, used)
-    elif name == "partial":
-        modules = tuple(options.get("modules", DEFAULT_PARTIAL_MODULES))
-        known = dict(model.named_modules())
-        missing = [m for m in modules if m not in known]
-        if missing:
-            raise ValueError(f"partial: the model has no module(s) {missing}.")
-        trainable = _set_trainable(model, lambda n: _in_modules(n, modules))
-    elif name in ("shallow", "deep"):
-        trainable = _set_trainable(model, lambda n: n.startswith("prompts."))
-    elif name == "deep+head":
-        head = tuple(options.get("head_modules", DEFAULT_HEAD_MODULES))
-        trainable = _set_trainable(model, lambda n: n.startswith("prompts.") or _in_modules(n, head))
-    elif name == "bitfit":
-        trainable = _set_trainable(model, lambda n: n.endswith(".bias") and used(n))
-    else:  # lora
-        trainable = _inject_lora(model, **options)
-    # Re-apply train/eval so that newly frozen subtrees go to eval mode if the model is training.
-    model.train(model.training)
-    logger.debug("strategy %s: %d trainable tensors", name, len(trainable))
-    return trainable
+
+def is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def _modules(model: PromptedUNETR, modules: Sequence[str], strategy: str) -> tuple[str, ...]:
+    known = dict(model.named_modules())
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise ValueError(f"{strategy}: the model has no module(s) {missing}.")
+    return tuple(modules)
+
+
+def _partial(model: PromptedUNETR, options: Mapping[str, Any]) -> list[nn.Parameter]:
+    modules = _modules(model, options["modules"], "partial")
+    return set_trainable(model, lambda n: in_modules(n, modules))
+
+
+def _deep_head(model: PromptedUNETR, options: Mapping[str, Any]) -> list[nn.Parameter]:
+    head = _modules(model, options["head_modules"], "deep+head")
+    return set_trainable(model, lambda n: is_prompt(n) or in_modules(n, head))
 
 
 def lora_config(rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
@@ -140,13 +205,77 @@ def lora_config(rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
     )  # fmt: skip
 
 
-def _inject_lora(model: PromptedUNETR, **options: Any) -> list[nn.Parameter]:
+def _lora(model: PromptedUNETR, options: Mapping[str, Any]) -> list[nn.Parameter]:
     from peft import inject_adapter_in_model
 
-    if any("lora_" in n for n, _ in model.named_parameters()):
+    if any(is_lora(n) for n, _ in model.named_parameters()):
         raise ValueError("the model already carries LoRA adapters; build a fresh model for another run.")
     inject_adapter_in_model(lora_config(**options), model)
-    return _set_trainable(model, lambda n: "lora_" in n)
+    return set_trainable(model, is_lora)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("", "none") else float(text)
+
+
+for _strategy in (
+    Strategy(BASE, "nothing (direct inference with the base model)", lambda m, o: set_trainable(m, lambda n: False),
+             tier=QUICK),  # fmt: skip
+    Strategy(FULL, "every weight", lambda m, o: set_trainable(m, used), lr=1e-4, tier=QUICK),
+    Strategy(
+        "partial", "the decoder's last up-block and the output head", _partial,
+        options=(Option("modules", ("decoder2", "out"), _comma_list, "comma-separated modules to train",
+                        "--partial-modules"),),  # fmt: skip
+    ),
+    Strategy("shallow", "P prompt tokens before layer 1", lambda m, o: set_trainable(m, is_prompt),
+             prompt_mode="shallow", lr=1e-2, weight_decay=0.0, bankable=True, adds=is_prompt,
+             reference="Jia et al. 2022, VPT (arXiv 2203.12119)"),  # fmt: skip
+    # Prompts want much larger steps than weights (VPT searched base learning rates of 0.1-50 with
+    # SGD; with AdamW we use 1e-2).
+    Strategy("deep", "P prompt tokens at every layer", lambda m, o: set_trainable(m, is_prompt),
+             prompt_mode="deep", lr=1e-2, weight_decay=0.0, bankable=True, adds=is_prompt, tier=QUICK,
+             reference="Jia et al. 2022, VPT; Saeed et al. 2023 (arXiv 2305.18948)"),  # fmt: skip
+    Strategy(
+        "deep+head", "deep prompts and the output head", _deep_head, prompt_mode="deep", lr=1e-2, weight_decay=0.0,
+        adds=is_prompt,
+        options=(Option("head_modules", ("out",), _comma_list, "comma-separated head modules trained with the prompts",
+                        "--head-modules"),),  # fmt: skip
+    ),
+    Strategy(
+        "lora", "LoRA adapters on the attention projections (PEFT)", _lora, adds=is_lora,
+        options=(
+            Option("rank", 8, int, "LoRA rank r", "--lora-rank"),
+            Option("alpha", None, _optional_float, "LoRA scaling alpha (default 2r)", "--lora-alpha"),
+            Option("dropout", 0.0, float, "LoRA dropout", "--lora-dropout"),
+            Option("target_modules", DEFAULT_LORA_TARGETS, _comma_list, "comma-separated linear layers to adapt",
+                   "--lora-targets"),  # fmt: skip
+        ),
+        reference="Hu et al. 2021 (arXiv 2106.09685)",
+    ),
+    Strategy("bitfit", "every bias", lambda m, o: set_trainable(m, lambda n: n.endswith(".bias") and used(n)),
+             tier=EXTRA, reference="Ben Zaken et al. 2022 (arXiv 2106.10199)"),  # fmt: skip
+):
+    register(_strategy)
+
+
+def apply_strategy(model: PromptedUNETR, name: str, **options: Any) -> list[nn.Parameter]:
+    """Freeze ``model`` in place according to strategy ``name``; return the trainable parameters.
+
+    ``options`` are the strategy's (``Strategy.options``; unknown ones are an error). A prompt
+    strategy needs a model built with its ``prompt_mode``. Frozen subtrees go to eval mode if the
+    model is training (see ``PromptedUNETR.train``).
+    """
+    strategy = get_strategy(name)
+    resolved = strategy.resolve_options(options)
+    if strategy.prompt_mode != "none" and model.prompt_mode != strategy.prompt_mode:
+        raise ValueError(
+            f"strategy {name!r} needs a model built with prompt_mode={strategy.prompt_mode!r}, "
+            f"this one has prompt_mode={model.prompt_mode!r}."
+        )
+    trainable = strategy.select(model, resolved)
+    model.train(model.training)
+    logger.debug("strategy %s: %d trainable tensors", name, len(trainable))
+    return trainable
 
 
 def parameter_report(model: nn.Module) -> dict[str, float | int]:

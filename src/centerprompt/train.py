@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from centerprompt.artifacts import atomic_path
+from centerprompt.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

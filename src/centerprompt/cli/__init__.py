@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 # Modules that register sub-commands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -25,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="centerprompt",
         description="Prompt tuning of a frozen UNETR for a new PET/CT center (HECKTOR layout).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show the traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from centerprompt.strategies import load_plugins
+
+    load_plugins()  # strategies other packages register: before the sub-commands list the choices
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -45,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
-        # Bad user input: one clear line, no traceback.
+        # Bad user input: one clear line; the traceback only with -v, to find where it was raised.
+        if args.verbose:
+            traceback.print_exc()
         print(f"centerprompt {args.command}: error: {err}", file=sys.stderr)
         return 2
 

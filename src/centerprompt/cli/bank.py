@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
+
 
 def _cmd_add(args: argparse.Namespace) -> int:
     from centerprompt.bank import PromptBank, routing_key_from_data
@@ -46,11 +48,12 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
-    from centerprompt.bank_eval import run_bank, write_routing_report
+    from centerprompt.bank.evaluation import run_bank, write_routing_report
+    from centerprompt.bank.routing import FALLBACK
 
     modes: tuple[str, ...] = ()
     if args.command_name == "evaluate":
-        modes = ("base", "oracle", "auto") + ((args.single_center,) if args.single_center else ())
+        modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
     centers = args.centers.split(",") if args.centers else None
     result = run_bank(args.data, args.base, args.bank, modes=modes, threshold=args.threshold, centers=centers,
                       split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
@@ -64,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bank = sub.add_parser("bank", help="serve every center's prompts from one frozen backbone, with routing")
     actions = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
-    p = actions.add_parser("add", help="copy a prompt-only adapter (shallow or deep) into a bank")
+    p = actions.add_parser("add", help=f"copy a prompt-only adapter ({' or '.join(bankable_names())}) into a bank")
     p.add_argument("--bank", required=True, type=Path, help="bank folder (created if absent)")
     p.add_argument("--center", required=True, help="center name: letters, digits, - and _ (1-32)")
     p.add_argument("--adapter", required=True, type=Path, help="adapter.safetensors from `centerprompt adapt`")

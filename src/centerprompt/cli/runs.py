@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-STRATEGY_NAMES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit")
+from centerprompt import strategies as registry  # import-light: no torch until a command runs
+
 PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.presets.PRESETS, named here to keep --help instant
 DEMO_DATA = Path("data/synth")
 DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
-DEMO_STRATEGIES = ("none", "full", "partial", "shallow", "deep", "deep+head", "lora")
 
 
 def _common_training(p: argparse.ArgumentParser) -> None:
@@ -31,40 +31,75 @@ def _bank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center", help="with --bank: a center's prompts, 'base', or 'auto' (route each scan; default)")
 
 
+def _option_dest(strategy: str, option: str) -> str:
+    return f"option__{strategy}__{option}"
+
+
+def _add_strategy_options(p: argparse.ArgumentParser) -> None:
+    """One flag per registered strategy option that declares one, and ``--option NAME=VALUE`` for any."""
+    group = p.add_argument_group("strategy options (each applies to its strategy only)")
+    for strategy in registry.STRATEGIES.values():
+        for o in strategy.options:
+            if o.flag:
+                group.add_argument(o.flag, dest=_option_dest(strategy.name, o.name), metavar="VALUE",
+                                   help=f"{strategy.name}: {o.help} (default {o.default})")  # fmt: skip
+    group.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                       help="an option of the chosen strategy by name (repeatable)")  # fmt: skip
+
+
 def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.strategy == "lora":
-        return {"rank": args.lora_rank}
-    if args.strategy == "partial" and args.partial_modules:
-        return {"modules": args.partial_modules.split(",")}
-    return {}
+    """The chosen strategy's options from its flags and ``--option``; a flag of another strategy is an error."""
+    chosen = registry.get_strategy(args.strategy)
+    options: dict[str, Any] = {}
+    for strategy in registry.STRATEGIES.values():
+        for o in strategy.options:
+            value = getattr(args, _option_dest(strategy.name, o.name), None) if o.flag else None
+            if value is None:
+                continue
+            if strategy.name != chosen.name:
+                raise ValueError(f"{o.flag} is an option of --strategy {strategy.name}, not of {chosen.name}.")
+            options[o.name] = o.parse(value)
+    parsers = {o.name: o.parse for o in chosen.options}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or name not in parsers:
+            known = ", ".join(parsers) or "none"
+            raise ValueError(f"--option {item!r}: give NAME=VALUE with a {chosen.name} option ({known}).")
+        options[name] = parsers[name](value)
+    return options
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from centerprompt.config import PretrainRun
     from centerprompt.jobs import pretrain
     from centerprompt.train import init_distributed
 
-    init_distributed()
-    summary = pretrain(
-        args.data, args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-        resume=args.resume, skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
+    run = PretrainRun(
+        data_dir=args.data, out=args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed, resume=args.resume,
+        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
     )  # fmt: skip
+    init_distributed()
+    summary = pretrain(run)
     print(f"base model: {Path(args.out) / 'model.safetensors'} (best validation Dice {summary['best_metric']:.3f} "
           f"at epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")  # fmt: skip
     return 0
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from centerprompt.config import AdaptRun
     from centerprompt.jobs import adapt
     from centerprompt.train import init_distributed
 
-    init_distributed()
-    s = adapt(
-        args.data, args.center, args.base, args.out, strategy=args.strategy, prompts=args.prompts, shots=args.shots,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
-        options=_strategy_options(args), prompt_dropout=args.prompt_dropout, seed=args.seed, resume=args.resume,
-        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile, optimizer=args.optimizer,
+    run = AdaptRun(
+        data_dir=args.data, center=args.center, base=args.base, out=args.out, strategy=args.strategy,
+        num_prompts=args.prompts, shots=args.shots, options=_strategy_options(args), prompt_dropout=args.prompt_dropout,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+        optimizer=args.optimizer, amp=args.amp, compile=args.compile, resume=args.resume,
+        skip_bad_cases=args.skip_bad_cases,
     )  # fmt: skip
+    init_distributed()
+    s = adapt(run)
     print(f"{args.strategy}: {s['trainable_params']:,} trainable of {s['total_params']:,} "
           f"({100 * s['trainable_fraction']:.3f}%), artifact {s['artifact']} ({s['artifact_bytes']:,} bytes), "
           f"{s['train_seconds']:.0f} s")  # fmt: skip
@@ -73,12 +108,12 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from centerprompt.jobs import evaluate
-    from centerprompt.report import write_json
+    from centerprompt.files import write_json
 
     centers = args.centers.split(",") if args.centers else None
     common = dict(centers=centers, split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)
     if args.bank:
-        from centerprompt.bank_eval import evaluate_with_bank
+        from centerprompt.bank.evaluation import evaluate_with_bank
 
         result = evaluate_with_bank(args.data, args.base, args.bank, center=args.center or "auto", **common)
     else:
@@ -94,7 +129,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from centerprompt.reliance import inspect_base
-    from centerprompt.report import write_json
+    from centerprompt.files import write_json
 
     centers = args.centers.split(",") if args.centers else None
     r = inspect_base(args.base, args.data, centers=centers, split=args.split, score_at=args.score_at,
@@ -133,24 +168,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+    from centerprompt.config import ExperimentRun
     from centerprompt.experiment import run_all_centers, run_experiment
 
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    kwargs = dict(
-        strategies=strategies, base=args.base, preset=args.preset, shots=args.shots, prompts=args.prompts,
-        pretrain_epochs=args.pretrain_epochs, adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed,
-        score_at=args.score_at, skip_bad_cases=args.skip_bad_cases, command=" ".join(["centerprompt", *sys.argv[1:]]),
+    run = ExperimentRun(
+        data_dir=args.data, new_center=args.new_center, out=args.out,
+        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()), base=args.base,
+        preset=args.preset, shots=args.shots, num_prompts=args.prompts, pretrain_epochs=args.pretrain_epochs,
+        adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed, score_at=args.score_at,
+        on_change=args.on_change, skip_bad_cases=args.skip_bad_cases,
+        command=" ".join(["centerprompt", *sys.argv[1:]]),
     )  # fmt: skip
     if args.new_center == "all":
-        text = run_all_centers(args.data, args.out, **kwargs)
+        text = run_all_centers(run)
     else:
-        run_experiment(args.data, args.new_center, args.out, **kwargs)
+        run_experiment(run)
         text = (Path(args.out) / "results.md").read_text()
     print(text)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from centerprompt.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
     data = Path(args.data)
@@ -160,13 +199,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"generating the synthetic multi-center dataset in {data} ...")
         generate_dataset(data, cases_per_center=args.cases_per_center)
     out = Path(args.out) / ("quick" if args.quick else "full")
-    quick = dict(pretrain_epochs=3, adapt_epochs=2, strategies=("none", "full", "deep"), shots=4, patience=0)
-    full = dict(pretrain_epochs=None, adapt_epochs=None, strategies=DEMO_STRATEGIES, shots=8, patience=10)
-    settings = quick if args.quick else full
-    if args.oracle:
-        settings["strategies"] = (*settings["strategies"], "oracle")
-    run_experiment(data, args.new_center, out, preset="cpu", seed=args.seed,
-                   command="centerprompt demo" + (" --quick" if args.quick else ""), **settings)  # fmt: skip
+    quick = dict(pretrain_epochs=3, adapt_epochs=2, shots=4, patience=0)
+    full = dict(pretrain_epochs=None, adapt_epochs=None, shots=8, patience=10)
+    settings: dict[str, Any] = quick if args.quick else full
+    names = registry.strategy_names(registry.QUICK if args.quick else registry.STANDARD)
+    settings["strategies"] = (*names, registry.ORACLE) if args.oracle else tuple(names)
+    run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu", seed=args.seed,
+                                 command="centerprompt demo" + (" --quick" if args.quick else ""), **settings))
     print((out / "results.md").read_text())
     print(f"report: {out / 'results.md'}, figures: {out}/*.png")
     return 0
@@ -185,16 +224,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--center", required=True, help="the new center")
     p.add_argument("--base", required=True, type=Path, help="base checkpoint (model.safetensors)")
-    p.add_argument("--strategy", default="deep", choices=STRATEGY_NAMES)
+    p.add_argument("--strategy", default=registry.DEFAULT_STRATEGY, choices=registry.strategy_names())
     p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P)")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--partial-modules", help="comma-separated modules for --strategy partial (default decoder2,out)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
                    help="sgd: VPT's recipe for prompts (momentum 0.9; give a large --lr)")
     p.add_argument("--out", required=True, type=Path, help="run folder (adapter.safetensors is written there)")
     _common_training(p)
+    _add_strategy_options(p)
     p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per case and per center")
@@ -232,9 +270,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="leave-one-center-out comparison of strategies")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--new-center", required=True, help="held-out center, or 'all' for each in turn")
-    p.add_argument("--strategies", default="none,full,partial,shallow,deep,deep+head,lora,oracle",
-                   help="comma-separated strategies; 'oracle' retrains the base with the new center's adaptation "
-                        "cases (the in-domain reference each gain is compared with)")
+    p.add_argument("--strategies", default=",".join([*registry.strategy_names(registry.STANDARD), registry.ORACLE]),
+                   help=f"comma-separated, of {', '.join(registry.strategy_names())}; 'oracle' retrains the base "
+                        "with the new center's adaptation cases (the in-domain reference each gain is compared with)")
     p.add_argument("--base", type=Path, help="use this base model instead of pretraining one")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--shots", type=int, default=8)
@@ -244,6 +282,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
+    p.add_argument("--on-change", default="rerun", choices=("rerun", "refuse"),
+                   help="a finished stage in --out made with other settings, cases or base: train it again "
+                        "(default) or stop with an error")
     p.add_argument("--skip-bad-cases", action="store_true")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_experiment)

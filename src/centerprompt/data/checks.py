@@ -1,13 +1,19 @@
 """Content checks for HECKTOR cases, shared by ``check-data`` and the training commands.
 
 Headers are read first (cheap: shape, affine, spacing); voxel arrays are loaded only for the
-checks that need them (NaN/inf voxels, label values) and only when ``deep=True``.
+checks that need them (NaN/inf voxels, label values) and only when ``deep=True``. Results are
+reused while a case's files keep their path, size and mtime (:func:`check_cases`), so a run that
+loads the data several times reads every voxel once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import nibabel as nib
@@ -15,14 +21,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from centerprompt.data.hecktor import Case, DataError, format_problems
+from centerprompt.data.labels import GTVN, GTVP, LABEL_VALUES
+from centerprompt.files import write_json
 
 logger = logging.getLogger(__name__)
 
-LABEL_VALUES = (0, 1, 2)  # background, GTVp, GTVn
 # Labels are exported on the CT grid, but some tools round the affine; differences below this
 # (mm, per affine element) are treated as the same grid.
 GRID_ATOL_MM = 1e-2
 _PROGRESS_MIN_CASES = 5
+#: Name of the file in a run folder that keeps check results across processes.
+CHECKS_FILE = "data_checks.json"
+_CHECKS_FORMAT = "centerprompt-checks/1"
+# A file changed within the file system's timestamp granularity of its check may keep its (size,
+# mtime) although its content changed; such a result is not reused (git's "racy clean" rule).
+_RACY_NS = 2_000_000_000
+
+_Stats = tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns) of each file of a case
+# Check results of this process: (case ID, deep, file stats) -> (check start in ns, problems).
+_MEMO: dict[tuple[str, bool, _Stats], tuple[int, list[str]]] = {}
 
 
 def _bounds(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +107,8 @@ def _check_voxels(case: Case, images: dict[str, nib.Nifti1Image], files: dict) -
             extra = values[~np.isin(values, LABEL_VALUES)]
             if extra.size:
                 shown = ", ".join(f"{v:g}" for v in extra[:5]) + (", ..." if extra.size > 5 else "")
-                problems.append(f"{case.case_id}: label {files[what]} has values outside {{0, 1, 2}}: {shown}")
+                allowed = ", ".join(map(str, LABEL_VALUES))
+                problems.append(f"{case.case_id}: label {files[what]} has values outside {{{allowed}}}: {shown}")
         elif np.issubdtype(data.dtype, np.floating):
             n_bad = data.size - int(np.count_nonzero(np.isfinite(data)))
             if n_bad:
@@ -102,25 +120,99 @@ def _progress(cases: list[Case], desc: str) -> Iterable[Case]:
     return tqdm(cases, desc=desc, unit="case", disable=len(cases) <= _PROGRESS_MIN_CASES, leave=False)
 
 
-def check_cases(cases: Iterable[Case], *, deep: bool = True) -> dict[str, list[str]]:
-    """``{case_id: problems}`` for the cases that have problems."""
+def _file_stats(case: Case) -> _Stats | None:
+    """(path, size, mtime_ns) of each file of ``case``; None when one cannot be stat'ed."""
+    stats = []
+    for path in (case.ct, case.pet, case.label):
+        if path is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None  # never reused: the check itself reports the missing or unreadable file
+            stats.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(stats)
+
+
+def _read_checks_file(path: Path) -> dict[tuple[str, bool], tuple[_Stats, int, list[str]]]:
+    """Results kept in ``path`` by (case ID, deep); empty when the file is missing or unreadable."""
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("format") != _CHECKS_FORMAT:
+            raise ValueError(f"format is {stored.get('format')!r}")
+        return {
+            (e["case_id"], bool(e["deep"])): (tuple((str(p), int(s), int(m)) for p, s, m in e["files"]),
+                                              int(e["checked_ns"]), [str(x) for x in e["problems"]])
+            for e in stored["cases"]
+        }  # fmt: skip
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        logger.warning("ignoring check results in %s (%s); checking again", path, err)
+        return {}
+
+
+def check_cases(
+    cases: Iterable[Case], *, deep: bool = True, cache_file: str | Path | None = None
+) -> dict[str, list[str]]:
+    """``{case_id: problems}`` for the cases that have problems.
+
+    A case is checked once per process: its result is reused while each of its files keeps its
+    (path, size, mtime_ns), and not for files changed within 2 s of their check. With
+    ``cache_file`` (in a run folder, never in the data folder, which may be read-only) results
+    are also read from and written (atomically) to that JSON file, so they outlive the process.
+    """
     cases = list(cases)
-    found = {}
-    for case in _progress(cases, "checking cases"):
-        problems = check_case(case, deep=deep)
-        if problems:
-            found[case.case_id] = problems
-    return found
+    stored = _read_checks_file(Path(cache_file)) if cache_file is not None else {}
+    results: dict[str, list[str]] = {}
+    todo: list[tuple[Case, _Stats | None]] = []
+    for case in cases:
+        stats, hit = _file_stats(case), None
+        if stats is not None:
+            on_disk = stored.get((case.case_id, deep))
+            hit = _MEMO.get((case.case_id, deep, stats)) or (on_disk[1:] if on_disk and on_disk[0] == stats else None)
+        if hit is not None and all(mtime < hit[0] - _RACY_NS for _, _, mtime in stats):
+            _MEMO[(case.case_id, deep, stats)] = hit
+            results[case.case_id] = list(hit[1])
+        else:
+            todo.append((case, stats))
+    for case, stats in zip(_progress([c for c, _ in todo], "checking cases"), [s for _, s in todo]):
+        checked_ns = time.time_ns()
+        results[case.case_id] = check_case(case, deep=deep)
+        if stats is not None:
+            _MEMO[(case.case_id, deep, stats)] = (checked_ns, list(results[case.case_id]))
+    if todo:
+        logger.debug("checked %d case(s), reused the checks of %d", len(todo), len(cases) - len(todo))
+    if cache_file is not None:
+        _write_checks_file(Path(cache_file), stored, cases, deep)
+    return {c.case_id: results[c.case_id] for c in cases if results[c.case_id]}
 
 
-def validate_cases(cases: Iterable[Case], skip_bad_cases: bool = False, *, deep: bool = True) -> list[Case]:
-    """The cases that pass :func:`check_case`.
+def _write_checks_file(
+    path: Path, stored: dict[tuple[str, bool], tuple[_Stats, int, list[str]]], cases: list[Case], deep: bool
+) -> None:
+    """Keep the reusable results of ``cases`` in ``path``, beside those of other cases it holds."""
+    kept = dict(stored)
+    for case in cases:
+        stats = _file_stats(case)
+        hit = _MEMO.get((case.case_id, deep, stats)) if stats is not None else None
+        if hit is not None:
+            kept[(case.case_id, deep)] = (stats, *hit)
+    if kept != stored:
+        entries = [{"case_id": cid, "deep": d, "files": stats, "checked_ns": ns, "problems": problems}
+                   for (cid, d), (stats, ns, problems) in sorted(kept.items())]  # fmt: skip
+        write_json({"format": _CHECKS_FORMAT, "cases": entries}, path)
+
+
+def validate_cases(
+    cases: Iterable[Case], skip_bad_cases: bool = False, *, deep: bool = True, cache_file: str | Path | None = None
+) -> list[Case]:
+    """The cases that pass :func:`check_case` (results reused as in :func:`check_cases`).
 
     Raises :class:`DataError` listing the problems, or with ``skip_bad_cases`` logs a WARNING per
     bad case and drops it (never silently).
     """
     cases = list(cases)
-    found = check_cases(cases, deep=deep)
+    found = check_cases(cases, deep=deep, cache_file=cache_file)
     if found and not skip_bad_cases:
         raise DataError(format_problems([p for ps in found.values() for p in ps], f"{len(cases)} cases"))
     for problems in found.values():
@@ -168,8 +260,8 @@ def summarize(cases: Iterable[Case]) -> dict[str, CenterSummary]:
             img = nib.load(case.label)
             voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
             data = np.asanyarray(img.dataobj)
-            r["gtvp"].append(float(np.count_nonzero(data == 1)) * voxel_ml)
-            r["gtvn"].append(float(np.count_nonzero(data == 2)) * voxel_ml)
+            r["gtvp"].append(float(np.count_nonzero(data == GTVP)) * voxel_ml)
+            r["gtvn"].append(float(np.count_nonzero(data == GTVN)) * voxel_ml)
     return {
         center: CenterSummary(
             cases=len(r["ct_size"]),

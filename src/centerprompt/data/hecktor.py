@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from centerprompt.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -207,13 +208,6 @@ def make_splits(
     return splits
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def load_or_create_splits(
     data_dir: str | Path, cases: Iterable[Case], path: str | Path | None = None, seed: int = 0
 ) -> dict[str, dict[str, list[str]]]:
@@ -244,7 +238,7 @@ def load_or_create_splits(
             logger.info("reusing %s (made with seed %s)", path, stored.get("seed"))
         return splits
     splits = make_splits(cases, seed=seed)
-    _write_json_atomic(path, {"seed": seed, "centers": splits})
+    write_json({"seed": seed, "centers": splits}, path)
     logger.info("wrote splits for %d centers to %s", len(splits), path)
     return splits
 
@@ -261,9 +255,6 @@ class LocoSplit:
     adapt_val: list[str] = field(default_factory=list)
     new_test: list[str] = field(default_factory=list)
     old_test: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def leave_one_center_out(

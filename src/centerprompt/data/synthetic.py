@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,13 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from centerprompt.data.labels import GTVN, GTVP, LABELS
 from centerprompt.data.profiles import DEFAULT_PROFILES, CenterProfile
+from centerprompt.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1.0"
-LABELS = {"background": 0, "GTVp": 1, "GTVn": 2}
 _PET_FINE_MM = 3.0  # PET activity is averaged over sub-voxels no coarser than this (partial volume)
 _PET_STEP = 2.0**-10  # PET stored on a 1/1024 SUV grid, like a 16-bit DICOM store; keeps files small
 _HU_MIN, _HU_MAX = -1024, 3071
@@ -410,7 +410,7 @@ def _label(grid: _Grid, patient: Patient, profile: CenterProfile) -> np.ndarray:
     label = np.zeros(grid.shape, np.uint8)
     pad = max(profile.label_margin_mm, 0.0) + profile.label_roughness_mm
     contoured = [n for n in patient.nodes if n.suv * profile.suv_calibration >= profile.node_min_suv]
-    for tissue, value in [(n, LABELS["GTVn"]) for n in contoured] + [(patient.gtvp, LABELS["GTVp"])]:
+    for tissue, value in [(n, GTVN) for n in contoured] + [(patient.gtvp, GTVP)]:
         sl = grid.slices(*tissue.shape.box(pad))
         if sl is not None:
             q = tissue.shape.level(*grid.coords(sl), margin=profile.label_margin_mm,
@@ -509,18 +509,13 @@ def _case_descrip(seed: int, profile: CenterProfile, index: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, compress: bool = False) -> None:
-    """Write next to the target then rename, so an interrupted run never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if compress:  # level 3: as small as 6 on noisy CT, 3x faster; mtime=0 and no name: same bytes
-                with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=3, mtime=0) as gz:
-                    gz.write(data)
-            else:
-                f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically, so an interrupted run never leaves a partial file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if compress:  # level 3: as small as 6 on noisy CT, 3x faster; mtime=0 and no name: same bytes
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=3, mtime=0) as gz:
+                gz.write(data)
+        else:
+            f.write(data)
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, descrip: str) -> None:

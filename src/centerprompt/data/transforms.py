@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +53,7 @@ from monai.transforms import (
 )
 
 from centerprompt.data.hecktor import Case, DataError
+from centerprompt.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +290,8 @@ def save_prediction(pred: torch.Tensor | np.ndarray, data: dict, out_path: str |
     out.set_data_dtype(np.uint8)
     out.header.set_slope_inter(1.0, 0.0)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{os.getpid()}-{out_path.name}")  # same suffix: nibabel picks gzip by name
-    nib.save(out, tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path, keep_suffix=True) as tmp:  # same suffix: nibabel picks gzip by name
+        nib.save(out, tmp)
     return out_path
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from centerprompt.artifacts import atomic_path
-from centerprompt.bank import BASE, DISTANCE, Route, load_bank_model
+from centerprompt.bank.routing import DISTANCE, FALLBACK, Route
+from centerprompt.bank.serving import load_bank_model
+from centerprompt.files import atomic_path
 from centerprompt.evaluate import aggregate
 from centerprompt.jobs import base_preprocess, load_index, split_case_ids
 from centerprompt.scoring import Predictor, Scorer
@@ -33,15 +34,15 @@ def routing_summary(true_centers: Sequence[str], routes: Sequence[Route], bank_n
     A scan of a banked center is routed correctly when it goes to its own center; a scan of a
     center absent from the bank when it falls back to the base model (``accuracy_all`` counts both).
     """
-    columns = [*bank_names, BASE]
+    columns = [*bank_names, FALLBACK]
     confusion = {t: dict.fromkeys(columns, 0) for t in sorted(set(true_centers))}
     for t, r in zip(true_centers, routes):
         confusion[t][r.center] += 1
     known = [(t, r) for t, r in zip(true_centers, routes) if t in bank_names]
-    right = sum(r.center == (t if t in bank_names else BASE) for t, r in zip(true_centers, routes))
+    right = sum(r.center == (t if t in bank_names else FALLBACK) for t, r in zip(true_centers, routes))
     unknown = {}
     for t in sorted(set(true_centers) - set(bank_names)):
-        n, fallback = sum(confusion[t].values()), confusion[t][BASE]
+        n, fallback = sum(confusion[t].values()), confusion[t][FALLBACK]
         unknown[t] = {"n": n, "fallback": fallback, "wrong_center": n - fallback, "fallback_rate": fallback / n}
     return {
         "columns": columns, "confusion": confusion, "n_known": len(known),
@@ -52,10 +53,10 @@ def routing_summary(true_centers: Sequence[str], routes: Sequence[Route], bank_n
 
 def _chooser(mode: str, bank_names: Sequence[str]) -> Any:
     """``(true center, route) -> bank center or "base"`` serving a scan under ``mode``."""
-    if mode == BASE:
-        return lambda center, route: BASE
+    if mode == FALLBACK:
+        return lambda center, route: FALLBACK
     if mode == "oracle":  # the true center's prompts when it has an entry; the base model otherwise
-        return lambda center, route: center if center in bank_names else BASE
+        return lambda center, route: center if center in bank_names else FALLBACK
     if mode == "auto":
         return lambda center, route: route.center
     if mode not in bank_names:
@@ -82,7 +83,7 @@ def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]],
 
 
 def run_bank(
-    data_dir: str | Path, base: str | Path, bank: str | Path, *, modes: Sequence[str] = ("base", "oracle", "auto"),
+    data_dir: str | Path, base: str | Path, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
     threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
@@ -171,7 +172,7 @@ def routing_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {t} | {u['n']} | {u['fallback']} | {u['wrong_center']} |")
     modes = result.get("modes") or {}
     if modes:
-        names = [m if m in (BASE, "oracle", "auto") else f"single {m}" for m in modes]
+        names = [m if m in (FALLBACK, "oracle", "auto") else f"single {m}" for m in modes]
         lines += ["", "DSCagg (mean of GTVp and GTVn) per center:", "",
                   "| center | in bank | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(modes)]  # fmt: skip
         for t in routing["confusion"]:
@@ -206,7 +207,7 @@ def plot_confusion(result: dict[str, Any], path: str | Path) -> Path:
 
 def write_routing_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``OUT/bank_eval.json``, ``OUT/bank_eval.md`` and ``OUT/confusion.png``."""
-    from centerprompt.report import write_json
+    from centerprompt.files import write_json
 
     out = Path(out_dir)
     paths = {"json": write_json(result, out / "bank_eval.json"), "png": plot_confusion(result, out / "confusion.png")}

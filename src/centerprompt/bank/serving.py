@@ -1,0 +1,135 @@
+"""Serving a bank: one frozen backbone, every center's prompts, batches that mix centers.
+
+A scan goes to a bank center (that center's prompt tokens on the shared backbone) or falls back
+to the plain base model (:data:`~centerprompt.bank.routing.FALLBACK`); ``center="auto"`` lets
+:mod:`centerprompt.bank.routing` decide per scan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from centerprompt.artifacts import load_model
+from centerprompt.bank.routing import FALLBACK, Route, route_features, scan_features
+from centerprompt.bank.storage import LoadedBank, PromptBank
+from centerprompt.data.transforms import save_prediction
+from centerprompt.evaluate import sliding_window_predict
+from centerprompt.jobs import base_preprocess, prediction_inputs
+from centerprompt.models.prompted_unetr import PromptedUNETR
+from centerprompt.scoring import SW_BATCH
+from centerprompt.train import default_device
+
+logger = logging.getLogger(__name__)
+
+
+def _tie_backbone(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s parameter and buffer objects: one copy of the backbone in memory."""
+    for name, tensor in [*src.named_parameters(), *src.named_buffers()]:
+        owner, _, leaf = name.rpartition(".")
+        setattr(dst.get_submodule(owner), leaf, tensor)
+
+
+class BankModel(nn.Module):
+    """One frozen backbone seen twice: plain (fallback and routing queries) and prompted (bank entries).
+
+    The prompted twin shares the plain model's tensors, so both always hold the same weights.
+    Inference only: everything is frozen and in eval mode.
+    """
+
+    def __init__(self, base: PromptedUNETR, bank: LoadedBank) -> None:
+        super().__init__()
+        if base.prompt_mode != "none":
+            raise ValueError("BankModel needs the plain base model (prompt_mode='none').")
+        self.base = base
+        self.prompted = PromptedUNETR(**{**base.config, "prompt_mode": bank.prompt_mode,
+                                         "num_prompts": bank.num_prompts, "prompt_dropout": 0.0})  # fmt: skip
+        _tie_backbone(base, self.prompted)
+        self.bank = bank
+        self.register_buffer("bank_prompts", bank.prompts.clone(), persistent=False)  # (K, S, P, C)
+        self.register_buffer("keys", bank.keys.clone(), persistent=False)  # (K', C)
+        self.requires_grad_(False)  # inference only: the prompts come from the bank, nothing trains
+        self.eval()
+
+    @classmethod
+    def from_files(cls, base: str | Path, bank: str | Path) -> BankModel:
+        model = load_model(base, prompt_mode="none")
+        return cls(model, PromptBank.load(bank, model))
+
+    @property
+    def names(self) -> list[str]:
+        return self.bank.names
+
+    def prompts_for(self, centers: Sequence[str]) -> torch.Tensor:
+        """Per-sample prompts (B, S, P, C) for bank centers."""
+        unknown = sorted({c for c in centers if c not in self.names})
+        if unknown:
+            raise ValueError(f"center(s) {unknown} are not in the bank (centers: {', '.join(self.names)}).")
+        return self.bank_prompts[[self.names.index(c) for c in centers]]
+
+    def route(self, image: torch.Tensor, threshold: float | None = None) -> list[Route]:
+        """Routing decision per scan of a preprocessed batch (B, C, *spatial)."""
+        features = scan_features(self.base, image)
+        return route_features(features, self.keys.cpu(), self.bank.key_names, self.bank.threshold(threshold))
+
+    def member(self, center: str) -> tuple[PromptedUNETR, dict[str, Any]]:
+        """The network and keyword arguments serving ``center`` (``"base"``: the plain model)."""
+        if center == FALLBACK:
+            return self.base, {}
+        return self.prompted, {"prompts": self.prompts_for([center])[0]}
+
+    def forward(self, x: torch.Tensor, centers: Sequence[str]) -> torch.Tensor:
+        """Logits for a batch mixing centers: ONE prompted pass for bank centers, one base pass for ``"base"``.
+
+        Fallback samples cannot share the prompted pass (any prompt tokens change attention), so
+        they run through the plain model separately and are put back in batch order.
+        """
+        if len(centers) != x.shape[0]:
+            raise ValueError(f"got {len(centers)} centers for a batch of {x.shape[0]}.")
+        banked = [i for i, c in enumerate(centers) if c != FALLBACK]
+        plain = [i for i, c in enumerate(centers) if c == FALLBACK]
+        parts = []
+        if banked:
+            prompts = self.prompts_for([centers[i] for i in banked])
+            parts.append((banked, self.prompted(x[banked], prompts=prompts)))
+        if plain:
+            parts.append((plain, self.base(x[plain])))
+        out = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
+        for idx, logits in parts:
+            out[idx] = logits
+        return out
+
+
+def load_bank_model(base: str | Path, bank: str | Path, device: torch.device | None = None) -> BankModel:
+    """The base checkpoint and a bank folder as one :class:`BankModel` on ``device``."""
+    model = BankModel.from_files(base, bank)
+    return model.to(device) if device is not None else model
+
+
+def predict_with_bank(
+    base: str | Path, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
+    center: str = "auto", threshold: float | None = None, progress: bool = True,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
+    center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
+    scan: input, output path, the center used and, when routed, the distances.
+    """
+    model = load_bank_model(base, bank, default_device())
+    if center not in ("auto", FALLBACK):
+        model.prompts_for([center])
+    preprocess = base_preprocess(base)
+    records = []
+    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
+        route = model.route(image, threshold)[0] if center == "auto" else None
+        chosen = route.center if route else center
+        net, kwargs = model.member(chosen)
+        pred = sliding_window_predict(net, image, preprocess.roi_size, SW_BATCH, **kwargs).argmax(1).cpu()
+        save_prediction(pred, data, out, transform)
+        records.append({"ct": str(ct), "out": str(out), "center": chosen, "route": route.to_dict() if route else None})
+        logger.info("%s -> %s with %s", ct, out, chosen)
+    return records

@@ -1,0 +1,233 @@
+"""The bank folder: its ``bank.json`` index, adding, listing and removing centers, loading them.
+
+A bank is a folder::
+
+    BANK/bank.json                 backbone fingerprint, model config, prompt mode, P, one row per center
+    BANK/<CENTER>.safetensors      the center's prompt-only adapter (copied as it is)
+    BANK/<CENTER>.key.safetensors  its routing key (optional): the mean frozen-encoder feature
+
+Only adapters of a bankable strategy (the registry's ``Strategy.bankable``: shallow and deep VPT
+prompts) can be banked: they leave the backbone untouched, so one forward pass can serve a batch
+that mixes centers (per-sample prompts (B, S, P, C)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from centerprompt.artifacts import PROMPT_FIELDS, backbone_fingerprint, read_adapter_metadata
+from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
+from centerprompt.files import atomic_path
+from centerprompt.strategies import bankable_names
+
+logger = logging.getLogger(__name__)
+
+BANK_FORMAT = "centerprompt-bank/1"
+KEY_FORMAT = "centerprompt-bank-key/1"
+BANK_FILE = "bank.json"
+PROMPT_TENSOR = "prompts.tokens"  # the one tensor a bankable adapter file holds
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_ENTRY_FILE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.key)?\.safetensors$")
+_TMP_FILE_RE = re.compile(r"^\..+\.tmp$")  # files.atomic_path's temporary names
+
+
+def validate_center(name: str) -> str:
+    """A center name is 1-32 letters, digits, '-' or '_', so no name can write outside the bank."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"center name {name!r} must be 1-32 letters, digits, '-' or '_'.")
+    if name in RESERVED:
+        raise ValueError(f"center name {name!r} is reserved ({', '.join(RESERVED)} name routing modes).")
+    return name
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    center: str
+    file: str
+    key_file: str | None
+    routing: dict[str, Any] | None
+    created: str
+    strategy: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LoadedBank:
+    """Stacked prompts (K, S, P, C) in ``names`` order, and the keys (K', C) of the centers that have one."""
+
+    names: list[str]
+    prompts: torch.Tensor
+    key_names: list[str]
+    keys: torch.Tensor
+    thresholds: dict[str, float]
+    prompt_mode: str
+    num_prompts: int
+
+    def threshold(self, value: float | None = None) -> float:
+        """``value`` if given, else the largest per-center threshold (no bank center's own cases fall back)."""
+        if value is not None:
+            return float(value)
+        return max(self.thresholds.values(), default=math.inf)
+
+
+class PromptBank:
+    """A folder of prompt-only adapters sharing one backbone fingerprint, prompt mode and P.
+
+    Writes are atomic (entry files first, then ``bank.json``), so an interrupted ``add`` leaves
+    ``bank.json`` as it was; files without a row are removed by the next ``add``. One writer at a time.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.index_path = self.path / BANK_FILE
+
+    def _read(self) -> dict[str, Any]:
+        if not self.index_path.exists():
+            return {"format": BANK_FORMAT, "backbone_fingerprint": None, "config": None, "prompt_mode": None,
+                    "num_prompts": None, "distance": DISTANCE, "entries": []}  # fmt: skip
+        try:
+            index = json.loads(self.index_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.index_path}: not valid JSON ({err}).") from err
+        if index.get("format") != BANK_FORMAT:
+            raise ValueError(f"{self.index_path}: not a {BANK_FORMAT} file (format is {index.get('format')!r}).")
+        return index
+
+    def _write(self, index: dict[str, Any]) -> None:
+        with atomic_path(self.index_path) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+
+    def entries(self) -> list[BankEntry]:
+        return [BankEntry(**e) for e in self._read()["entries"]]
+
+    def names(self) -> list[str]:
+        return [e.center for e in self.entries()]
+
+    def _clean_orphans(self, index: dict[str, Any]) -> None:
+        """Remove entry and temporary files left by an interrupted add (no row in bank.json)."""
+        if not self.path.is_dir():
+            return
+        keep = {e["file"] for e in index["entries"]} | {e["key_file"] for e in index["entries"] if e["key_file"]}
+        for p in self.path.iterdir():
+            if p.is_file() and p.name not in keep and (_ENTRY_FILE_RE.match(p.name) or _TMP_FILE_RE.match(p.name)):
+                logger.info("removing %s (left by an interrupted add)", p)
+                p.unlink()
+
+    def check(self, center: str, adapter: str | Path) -> dict[str, Any]:
+        """Refuse (ValueError) what ``add`` would refuse; return the adapter's metadata."""
+        center, adapter = validate_center(center), Path(adapter)
+        index = self._read()
+        if any(e["center"] == center for e in index["entries"]):
+            raise ValueError(f"center {center} is already in bank {self.path}; remove it first to replace it.")
+        meta = read_adapter_metadata(adapter)
+        bankable = bankable_names()  # an unregistered strategy is not bankable either
+        if meta["strategy"] not in bankable or meta["tensors"] != [PROMPT_TENSOR]:
+            raise ValueError(
+                f"{adapter}: strategy {meta['strategy']!r} is not prompt-only; only {', '.join(bankable)} "
+                "adapters leave the backbone untouched and can be banked."
+            )
+        fp, config = meta["backbone_fingerprint"], meta["config"]
+        if index["backbone_fingerprint"] not in (None, fp):
+            raise ValueError(
+                f"{adapter}: adapter was trained on backbone {fp}, bank {self.path} holds backbone "
+                f"{index['backbone_fingerprint']}."
+            )
+        if index["config"] is not None:
+            diff = [k for k in config if k not in PROMPT_FIELDS[2:] and index["config"].get(k) != config[k]]
+            if diff:
+                shown = ", ".join(f"{k}={config[k]} (bank: {index['config'].get(k)})" for k in diff)
+                raise ValueError(f"{adapter}: adapter does not fit bank {self.path}: {shown}.")
+        return meta
+
+    def add(self, center: str, adapter: str | Path, key: RoutingKey | None = None) -> BankEntry:
+        """Copy a prompt-only adapter into the bank as ``center``, with its routing key if given."""
+        meta, adapter = self.check(center, adapter), Path(adapter)
+        fp, config = meta["backbone_fingerprint"], meta["config"]
+        if key is not None and key.fingerprint != fp:
+            raise ValueError(f"routing key of {center} comes from backbone {key.fingerprint}, {adapter} from {fp}.")
+        if meta["extra"].get("center") not in (None, center):
+            logger.warning("%s was adapted to center %s, banked as %s", adapter, meta["extra"]["center"], center)
+
+        index = self._read()
+        self._clean_orphans(index)
+        entry = BankEntry(center=center, file=f"{center}.safetensors", key_file=None, routing=None,
+                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          strategy=meta["strategy"], bytes=adapter.stat().st_size)  # fmt: skip
+        with atomic_path(self.path / entry.file) as tmp:
+            shutil.copyfile(adapter, tmp)
+        if key is not None:
+            entry = replace(entry, key_file=f"{center}.key.safetensors", routing=key.stats())
+            with atomic_path(self.path / entry.key_file) as tmp:
+                save_file({"key": key.key.contiguous(), "distances": key.distances.contiguous()}, str(tmp),
+                          metadata={"format": KEY_FORMAT, "center": center, "backbone_fingerprint": fp,
+                                    "distance": DISTANCE})  # fmt: skip
+        index.update(backbone_fingerprint=fp, config=config, prompt_mode=config["prompt_mode"],
+                     num_prompts=config["num_prompts"])  # fmt: skip
+        index["entries"].append(asdict(entry))
+        self._write(index)
+        logger.info("banked %s from %s (%s, key: %s)", center, adapter, meta["strategy"], key is not None)
+        return entry
+
+    def remove(self, center: str) -> None:
+        """Delete the row (bank.json first, so a crash leaves only an orphan file), then the files."""
+        index = self._read()
+        rows = [e for e in index["entries"] if e["center"] == center]
+        if not rows:
+            known = ", ".join(self.names()) or "none"
+            raise ValueError(f"center {center!r} is not in bank {self.path} (centers: {known}).")
+        index["entries"] = [e for e in index["entries"] if e["center"] != center]
+        if not index["entries"]:  # an empty bank accepts any backbone again
+            index.update(backbone_fingerprint=None, config=None, prompt_mode=None, num_prompts=None)
+        self._write(index)
+        for name in (rows[0]["file"], rows[0]["key_file"]):
+            if name:
+                (self.path / name).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module) -> LoadedBank:
+        """Every entry's prompts, stacked (K, S, P, C), after checking it fits ``model``'s backbone."""
+        bank = cls(path)
+        index = bank._read()
+        if not index["entries"]:
+            raise ValueError(f"bank {bank.path} is empty (no {BANK_FILE} or no entries).")
+        found = backbone_fingerprint(model)
+        config = getattr(model, "config", {})
+        diff = [k for k in index["config"] if k not in PROMPT_FIELDS and config.get(k) != index["config"][k]]
+        if diff:
+            raise ValueError(f"bank {bank.path} was built for another backbone configuration ({', '.join(diff)}).")
+        prompts, key_names, keys, thresholds = [], [], [], {}
+        for e in bank.entries():
+            file = bank.path / e.file
+            expected = read_adapter_metadata(file)["backbone_fingerprint"]
+            if expected != found:
+                raise ValueError(
+                    f"{file}: adapter was trained on backbone {expected}, this model's backbone is {found}."
+                )
+            prompts.append(load_file(str(file))[PROMPT_TENSOR].float())  # (S, P, C)
+            if e.key_file:
+                key_path = bank.path / e.key_file
+                with safe_open(str(key_path), framework="pt") as f:
+                    if (f.metadata() or {}).get("backbone_fingerprint") != found:
+                        raise ValueError(f"{key_path}: routing key was computed on another backbone than {found}.")
+                    keys.append(f.get_tensor("key").float())
+                key_names.append(e.center)
+                thresholds[e.center] = float(e.routing["threshold"])
+        hidden = prompts[0].shape[-1]
+        return LoadedBank(
+            names=[e.center for e in bank.entries()], prompts=torch.stack(prompts), key_names=key_names,
+            keys=torch.stack(keys) if keys else torch.empty(0, hidden), thresholds=thresholds,
+            prompt_mode=index["prompt_mode"], num_prompts=index["num_prompts"],
+        )  # fmt: skip

@@ -1,0 +1,207 @@
+"""Run configurations: one validated dataclass per job, built once (by the CLI or in Python) and passed down whole.
+
+A run's *provenance* is what determines its result: the dataclass fields minus how it is executed
+(output folder, resume, progress bars). The job adds what it resolves (the preset's defaults, the
+case lists, the hash of its input checkpoint) and writes all of it to the run folder's
+``config.json``; a finished run is reused only when that file equals what is asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from centerprompt.presets import PRESETS, Preset
+from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_strategy, strategy_names
+
+OPTIMIZER_NAMES = ("adamw", "sgd")
+SCORE_AT = ("ct", "preprocessed")
+ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
+EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change")
+
+
+def _positive(name: str, value: int | float | None, minimum: float = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum:g}, got {value}.")
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples become lists and paths strings, as they are once written to a JSON file."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a configuration's canonical JSON."""
+    return hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes: the identity of a run's input checkpoint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    def provenance(self) -> dict[str, Any]:
+        """The fields that determine the result (JSON-ready)."""
+        return _jsonable({k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Training(_Run):
+    """What every training job takes. ``epochs`` and ``batch_size`` default to the preset's."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    patience: int = 10  # validations without improvement before stopping (0: never stop early)
+    seed: int = 0
+    amp: bool = False
+    compile: bool = False
+    resume: bool = False
+    skip_bad_cases: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("--epochs", self.epochs)
+        _positive("--batch-size", self.batch_size)
+        _positive("--lr", self.lr, 1e-12)
+        _positive("--patience", self.patience, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainRun(_Training):
+    """Train the base model (every weight) on every center but ``exclude_center``.
+
+    ``oracle_shots`` > 0 trains the in-domain oracle instead: the excluded center's adaptation
+    cases join the training set (``jobs.pretrain_case_ids``). ``lr`` defaults to the preset's;
+    ``cases_limit`` caps the training cases (smoke tests).
+    """
+
+    data_dir: Path
+    out: Path
+    exclude_center: str | None = None
+    preset: str = "cpu"
+    oracle_shots: int = 0
+    cases_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+        _positive("oracle shots", self.oracle_shots, 0)
+        _positive("cases_limit", self.cases_limit)
+        if self.oracle_shots and not self.exclude_center:
+            raise ValueError("an oracle needs the center it stands for: give exclude_center.")
+
+    @property
+    def preset_obj(self) -> Preset:
+        return PRESETS[self.preset]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptRun(_Training):
+    """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
+
+    ``options`` are the strategy's (``Strategy.options``); they are stored with every default
+    filled in. ``lr`` defaults to the strategy's.
+    """
+
+    data_dir: Path
+    center: str
+    base: Path
+    out: Path
+    strategy: str = DEFAULT_STRATEGY
+    num_prompts: int = 10  # P, prompt tokens per set (the model's ``num_prompts``)
+    shots: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+    prompt_dropout: float = 0.0
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        strategy = get_strategy(self.strategy)
+        object.__setattr__(self, "options", strategy.resolve_options(self.options))
+        _positive("--prompts", self.num_prompts)
+        _positive("--shots", self.shots)
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}.")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {self.optimizer!r}.")
+
+    def provenance(self) -> dict[str, Any]:
+        # The base file's bytes identify it (its hash is added by the job), not its path; a strategy
+        # without prompts does not depend on P, so a changed P does not retrain it.
+        unused = {"base"} | ({"num_prompts", "prompt_dropout"} if get_strategy(self.strategy).prompt_mode == "none" else set())
+        return {k: v for k, v in super().provenance().items() if k not in unused}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentRun(_Run):
+    """The leave-one-center-out comparison for ``new_center``: pretrain (or ``base``), adapt with
+    each strategy, score new and old centers. ``on_change``: what to do with a finished stage in
+    ``out`` whose provenance differs from what is asked (re-run it, or refuse)."""
+
+    data_dir: Path
+    new_center: str
+    out: Path
+    strategies: tuple[str, ...] = field(default_factory=lambda: (*strategy_names(STANDARD), ORACLE))
+    base: Path | None = None
+    preset: str = "cpu"
+    shots: int = 8
+    num_prompts: int = 10  # P, prompt tokens per set (the model's ``num_prompts``)
+    pretrain_epochs: int | None = None
+    adapt_epochs: int | None = None
+    patience: int = 10
+    seed: int = 0
+    score_at: str = "ct"
+    on_change: str = "rerun"
+    skip_bad_cases: bool = False
+    progress: bool = True
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        names = tuple(self.strategies)
+        object.__setattr__(self, "strategies", names)
+        if not names:
+            raise ValueError("--strategies: give at least one strategy.")
+        for name in names:
+            if name != ORACLE:
+                get_strategy(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"--strategies lists a name twice: {', '.join(names)}.")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+        _positive("--shots", self.shots)
+        _positive("--prompts", self.num_prompts)
+        _positive("--pretrain-epochs", self.pretrain_epochs)
+        _positive("--adapt-epochs", self.adapt_epochs)
+        _positive("--patience", self.patience, 0)
+        if self.score_at not in SCORE_AT:
+            raise ValueError(f"--score-at must be one of {', '.join(SCORE_AT)}, got {self.score_at!r}.")
+        if self.on_change not in ON_CHANGE:
+            raise ValueError(f"--on-change must be one of {', '.join(ON_CHANGE)}, got {self.on_change!r}.")
+
+    def pretrain_run(self, preset: str | None = None, oracle: bool = False) -> PretrainRun:
+        """The base model's pretraining (or, ``oracle=True``, the in-domain oracle's) as this experiment asks it."""
+        return PretrainRun(
+            data_dir=self.data_dir, out=self.out / (ORACLE if oracle else "pretrain"), exclude_center=self.new_center,
+            preset=preset or self.preset, epochs=self.pretrain_epochs, patience=self.patience, seed=self.seed,
+            oracle_shots=self.shots if oracle else 0, resume=True, skip_bad_cases=self.skip_bad_cases,
+            progress=self.progress,
+        )  # fmt: skip
+
+    def adapt_run(self, strategy: str, base: Path) -> AdaptRun:
+        return AdaptRun(
+            data_dir=self.data_dir, center=self.new_center, base=base, out=self.out / "adapt" / strategy,
+            strategy=strategy, num_prompts=self.num_prompts, shots=self.shots, epochs=self.adapt_epochs,
+            patience=self.patience, seed=self.seed, resume=True, skip_bad_cases=self.skip_bad_cases,
+            progress=self.progress,
+        )  # fmt: skip

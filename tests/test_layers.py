@@ -1,0 +1,52 @@
+"""Imports point one way: no module imports a module of a higher layer (lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Lowest first. A module may import its own layer and the layers below, never a higher one.
+LAYERS: list[set[str]] = [
+    {"files", "data.labels", "data.profiles", "models.prompts", "data", "models"},
+    {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "models.prompted_unetr", "evaluate"},
+    {"strategies", "presets"},
+    {"config", "artifacts", "train", "report", "scoring"},
+    {"jobs"},
+    {"reliance"},
+    {"experiment", "bank", "bank.storage", "bank.routing", "bank.serving", "bank.evaluation"},
+    {"cli", "cli.runs", "cli.bank", "cli.data", "cli.synth", ""},  # "" is the package's lazy facade
+]
+LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(SRC / "centerprompt").with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "centerprompt":
+            names = [node.module] if node.module != "centerprompt" else [f"centerprompt.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "centerprompt"]
+        found |= {n.removeprefix("centerprompt").lstrip(".") for n in names}
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards() -> None:
+    modules = {_module(p): p for p in (SRC / "centerprompt").rglob("*.py")}
+    assert set(modules) <= set(LEVEL), f"give these modules a layer: {sorted(set(modules) - set(LEVEL))}"
+    upward = [
+        f"{name} (layer {LEVEL[name]}) imports {dep} (layer {LEVEL[dep]})"
+        for name, path in modules.items()
+        for dep in _imports(path)
+        if dep in LEVEL and LEVEL[dep] > LEVEL[name]
+    ]
+    assert not upward, "\n".join(upward)
+    unknown = {dep for path in modules.values() for dep in _imports(path)} - set(LEVEL)
+    assert not unknown, f"imports of modules that do not exist: {sorted(unknown)}"
