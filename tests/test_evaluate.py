@@ -49,6 +49,30 @@ def test_hd95_of_disjoint_shifted_cubes_uses_spacing(axis, spacing, expected):
     assert m["hd95"] == pytest.approx(expected)
 
 
+def test_hd95_on_the_cropped_box_equals_monai_on_the_whole_volume():
+    """case_metrics crops to the objects before the distance maps; the result must not change,
+    also for objects that touch the volume's border or lie far apart."""
+    from monai.metrics import compute_hausdorff_distance
+
+    gen = np.random.default_rng(0)
+    for _ in range(4):
+        pred, label = np.zeros((40, 36, 30), np.int64), np.zeros((40, 36, 30), np.int64)
+        for volume, shift in ((pred, 0), (label, 3)):
+            for _ in range(3):
+                lo = gen.integers(0, 30, size=3)
+                hi = lo + gen.integers(2, 10, size=3)
+                volume[lo[0] + shift : hi[0] + shift, lo[1] : hi[1], lo[2] : hi[2]] = gen.integers(1, 3)
+        label[0:4, 0:5, 0:3] = 1  # on the border
+        spacing = (1.5, 1.0, 3.0)
+        ours = case_metrics(pred, label, spacing)
+        for name, c in (("gtvp", 1), ("gtvn", 2)):
+            p = torch.from_numpy(pred == c)[None, None].float()
+            g = torch.from_numpy(label == c)[None, None].float()
+            if p.sum() and g.sum():
+                full = float(compute_hausdorff_distance(p, g, percentile=95, spacing=list(spacing))[0, 0])
+                assert ours[name]["hd95"] == pytest.approx(full), name
+
+
 def test_empty_class_semantics():
     label = _cube()  # no GTVn in the ground truth
     both_empty = case_metrics(label, label)["gtvn"]
