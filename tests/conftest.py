@@ -3,7 +3,8 @@
 Each case is a phantom defined in world coordinates (mm): a body cylinder, a primary tumour
 (GTVp, label 1) and a node (GTVn, label 2). CT is 40x40x30 voxels at 2.5x2.5x3 mm in LPS-like
 orientation (flipped x and y axes, as DICOM converters write); PET is on a coarser 4 mm RAS grid
-with another origin and a larger extent, like a real PET/CT pair.
+with another origin and a larger extent, like a real PET/CT pair. ``two_centers`` is the synthetic
+dataset (``centerprompt.data.synthetic``) that the end-to-end command tests share.
 """
 
 from __future__ import annotations
@@ -81,3 +82,14 @@ def hecktor_dir(tmp_path: Path) -> Path:
         write_case(root, f"CHUM-00{i}", label_sep="-")
         write_case(root, f"MDA-00{i}", label_sep="_")
     return root
+
+
+@pytest.fixture(scope="session")
+def two_centers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic CHUM and MDA, six cases each (seed 1), generated once for the end-to-end command tests
+    (test_cli.py, test_byo_checkpoint.py); read-only for them (commands add splits.json with seed 0)."""
+    from centerprompt.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=6, seed=1, progress=False)
+    return out

@@ -14,12 +14,8 @@ from centerprompt.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from centerprompt.data.synthetic import generate_dataset
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=6, seed=1, progress=False)
-    return out
+def data(two_centers: Path) -> Path:
+    return two_centers
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[set[str]] = [
     {"files", "data.labels", "data.profiles", "models.prompts", "data", "models"},
     {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "models.prompted_unetr", "evaluate"},
-    {"strategies", "presets"},
+    {"strategies", "presets", "checkpoints"},
     {"config", "artifacts", "train", "report", "scoring"},
     {"jobs"},
     {"reliance"},

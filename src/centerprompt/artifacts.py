@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from centerprompt.checkpoints import MODEL_FORMAT, PROMPT_FIELDS, BaseLike, read_safetensors, resolve_base
+from centerprompt.checkpoints import config_from_state_dict as config_from_state_dict  # re-exported (older imports)
 from centerprompt.files import atomic_path
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.strategies import BASE, apply_strategy, get_strategy, is_added_tensor
 
-MODEL_FORMAT = "centerprompt-model/1"
 ADAPTER_FORMAT = "centerprompt-adapter/1"
-# Config fields that describe prompts, not the backbone: an adapter may change them.
-PROMPT_FIELDS = ("prompt_mode", "num_prompts", "prompt_dropout")
 
 
 def _base_name(name: str) -> str:
@@ -53,22 +51,6 @@ def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = 
     return digest.hexdigest()[:16]
 
 
-def _read_metadata(
-    path: Path, expected_format: str, with_tensors: bool = True
-) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
-    if meta.get("format") != expected_format:
-        raise ValueError(f"{path}: not a {expected_format} file (format is {meta.get('format')!r}).")
-    return meta, tensors
-
-
 # ----------------------------------------------------------------------------- full checkpoints
 
 
@@ -83,61 +65,21 @@ def save_model(model: PromptedUNETR, path: str | Path, extra: Mapping[str, Any] 
 
 def read_model_metadata(path: str | Path) -> dict[str, Any]:
     """Configuration and extra metadata (e.g. the preprocessing it was trained with) of a checkpoint."""
-    meta, _ = _read_metadata(Path(path), MODEL_FORMAT, with_tensors=False)
+    meta, _ = read_safetensors(Path(path), MODEL_FORMAT, with_tensors=False)
     return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
 
 
-def config_from_state_dict(state: Mapping[str, torch.Tensor], num_heads: int = 12) -> dict[str, Any]:
-    """Recover a UNETR configuration from a bare MONAI state dict (``num_heads`` is not in it)."""
-    try:
-        pos = state["vit.patch_embedding.position_embeddings"]  # (1, N, C)
-        patch_w = state["vit.patch_embedding.patch_embeddings.weight"]  # (C, in, p, p, p)
-        side = round(pos.shape[1] ** (1 / 3)) * patch_w.shape[-1]
-        return dict(
-            in_channels=patch_w.shape[1], out_channels=state["out.conv.conv.weight"].shape[0],
-            img_size=[side] * 3, feature_size=state["out.conv.conv.weight"].shape[1],
-            hidden_size=patch_w.shape[0], mlp_dim=state["vit.blocks.0.mlp.linear1.weight"].shape[0],
-            num_heads=num_heads, qkv_bias="vit.blocks.0.attn.qkv.bias" in state,
-            num_layers=len({k.split(".")[2] for k in state if k.startswith("vit.blocks.")}),
-            patch_size=patch_w.shape[-1],
-        )  # fmt: skip
-    except KeyError as err:
-        raise ValueError(f"not a UNETR state dict: key {err} is missing.") from err
+def load_model(base: BaseLike, **overrides: Any) -> PromptedUNETR:
+    """Build a PromptedUNETR from a base checkpoint of any supported source.
 
-
-def load_model(path: str | Path, **overrides: Any) -> PromptedUNETR:
-    """Build a PromptedUNETR from a checkpoint.
-
-    ``.safetensors`` files written by :func:`save_model` carry their configuration. A MONAI
-    ``UNETR`` state dict in a ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)``
-    and its configuration inferred (pass ``num_heads`` if it is not 12, and ``img_size`` if the
-    volume is not a cube). ``overrides`` change configuration fields, e.g. ``prompt_mode="deep"``.
+    ``.safetensors`` files written by :func:`save_model` carry their configuration; a MONAI
+    ``UNETR`` state dict (``.pt``/``.pth``, read with ``torch.load(weights_only=True)``), a
+    checkpoint dict holding one, or a MONAI bundle folder are read by
+    :func:`centerprompt.checkpoints.resolve_base` (pass ``num_heads`` if it is not 12, and
+    ``img_size`` if the volume is not a cube). ``overrides`` change configuration fields, e.g.
+    ``prompt_mode="deep"``.
     """
-    path = Path(path)
-    if path.suffix in (".pt", ".pth", ".ckpt"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors are varied; all mean the same to a user
-            raise ValueError(f"{path}: cannot read checkpoint ({err}).") from err
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        config = config_from_state_dict(state, num_heads=overrides.pop("num_heads", 12))
-    else:
-        meta, state = _read_metadata(path, MODEL_FORMAT)
-        config = json.loads(meta["config"])
-    config.update(overrides)
-    model = PromptedUNETR(**config)
-    try:
-        model.load_backbone_state_dict(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    if "prompts.tokens" in state and model.prompts is not None:
-        if state["prompts.tokens"].shape == model.prompts.tokens.shape:
-            model.prompts.tokens.data.copy_(state["prompts.tokens"])
-    return model
+    return resolve_base(base).build(**overrides)
 
 
 # ----------------------------------------------------------------------------- per-center adapters
@@ -173,7 +115,7 @@ def save_adapter(
 
 def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
     """Strategy, options, configuration, fingerprint and tensor names of an adapter file."""
-    meta, tensors = _read_metadata(Path(path), ADAPTER_FORMAT)
+    meta, tensors = read_safetensors(Path(path), ADAPTER_FORMAT)
     return {
         "strategy": meta["strategy"],
         "num_prompts": int(meta["num_prompts"]),
@@ -192,7 +134,7 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
     fields) or when the backbone weights differ (fingerprints).
     """
     path = Path(path)
-    meta, tensors = _read_metadata(path, ADAPTER_FORMAT)
+    meta, tensors = read_safetensors(path, ADAPTER_FORMAT)
     config = json.loads(meta["config"])
     diff = [k for k in config if k not in PROMPT_FIELDS and model.config.get(k) != config[k]]
     if diff:
@@ -223,8 +165,9 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
     return read_adapter_metadata(path)
 
 
-def build_adapted_model(base: str | Path, adapter: str | Path | None = None) -> PromptedUNETR:
-    """The base checkpoint with an adapter applied (or the base alone), ready for inference."""
+def build_adapted_model(base: BaseLike, adapter: str | Path | None = None) -> PromptedUNETR:
+    """The base checkpoint (any source :func:`load_model` reads) with an adapter applied (or alone), for inference."""
+    base = resolve_base(base)
     if adapter is None:
         model = load_model(base)
         apply_strategy(model, BASE)

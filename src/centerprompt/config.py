@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from centerprompt.checkpoints import BaseSpec
 from centerprompt.presets import PRESETS, Preset
 from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_strategy, strategy_names
 
@@ -21,6 +22,7 @@ OPTIMIZER_NAMES = ("adamw", "sgd")
 SCORE_AT = ("ct", "preprocessed")
 ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
 EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change")
+BASE_FIELDS = ("model_config", "preprocess")  # in a run's provenance only when given
 
 
 def _positive(name: str, value: int | float | None, minimum: float = 1) -> None:
@@ -50,8 +52,23 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True, kw_only=True)
 class _Run:
     def provenance(self) -> dict[str, Any]:
-        """The fields that determine the result (JSON-ready)."""
-        return _jsonable({k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS})
+        """The fields that determine the result (JSON-ready). A base model's ``model_config`` and
+        ``preprocess`` appear only when given, so runs without them keep the configuration they had."""
+        return _jsonable({k: v for k, v in asdict(self).items()
+                          if k not in EXECUTION_FIELDS and not (k in BASE_FIELDS and v is None)})  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OwnBase:
+    """A user's base model beyond its path: ``model_config`` (UNETR arguments, ``--model-config``)
+    and ``preprocess`` (PreprocessConfig fields, ``--preprocess``), both as read from their files
+    (:class:`centerprompt.checkpoints.BaseSpec` validates them)."""
+
+    model_config: dict[str, Any] | None = None
+    preprocess: dict[str, Any] | None = None
+
+    def _spec_for(self, base: Path) -> BaseSpec:
+        return BaseSpec(Path(base), model_config=self.model_config, preprocess=self.preprocess)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,11 +124,13 @@ class PretrainRun(_Training):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdaptRun(_Training):
+class AdaptRun(_Training, _OwnBase):
     """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
 
-    ``options`` are the strategy's (``Strategy.options``); they are stored with every default
-    filled in. ``lr`` defaults to the strategy's.
+    ``base``: any source :func:`centerprompt.checkpoints.resolve_base` reads (centerprompt
+    checkpoint, MONAI state dict or checkpoint, bundle folder), with ``model_config`` and
+    ``preprocess`` when given. ``options`` are the strategy's (``Strategy.options``); they are
+    stored with every default filled in. ``lr`` defaults to the strategy's.
     """
 
     data_dir: Path
@@ -135,6 +154,12 @@ class AdaptRun(_Training):
             raise ValueError(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}.")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {self.optimizer!r}.")
+        self.base_spec  # validates model_config and preprocess
+
+    @property
+    def base_spec(self) -> BaseSpec:
+        """The base model with what the user said about it."""
+        return self._spec_for(self.base)
 
     def provenance(self) -> dict[str, Any]:
         # The base file's bytes identify it (its hash is added by the job), not its path; a strategy
@@ -144,10 +169,11 @@ class AdaptRun(_Training):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExperimentRun(_Run):
-    """The leave-one-center-out comparison for ``new_center``: pretrain (or ``base``), adapt with
-    each strategy, score new and old centers. ``on_change``: what to do with a finished stage in
-    ``out`` whose provenance differs from what is asked (re-run it, or refuse)."""
+class ExperimentRun(_Run, _OwnBase):
+    """The leave-one-center-out comparison for ``new_center``: pretrain (or ``base``, with its
+    ``model_config`` and ``preprocess`` when given), adapt with each strategy, score new and old
+    centers. ``on_change``: what to do with a finished stage in ``out`` whose provenance differs
+    from what is asked (re-run it, or refuse)."""
 
     data_dir: Path
     new_center: str
@@ -188,6 +214,16 @@ class ExperimentRun(_Run):
             raise ValueError(f"--score-at must be one of {', '.join(SCORE_AT)}, got {self.score_at!r}.")
         if self.on_change not in ON_CHANGE:
             raise ValueError(f"--on-change must be one of {', '.join(ON_CHANGE)}, got {self.on_change!r}.")
+        self.base_spec  # validates model_config and preprocess
+
+    @property
+    def base_spec(self) -> BaseSpec | None:
+        """The given base model, or None when the experiment pretrains one."""
+        if self.base is None:
+            if self.model_config is not None or self.preprocess is not None:
+                raise ValueError("--model-config and --preprocess describe a --base; give one.")
+            return None
+        return self._spec_for(self.base)
 
     def pretrain_run(self, preset: str | None = None, oracle: bool = False) -> PretrainRun:
         """The base model's pretraining (or, ``oracle=True``, the in-domain oracle's) as this experiment asks it."""
@@ -203,5 +239,5 @@ class ExperimentRun(_Run):
             data_dir=self.data_dir, center=self.new_center, base=base, out=self.out / "adapt" / strategy,
             strategy=strategy, num_prompts=self.num_prompts, shots=self.shots, epochs=self.adapt_epochs,
             patience=self.patience, seed=self.seed, resume=True, skip_bad_cases=self.skip_bad_cases,
-            progress=self.progress,
+            progress=self.progress, model_config=self.model_config, preprocess=self.preprocess,
         )  # fmt: skip

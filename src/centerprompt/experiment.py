@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from centerprompt.artifacts import build_adapted_model, read_model_metadata
+from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.config import ExperimentRun, file_sha256
-from centerprompt.jobs import adapt, base_preprocess, load_index, pretrain
+from centerprompt.jobs import adapt, load_index, open_base, pretrain
 from centerprompt.reliance import transformer_reliance
 from centerprompt.report import plot_case_slices, write_report
 from centerprompt.scoring import Scorer
@@ -70,23 +70,24 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     loco = leave_one_center_out(splits, new_center, shots=run.shots, seed=run.seed)
     stages: dict[str, dict[str, Any]] = {}
 
-    if run.base is None:
+    spec = run.base_spec
+    if spec is None:
         pre = run.pretrain_run()
         summary = pretrain(pre, on_change=run.on_change)
         stages["pretrain"] = {"dir": str(pre.out), "config_hash": summary["config_hash"]}
-        base = Path(pre.out) / "model.safetensors"
+        ckpt = open_base(Path(pre.out) / "model.safetensors")
     else:
-        base = Path(run.base)
-        stages["base"] = {"file": str(base), "sha256": file_sha256(base)}
-    preprocess = base_preprocess(base)
+        ckpt = open_base(spec)  # read once for every stage: a foreign checkpoint's assumptions are logged once
+        stages["base"] = {"file": str(ckpt.path), "sha256": file_sha256(ckpt.weights)}
+    base, preprocess = ckpt.path, ckpt.preprocess
     # The oracle copies the base model's architecture and budget (a foreign checkpoint: the preset asked for).
-    base_preset = read_model_metadata(base)["extra"].get("preset", run.preset) if base.suffix == ".safetensors" else run.preset
+    base_preset = ckpt.extra.get("preset", run.preset)
     device = default_device()
     new_scorer = Scorer([cases[i] for i in loco.new_test], preprocess, score_at=run.score_at)
     old_scorer = Scorer([cases[i] for i in loco.old_test], preprocess, score_at=run.score_at)
 
     progress = run.progress
-    base_model = build_adapted_model(base).to(device)
+    base_model = build_adapted_model(ckpt).to(device)
     base_new = _summaries(new_scorer.score(base_model, desc="base: new center", progress=progress))
     base_old = _summaries(old_scorer.score(base_model, desc="base: old centers", progress=progress))
     reliance = transformer_reliance(base_model, old_scorer, intact_cases=base_old["per_case"], progress=progress)
@@ -112,7 +113,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             stage_dir = oracle.out
         elif get_strategy(name).trains:
             stage = run.adapt_run(name, base)
-            summary = adapt(stage, on_change=run.on_change)
+            summary = adapt(stage, on_change=run.on_change, base=ckpt)
             stage_dir = stage.out
         else:  # the base model itself: nothing trained
             summary = {**parameter_report(base_model), "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
@@ -123,7 +124,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         if name == BASE:
             new, old = base_new, base_old
         else:  # the oracle's own model, or the base with an adapter
-            parts = (summary["artifact"], None) if name == ORACLE else (base, summary["artifact"])
+            parts = (summary["artifact"], None) if name == ORACLE else (ckpt, summary["artifact"])
             model = build_adapted_model(*parts).to(device)
             new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
             old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from centerprompt.artifacts import (
-    build_adapted_model,
-    load_model,
-    read_model_metadata,
-    save_adapter,
-    save_model,
-)
+from centerprompt.artifacts import build_adapted_model, read_adapter_metadata, save_adapter, save_model
+from centerprompt.checkpoints import PROMPT_FIELDS, BaseCheckpoint, BaseLike, BaseSpec, resolve_base
 from centerprompt.data.checks import CHECKS_FILE, validate_cases
 from centerprompt.data.labels import NUM_LABELS
 from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, load_or_create_splits
@@ -117,8 +113,8 @@ def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: 
     if resume and old is not None and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if on_change == "refuse":
-            raise ValueError(f"{run_dir}: holds a run with another configuration ({', '.join(changed)}); "
-                             "use another folder, or run without --resume to start it again.")  # fmt: skip
+            raise ValueError(f"{run_dir}: holds a run with another configuration ({', '.join(changed)}); use another "
+                             "--out, or train it again (without --resume; in an experiment: --on-change rerun).")  # fmt: skip
         logger.info("%s: configuration changed (%s); running it again", run_dir, ", ".join(changed))
         old = None
     if resume and old is not None and (run_dir / SUMMARY).exists():
@@ -200,53 +196,108 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
     return summary
 
 
-def base_preprocess(base: str | Path) -> PreprocessConfig:
-    """The preprocessing a base checkpoint was trained with (default pipeline for foreign checkpoints)."""
-    if Path(base).suffix != ".safetensors":
-        return PreprocessConfig()
-    extra = read_model_metadata(base)["extra"]
-    return PreprocessConfig.from_dict(extra["preprocess"]) if "preprocess" in extra else PreprocessConfig()
+def open_base(base: BaseLike, adapter: str | Path | None = None) -> BaseCheckpoint:
+    """A command's base model, read once (any source :func:`centerprompt.checkpoints.resolve_base`
+    reads) and checked to take CT and PET and segment background, GTVp and GTVn.
+
+    With ``adapter``, a foreign base for which neither network arguments nor preprocessing were
+    given takes those the adapter recorded when it was trained on it, so commands after ``adapt``
+    need no more than the user's file and the adapter. What remains assumed (``num_heads``, default
+    preprocessing) is logged here, in one warning; an opened checkpoint is returned as it is.
+    """
+    if isinstance(base, BaseCheckpoint):
+        return base
+    spec = base if isinstance(base, BaseSpec) else BaseSpec(Path(base))
+    ckpt = resolve_base(spec)
+    if adapter is not None and ckpt.foreign:
+        meta, recorded = read_adapter_metadata(adapter), f"adapter {Path(adapter).name}"
+        if spec.model_config is None:
+            network = {k: v for k, v in meta["config"].items() if k not in PROMPT_FIELDS}
+            ckpt = replace(ckpt, config={**ckpt.config, **network}, assumed=(), given=True)
+        if spec.preprocess is None and (trained := meta["extra"].get("preprocess")) is not None:
+            ckpt = replace(ckpt, preprocess=PreprocessConfig.from_dict(trained), preprocess_from=recorded, given=True)
+    channels = ckpt.config["in_channels"], ckpt.config["out_channels"]
+    if channels != (IN_CHANNELS, OUT_CHANNELS):
+        raise ValueError(
+            f"{ckpt.path}: the network takes {channels[0]} input channel(s) and gives {channels[1]} output(s); "
+            f"centerprompt feeds CT and PET ({IN_CHANNELS}) and segments background, GTVp and GTVn ({OUT_CHANNELS})."
+        )
+    if (note := ckpt.assumptions()) is not None:
+        logger.warning(note)
+    return ckpt
+
+
+def base_preprocess(base: BaseLike) -> PreprocessConfig:
+    """The preprocessing a base model expects (its metadata, its bundle, ``--preprocess`` or the defaults)."""
+    return resolve_base(base).preprocess
+
+
+def base_provenance(ckpt: BaseCheckpoint) -> dict[str, Any]:
+    """What identifies a run's base model: the weights' SHA-256 and, unless the file alone says it
+    (a centerprompt checkpoint taken as it is), how it was read: network arguments, preprocessing
+    and their sources (so a changed --preprocess, bundle configuration or assumption retrains)."""
+    record = {"base_sha256": file_sha256(ckpt.weights)}
+    if ckpt.foreign or ckpt.given:
+        record["base_model"] = ckpt.record()
+    return record
+
+
+def _check_adapter_preprocess(ckpt: BaseCheckpoint, adapter: str | Path | None) -> None:
+    """Warn when an adapter was trained with other preprocessing than this command uses."""
+    if adapter is None:
+        return
+    trained = read_adapter_metadata(adapter)["extra"].get("preprocess")
+    used = ckpt.preprocess.to_dict()
+    if trained is not None and trained != used:
+        changed = ", ".join(k for k in used if trained.get(k) != used[k])
+        logger.warning("%s was trained with other preprocessing (%s) than this command uses (%s); give the "
+                       "--preprocess it was adapted with", adapter, changed, ckpt.preprocess_from)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- adapt
 
 
-def adapt_config(run: AdaptRun, splits: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+def adapt_config(
+    run: AdaptRun, splits: dict[str, dict[str, list[str]]], base: BaseCheckpoint | None = None
+) -> dict[str, Any]:
     """Everything that determines an adaptation's result: ``config.json`` of its folder.
 
-    The base checkpoint enters by the hash of its bytes, so a retrained base (same path, new
-    weights) is a new configuration.
+    The base checkpoint enters by the hash of its weights, so a retrained base (same path, new
+    weights) is a new configuration; a foreign one also by how it was read (:func:`base_provenance`).
+    ``base``: ``run``'s base model when already opened.
     """
-    meta = read_model_metadata(run.base)
-    preset = get_preset(meta["extra"].get("preset", "cpu"))
+    base = open_base(base or run.base_spec)
+    preset = get_preset(base.extra.get("preset", "cpu"))
     strategy = get_strategy(run.strategy)
     loco = leave_one_center_out(splits, run.center, shots=run.shots, seed=run.seed)
     cfg = TrainConfig(epochs=run.epochs or preset.adapt_epochs, lr=run.lr or strategy.lr,
                       batch_size=run.batch_size or preset.batch_size, patience=run.patience, seed=run.seed,
                       weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
                       optimizer=run.optimizer)  # fmt: skip
-    return {"job": "adapt", **run.provenance(), "base_sha256": file_sha256(run.base), "train": cfg.__dict__,
+    return {"job": "adapt", **run.provenance(), **base_provenance(base), "train": cfg.__dict__,
             "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
 
 
-def adapt(run: AdaptRun, *, on_change: str = "refuse") -> dict[str, Any]:
+def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | None = None) -> dict[str, Any]:
     """Adapt the frozen base model to ``run.center`` with ``run.shots`` labelled cases and one strategy.
 
     Writes ``OUT/adapter.safetensors`` (what the strategy trained, best validation epoch) and
-    ``OUT/summary.json`` (parameters, artifact bytes, wall time, peak memory).
+    ``OUT/summary.json`` (parameters, artifact bytes, wall time, peak memory). ``base``: ``run``'s
+    base model when the caller has already opened it (an experiment opens it once for every stage).
     """
     run_dir, strategy = Path(run.out), get_strategy(run.strategy)
     with run_log(run_dir):
+        base = open_base(base or run.base_spec)  # refuse a wrong file before reading the data
         cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir)
-        config = adapt_config(run, splits)
+        config = adapt_config(run, splits, base)
         finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
         if finished is not None:
             return finished
-        if run.center in read_model_metadata(run.base)["extra"].get("train_centers", []):
+        if run.center in base.extra.get("train_centers", []):
             logger.warning("center %s was part of the base model's pretraining data", run.center)
-        preprocess = base_preprocess(run.base)
+        preprocess = base.preprocess
         torch.manual_seed(run.seed)
-        model = load_model(run.base, prompt_mode=strategy.prompt_mode, num_prompts=run.num_prompts,
+        model = base.build(prompt_mode=strategy.prompt_mode, num_prompts=run.num_prompts,
                            prompt_dropout=run.prompt_dropout)  # fmt: skip
         params = apply_strategy(model, run.strategy, **run.options)
         summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
@@ -260,7 +311,8 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse") -> dict[str, Any]:
                          resume=run.resume, progress=run.progress)  # fmt: skip
             summary.update(result.__dict__)
             if rank() == 0:
-                extra = {"center": run.center, "shots": run.shots, "base": str(run.base)}
+                extra = {"center": run.center, "shots": run.shots, "base": str(run.base),
+                         "preprocess": preprocess.to_dict()}  # fmt: skip
                 artifact = save_adapter(model, run_dir / "adapter.safetensors", run.strategy, run.options, extra=extra)
                 summary.update(artifact=str(artifact), artifact_bytes=artifact.stat().st_size)
         if rank() == 0:
@@ -285,16 +337,18 @@ def split_case_ids(
 
 
 def evaluate(
-    data_dir: str | Path, base: str | Path, *, adapter: str | Path | None = None, centers: Sequence[str] | None = None,
+    data_dir: str | Path, base: BaseLike, *, adapter: str | Path | None = None, centers: Sequence[str] | None = None,
     split: str = "test", score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Per-case and per-center scores of the base model (with an adapter if given) on one split."""
+    base = open_base(base, adapter)
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
     ids = split_case_ids(splits, centers or sorted(splits), split, data_dir)
+    _check_adapter_preprocess(base, adapter)
     model = build_adapted_model(base, adapter).to(default_device())
-    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
     per_case = scorer.score(model, desc="evaluate", progress=progress)
-    return {"data_dir": str(data_dir), "base": str(base), "adapter": str(adapter) if adapter else None,
+    return {"data_dir": str(data_dir), "base": str(base.path), "adapter": str(adapter) if adapter else None,
             "split": split, "score_at": score_at, **aggregate(per_case), "per_case": per_case}  # fmt: skip
 
 
@@ -313,12 +367,14 @@ def prediction_inputs(
 
 
 def predict(
-    base: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
+    base: BaseLike, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     adapter: str | Path | None = None, progress: bool = True,
 ) -> list[Path]:  # fmt: skip
     """Segment each (CT, PET) pair and write the label map to its output path on the CT grid."""
+    base = open_base(base, adapter)
+    _check_adapter_preprocess(base, adapter)
     model = build_adapted_model(base, adapter).to(default_device())
-    preprocess = base_preprocess(base)
+    preprocess = base.preprocess
     written = []
     for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
         started = time.perf_counter()

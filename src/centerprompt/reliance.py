@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from centerprompt.artifacts import build_adapted_model, read_model_metadata
+from centerprompt.artifacts import build_adapted_model
+from centerprompt.checkpoints import BaseLike
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import base_preprocess, load_index, split_case_ids
+from centerprompt.jobs import load_index, open_base, split_case_ids
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
@@ -72,7 +73,7 @@ def transformer_reliance(
 
 
 def inspect_base(
-    base: str | Path, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
+    base: BaseLike, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Transformer reliance of a base checkpoint on its own (pretraining) centers' ``split`` cases.
@@ -80,13 +81,14 @@ def inspect_base(
     ``centers`` defaults to the centers the checkpoint was trained on (its metadata), or every
     labelled center for a checkpoint without that record (e.g. a bare MONAI UNETR).
     """
+    base = open_base(base)
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
     if not centers:
-        trained = read_model_metadata(base)["extra"].get("train_centers") if Path(base).suffix == ".safetensors" else None
+        trained = base.extra.get("train_centers")
         centers = [c for c in (trained or sorted(splits)) if c in splits]
     ids = split_case_ids(splits, centers, split, data_dir)
     model = build_adapted_model(base).to(default_device())
-    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
-    return {"base": str(base), "data_dir": str(data_dir), "centers": list(centers), "split": split,
+    scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
+    return {"base": str(base.path), "data_dir": str(data_dir), "centers": list(centers), "split": split,
             "score_at": score_at, "token_grid": list(model.feat_size),
             **transformer_reliance(model, scorer, progress=progress)}  # fmt: skip

@@ -21,7 +21,8 @@ from centerprompt.bank.routing import DISTANCE, FALLBACK, Route
 from centerprompt.bank.serving import load_bank_model
 from centerprompt.files import atomic_path
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import base_preprocess, load_index, split_case_ids
+from centerprompt.checkpoints import BaseLike
+from centerprompt.jobs import load_index, open_base, split_case_ids
 from centerprompt.scoring import Predictor, Scorer
 from centerprompt.train import default_device
 
@@ -83,7 +84,7 @@ def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]],
 
 
 def run_bank(
-    data_dir: str | Path, base: str | Path, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
+    data_dir: str | Path, base: BaseLike, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
     threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
@@ -94,11 +95,12 @@ def run_bank(
     "threshold_rule", "bank_centers", "routing": routing_summary(...), "modes": {mode: aggregate(...)},
     "per_case": [...]}``.
     """
+    base = open_base(base)
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
     ids = split_case_ids(splits, list(centers) if centers else sorted(splits), split, data_dir)
     model = load_bank_model(base, bank, default_device())
     choosers = {mode: _chooser(mode, model.names) for mode in modes}
-    scorer = Scorer([cases[i] for i in ids], base_preprocess(base), score_at=score_at)
+    scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
     routed_predictor = _cached_predictor(scorer, model)
     truth = [c.center for c in scorer.cases]
     routed = bool(model.bank.key_names) or "auto" in modes or not modes  # keyless banks serve named centers
@@ -116,7 +118,7 @@ def run_bank(
             record["scores"][mode] = {"used": used, **metrics}
         summaries[mode] = aggregate(results)
     return {
-        "data_dir": str(data_dir), "base": str(base), "bank": str(bank), "split": split, "score_at": score_at,
+        "data_dir": str(data_dir), "base": str(base.path), "bank": str(bank), "split": split, "score_at": score_at,
         "bank_centers": model.names, "distance": DISTANCE, "threshold": model.bank.threshold(threshold),
         "threshold_rule": "user value" if threshold is not None else "max of per-center thresholds",
         "routing": routing_summary(truth, routes, model.names) if routed else None, "modes": summaries,
@@ -125,7 +127,7 @@ def run_bank(
 
 
 def evaluate_with_bank(
-    data_dir: str | Path, base: str | Path, bank: str | Path, *, center: str = "auto",
+    data_dir: str | Path, base: BaseLike, bank: str | Path, *, center: str = "auto",
     threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
@@ -137,7 +139,7 @@ def evaluate_with_bank(
                    score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress)  # fmt: skip
     per_case = [{"case_id": r["case_id"], "center": r["center"], "route": r["route"], **r["scores"][center]}
                 for r in run["per_case"]]  # fmt: skip
-    return {"data_dir": str(data_dir), "base": str(base), "bank": str(bank), "center": center, "split": split,
+    return {"data_dir": str(data_dir), "base": run["base"], "bank": str(bank), "center": center, "split": split,
             "score_at": score_at, "threshold": run["threshold"], "routing": run["routing"],
             **run["modes"][center], "per_case": per_case}  # fmt: skip
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from centerprompt.artifacts import backbone_fingerprint, load_model
+from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import inference_transforms
-from centerprompt.jobs import base_preprocess, load_index
+from centerprompt.jobs import load_index, open_base
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
 
@@ -107,7 +108,7 @@ def routing_key(model: PromptedUNETR, images: Iterable[torch.Tensor]) -> Routing
 
 
 def routing_key_from_data(
-    data_dir: str | Path, center: str, base: str | Path, *, split: str = "train", skip_bad_cases: bool = False,
+    data_dir: str | Path, center: str, base: BaseLike, *, split: str = "train", skip_bad_cases: bool = False,
     progress: bool = True,
 ) -> RoutingKey:  # fmt: skip
     """Routing key of ``center`` from its ``split`` cases (default: training cases, never the test set),
@@ -115,8 +116,9 @@ def routing_key_from_data(
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
     if center not in splits or not splits[center][split]:
         raise ValueError(f"center {center!r} has no labelled {split} cases in {data_dir} to compute its routing key.")
+    base = open_base(base)
     model = load_model(base, prompt_mode="none").to(default_device()).eval()
-    transform = inference_transforms(base_preprocess(base), with_label=False)
+    transform = inference_transforms(base.preprocess, with_label=False)
     ids = splits[center][split]
     images = (transform({"ct": str(cases[i].ct), "pet": str(cases[i].pet)})["image"].as_tensor() for i in ids)
     return routing_key(model, tqdm(images, total=len(ids), desc=f"key {center}", unit="case", disable=not progress))

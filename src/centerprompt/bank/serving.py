@@ -18,9 +18,10 @@ from torch import nn
 from centerprompt.artifacts import load_model
 from centerprompt.bank.routing import FALLBACK, Route, route_features, scan_features
 from centerprompt.bank.storage import LoadedBank, PromptBank
+from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import save_prediction
 from centerprompt.evaluate import sliding_window_predict
-from centerprompt.jobs import base_preprocess, prediction_inputs
+from centerprompt.jobs import open_base, prediction_inputs
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.scoring import SW_BATCH
 from centerprompt.train import default_device
@@ -57,7 +58,7 @@ class BankModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_files(cls, base: str | Path, bank: str | Path) -> BankModel:
+    def from_files(cls, base: BaseLike, bank: str | Path) -> BankModel:
         model = load_model(base, prompt_mode="none")
         return cls(model, PromptBank.load(bank, model))
 
@@ -105,24 +106,25 @@ class BankModel(nn.Module):
         return out
 
 
-def load_bank_model(base: str | Path, bank: str | Path, device: torch.device | None = None) -> BankModel:
+def load_bank_model(base: BaseLike, bank: str | Path, device: torch.device | None = None) -> BankModel:
     """The base checkpoint and a bank folder as one :class:`BankModel` on ``device``."""
     model = BankModel.from_files(base, bank)
     return model.to(device) if device is not None else model
 
 
 def predict_with_bank(
-    base: str | Path, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
+    base: BaseLike, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     center: str = "auto", threshold: float | None = None, progress: bool = True,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
     center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
     scan: input, output path, the center used and, when routed, the distances.
     """
+    base = open_base(base)
     model = load_bank_model(base, bank, default_device())
     if center not in ("auto", FALLBACK):
         model.prompts_for([center])
-    preprocess = base_preprocess(base)
+    preprocess = base.preprocess
     records = []
     for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
         route = model.route(image, threshold)[0] if center == "auto" else None

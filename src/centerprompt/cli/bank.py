@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centerprompt.cli.runs import base_arguments, base_spec  # import-light, like the registry
 from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
 
 
@@ -13,10 +14,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
     if (args.data is None) != (args.base is None):
         raise ValueError("give both --data and --base to compute the routing key, or neither.")
+    base = base_spec(args)
     bank, key = PromptBank(args.bank), None
     bank.check(args.center, args.adapter)  # refuse before the slow key computation
     if args.data is not None:
-        key = routing_key_from_data(args.data, args.center, args.base, skip_bad_cases=args.skip_bad_cases)
+        key = routing_key_from_data(args.data, args.center, base, skip_bad_cases=args.skip_bad_cases)
     entry = bank.add(args.center, args.adapter, key=key)
     routing = "no key"
     if entry.routing:
@@ -55,7 +57,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
     if args.command_name == "evaluate":
         modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
     centers = args.centers.split(",") if args.centers else None
-    result = run_bank(args.data, args.base, args.bank, modes=modes, threshold=args.threshold, centers=centers,
+    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, threshold=args.threshold, centers=centers,
                       split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
     paths = write_routing_report(result, args.out)
     print(paths["markdown"].read_text())
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--center", required=True, help="center name: letters, digits, - and _ (1-32)")
     p.add_argument("--adapter", required=True, type=Path, help="adapter.safetensors from `centerprompt adapt`")
     p.add_argument("--data", type=Path, help="HECKTOR-layout folder: routing key from the center's training cases")
-    p.add_argument("--base", type=Path, help="base checkpoint the adapter was trained on (with --data)")
+    base_arguments(p, required=False, text="base model the adapter was trained on (with --data)")
     p.add_argument("--skip-bad-cases", action="store_true")
     p.set_defaults(func=_cmd_add)
 
@@ -89,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("evaluate", "routing plus Dice per center: base, oracle and automatic routing")):  # fmt: skip
         p = actions.add_parser(name, help=text)
         p.add_argument("--bank", required=True, type=Path)
-        p.add_argument("--base", required=True, type=Path, help="the base checkpoint the bank was built on")
+        base_arguments(p, text="the base model the bank was built on (as given to bank add)")
         p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder with every center to test")
         p.add_argument("--threshold", type=float, help="cosine distance beyond which a scan falls back to the base "
                        "model (default: the largest per-center threshold in the bank)")  # fmt: skip

@@ -26,6 +26,41 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
 
 
+BASE_SOURCES = ("model.safetensors, a MONAI UNETR state dict or checkpoint (.pt/.pth/.ckpt, read with "
+                "weights_only=True), or a MONAI bundle folder")  # fmt: skip
+
+
+def base_arguments(p: argparse.ArgumentParser, *, required: bool = True, text: str = "base model") -> None:
+    """``--base`` and what a user can say about a base model that is not centerprompt's own."""
+    p.add_argument("--base", required=required, type=Path, help=f"{text}: {BASE_SOURCES}")
+    p.add_argument("--model-config", type=Path, metavar="FILE",
+                   help="JSON or YAML of UNETR arguments (num_heads, img_size, ...) over those read or inferred from "
+                        "--base; a state dict does not store num_heads (12 is assumed)")  # fmt: skip
+    p.add_argument("--preprocess", type=Path, metavar="FILE",
+                   help="JSON or YAML of preprocessing fields (spacing, ct_window, suv_max, body_hu, crop_mm, roi_size, "
+                        "...) over those of --base (its metadata or bundle; defaults for a bare state dict)")  # fmt: skip
+
+
+def base_files(args: argparse.Namespace) -> dict[str, Any]:
+    """``model_config`` and ``preprocess`` as read from the files ``--model-config`` and ``--preprocess`` name."""
+    from centerprompt.checkpoints import read_config_file
+
+    return {"model_config": read_config_file(args.model_config, "model configuration") if args.model_config else None,
+            "preprocess": read_config_file(args.preprocess, "preprocessing") if args.preprocess else None}  # fmt: skip
+
+
+def base_spec(args: argparse.Namespace) -> Any:
+    """The ``BaseSpec`` of ``--base`` with its ``--model-config`` and ``--preprocess``."""
+    from centerprompt.checkpoints import BaseSpec
+
+    files = base_files(args)
+    if args.base is None:
+        if any(v is not None for v in files.values()):
+            raise ValueError("--model-config and --preprocess describe a --base; give one.")
+        return None
+    return BaseSpec(args.base, **files)
+
+
 def _bank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", type=Path, help="prompt bank folder: serve every center from one backbone")
     p.add_argument("--center", help="with --bank: a center's prompts, 'base', or 'auto' (route each scan; default)")
@@ -96,7 +131,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         num_prompts=args.prompts, shots=args.shots, options=_strategy_options(args), prompt_dropout=args.prompt_dropout,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
         optimizer=args.optimizer, amp=args.amp, compile=args.compile, resume=args.resume,
-        skip_bad_cases=args.skip_bad_cases,
+        skip_bad_cases=args.skip_bad_cases, **base_files(args),
     )  # fmt: skip
     init_distributed()
     s = adapt(run)
@@ -115,9 +150,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.bank:
         from centerprompt.bank.evaluation import evaluate_with_bank
 
-        result = evaluate_with_bank(args.data, args.base, args.bank, center=args.center or "auto", **common)
+        result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto", **common)
     else:
-        result = evaluate(args.data, args.base, adapter=args.adapter, **common)
+        result = evaluate(args.data, base_spec(args), adapter=args.adapter, **common)
     write_json(result, args.out)
     print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
     for center, s in {**result["per_center"], "all": result["overall"]}.items():
@@ -132,7 +167,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from centerprompt.files import write_json
 
     centers = args.centers.split(",") if args.centers else None
-    r = inspect_base(args.base, args.data, centers=centers, split=args.split, score_at=args.score_at,
+    r = inspect_base(base_spec(args), args.data, centers=centers, split=args.split, score_at=args.score_at,
                      skip_bad_cases=args.skip_bad_cases)  # fmt: skip
     if args.out:
         write_json(r, args.out)
@@ -156,13 +191,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.bank:
         from centerprompt.bank import predict_with_bank
 
-        records = predict_with_bank(args.base, args.bank, pairs, center=args.center or "auto")
+        records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto")
         for r in records:
             route = r.get("route") or {}
             print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
         written = [r["out"] for r in records]
     else:
-        written = predict(args.base, pairs, adapter=args.adapter)
+        written = predict(base_spec(args), pairs, adapter=args.adapter)
     print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
     return 0
 
@@ -177,7 +212,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         preset=args.preset, shots=args.shots, num_prompts=args.prompts, pretrain_epochs=args.pretrain_epochs,
         adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed, score_at=args.score_at,
         on_change=args.on_change, skip_bad_cases=args.skip_bad_cases,
-        command=" ".join(["centerprompt", *sys.argv[1:]]),
+        command=" ".join(["centerprompt", *sys.argv[1:]]), **base_files(args),
     )  # fmt: skip
     if args.new_center == "all":
         text = run_all_centers(run)
@@ -223,7 +258,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapt", help="adapt the frozen base model to a new center with one strategy")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--center", required=True, help="the new center")
-    p.add_argument("--base", required=True, type=Path, help="base checkpoint (model.safetensors)")
+    base_arguments(p)
     p.add_argument("--strategy", default=registry.DEFAULT_STRATEGY, choices=registry.strategy_names())
     p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P)")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
@@ -237,7 +272,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per case and per center")
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--base", required=True, type=Path)
+    base_arguments(p)
     p.add_argument("--adapter", type=Path, help="per-center adapter file")
     p.add_argument("--centers", help="comma-separated centers (default: all)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
@@ -248,7 +283,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("inspect", help="transformer reliance of a base model: Dice intact vs ViT tokens ablated")
-    p.add_argument("--base", required=True, type=Path, help="base checkpoint (model.safetensors or a MONAI .pt)")
+    base_arguments(p)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--centers", help="comma-separated centers (default: those the base was trained on)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
@@ -258,7 +293,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid")
-    p.add_argument("--base", required=True, type=Path)
+    base_arguments(p)
     p.add_argument("--adapter", type=Path)
     p.add_argument("--ct", type=Path, help="CT NIfTI of one case")
     p.add_argument("--pet", type=Path, help="PET NIfTI of the same case")
@@ -273,7 +308,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategies", default=",".join([*registry.strategy_names(registry.STANDARD), registry.ORACLE]),
                    help=f"comma-separated, of {', '.join(registry.strategy_names())}; 'oracle' retrains the base "
                         "with the new center's adaptation cases (the in-domain reference each gain is compared with)")
-    p.add_argument("--base", type=Path, help="use this base model instead of pretraining one")
+    base_arguments(p, required=False, text="use this base model instead of pretraining one")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--prompts", type=int, default=10)
