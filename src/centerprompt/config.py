@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from centerprompt.checkpoints import BaseSpec
+from centerprompt.files import jsonable
 from centerprompt.presets import PRESETS, Preset
 from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_strategy, strategy_names
 
@@ -30,14 +31,9 @@ def _positive(name: str, value: int | float | None, minimum: float = 1) -> None:
         raise ValueError(f"{name} must be at least {minimum:g}, got {value}.")
 
 
-def _jsonable(value: Any) -> Any:
-    """Tuples become lists and paths strings, as they are once written to a JSON file."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 (16 hex digits) of a configuration's canonical JSON."""
-    return hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -54,7 +50,7 @@ class _Run:
     def provenance(self) -> dict[str, Any]:
         """The fields that determine the result (JSON-ready). A base model's ``model_config`` and
         ``preprocess`` appear only when given, so runs without them keep the configuration they had."""
-        return _jsonable({k: v for k, v in asdict(self).items()
+        return jsonable({k: v for k, v in asdict(self).items()
                           if k not in EXECUTION_FIELDS and not (k in BASE_FIELDS and v is None)})  # fmt: skip
 
 

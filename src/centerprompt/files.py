@@ -40,16 +40,17 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
         tmp.unlink(missing_ok=True)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values, as :func:`write_json` writes them: NaN/inf -> None, numpy -> Python,
+    tuples -> lists, paths -> str (so a value compares equal to what was read back from its file)."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, Path):
@@ -60,7 +61,7 @@ def _jsonable(obj: Any) -> Any:
 def write_json(obj: Any, path: str | Path) -> Path:
     """Atomic JSON file (indent 2) with NaN/inf as null: strict JSON that other tools can read."""
     path = Path(path)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
         tmp.write_bytes(text.encode("utf-8"))
     return path

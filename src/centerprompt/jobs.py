@@ -40,7 +40,7 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.config import AdaptRun, PretrainRun, config_hash, file_sha256
 from centerprompt.presets import get_preset
 from centerprompt.strategies import FULL, apply_strategy, get_strategy, parameter_report
-from centerprompt.files import write_json
+from centerprompt.files import jsonable, write_json
 from centerprompt.scoring import SW_BATCH, Scorer, validator
 from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig, default_device, fit, rank
 
@@ -108,7 +108,7 @@ def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: 
     naming the fields that differ) or cleared and run again (``"rerun"``).
     """
     path = run_dir / "config.json"
-    new = json.loads(json.dumps(config, default=str))  # tuples become lists, as in the file
+    new = jsonable(config)  # as write_json stores it, so that an unchanged run compares equal
     old = json.loads(path.read_text()) if path.exists() else None
     if resume and old is not None and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
