@@ -37,8 +37,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "data_steps": 30,
     },
     "gpu": {
-        "train": {"cpu": (5, 30), "vit-b": (5, 30)},
-        "infer": {"cpu": (2, 10), "vit-b": (2, 10)},
+        "train": {"cpu": (3, 15), "vit-b": (3, 15)},
+        "infer": {"cpu": (2, 5), "vit-b": (2, 5)},
         "volume": {"cpu": (160, 160, 160), "vit-b": (160, 160, 160)},
         "data_steps": 30,
     },
