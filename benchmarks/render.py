@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +224,9 @@ def _preset_section(p: Mapping[str, Any]) -> list[str]:
             candidates.table(p["rows"])]  # fmt: skip
 
 
-def render(results: Mapping[str, Any]) -> str:
-    """RESULTS.md text: header, targets, then one section per measurement."""
-    parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
-    lines = ["# Benchmarks: what prompt tuning costs and gains", ""]
+def _provenance_lines(results: Mapping[str, Any], parts: Sequence[str]) -> list[str]:
+    """One line per part: date, machine, command, wall time and note."""
+    lines = []
     for part in parts:
         r = results[part]
         m = r["machine"]
@@ -235,7 +234,27 @@ def render(results: Mapping[str, Any]) -> str:
                      f"{m['device']}), torch {m['torch']}, "
                      f"monai {m['monai']}; `{r['command'].split(' --note ')[0]}` ({r['wall_s']:.0f} s{', quick' if r.get('quick') else ''})"
                      + (f". {r['note']}" if r.get("note") else ""))  # fmt: skip
-    lines.append("")
+    return lines + [""]
+
+
+def _gpu_section(gpu: Mapping[str, Any]) -> list[str]:
+    """The paper-scale run on a GPU (benchmarks/gpu_paper_scale.sh): its targets and quality table;
+    the full cost tables stay in gpu/RESULTS.md."""
+    lines = ["## Paper scale on a GPU (ViT-B, 96³)", "",
+             "From `benchmarks/gpu_paper_scale.sh`; every table of that run is in [gpu/RESULTS.md](gpu/RESULTS.md).", "",
+             *_provenance_lines(gpu, [p for p in ("cost", "quality") if p in gpu])]  # fmt: skip
+    if "cost" in gpu:
+        lines += ["Targets on the GPU:", "", *(_target_line(row) for row in target_rows(gpu)), ""]
+    if "quality" in gpu:
+        lines += [line.replace("## Quality", "### Quality", 1) for line in _quality_sections(gpu["quality"])]
+    return lines
+
+
+def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None) -> str:
+    """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
+    the paper-scale GPU run, summarised in a last section."""
+    parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
+    lines = ["# Benchmarks: what prompt tuning costs and gains", "", *_provenance_lines(results, parts)]
     if "cost" in results:
         lines += ["Costs are medians over interleaved rounds in one process (same weights, same batch); "
                   "ratios are to full fine-tuning. Training memory = weights + activations saved for backward + "
@@ -258,16 +277,21 @@ def render(results: Mapping[str, Any]) -> str:
                   f"One base model (held out {r['center']}, seed {r['seed']}, {r['shots']} shots, P=10 unless stated), "
                   "each recipe adapting it on the same cases; DSCagg mean of GTVp and GTVn on the same test cases as "
                   "the headline.", "", *recipe.table(r), ""]  # fmt: skip
+    if gpu:
+        lines += _gpu_section(gpu)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_markdown(results_path: str | Path, out_path: str | Path) -> Path:
+def write_markdown(results_path: str | Path, out_path: str | Path, gpu_path: str | Path | None = None) -> Path:
+    """Render ``results_path`` to ``out_path``, with the GPU run of ``gpu_path`` when that file exists."""
     out_path = Path(out_path)
-    out_path.write_text(render(json.loads(Path(results_path).read_text())))
+    gpu = json.loads(Path(gpu_path).read_text()) if gpu_path and Path(gpu_path).is_file() else None
+    out_path.write_text(render(json.loads(Path(results_path).read_text()), gpu))
     return out_path
 
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     args = sys.argv[1:]
-    print(write_markdown(args[0] if args else here / "results.json", args[1] if len(args) > 1 else here / "RESULTS.md"))
+    print(write_markdown(args[0] if args else here / "results.json", args[1] if len(args) > 1 else here / "RESULTS.md",
+                         here / "gpu" / "results.json" if not args else None))

@@ -143,3 +143,17 @@ def test_render_targets(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_fake_results(0.5)))
     assert render.write_markdown(path, tmp_path / "RESULTS.md").read_text().startswith("# Benchmarks")
+
+
+def test_render_gpu_section_keeps_its_own_figures(tmp_path):
+    """The GPU run is summarised after the CPU parts with its own targets, not the CPU's."""
+    cpu, gpu = _fake_results(deep_time=0.7), _fake_results(deep_time=0.5)
+    gpu["cost"]["machine"] = {**gpu["cost"]["machine"], "device": "Test GPU"}
+    (tmp_path / "results.json").write_text(json.dumps(cpu))
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    text = render.write_markdown(tmp_path / "results.json", tmp_path / "RESULTS.md", tmp_path / "gpu.json").read_text()
+    cpu_part, gpu_part = text.split("## Paper scale on a GPU")
+    assert "0.70×" in cpu_part and "Test GPU" not in cpu_part
+    assert "Test GPU" in gpu_part and "- **met**: deep step time vs full (vit-b): 0.50×" in gpu_part
+    missing = render.write_markdown(tmp_path / "results.json", tmp_path / "R2.md", tmp_path / "absent.json")
+    assert "Paper scale" not in missing.read_text()
