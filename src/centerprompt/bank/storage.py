@@ -6,6 +6,11 @@ A bank is a folder::
     BANK/<CENTER>.safetensors      the center's prompt-only adapter (copied as it is)
     BANK/<CENTER>.key.safetensors  its routing key (optional): the mean frozen-encoder feature
 
+``bank.json`` is data, not trusted: every file an entry names must be a plain entry file name
+that resolves inside the folder, or the bank refuses to read, load or delete anything. Writers
+(add, remove) hold an exclusive ``flock`` on the folder itself for their whole read-modify-write;
+readers need no lock, since ``bank.json`` is only ever replaced by an atomic rename.
+
 Only adapters of a bankable strategy (the registry's ``Strategy.bankable``: shallow and deep VPT
 prompts) can be banked: they leave the backbone untouched, so one forward pass can serve a batch
 that mixes centers (per-sample prompts (B, S, P, C)).
@@ -13,12 +18,17 @@ that mixes centers (per-sample prompts (B, S, P, C)).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, replace
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,14 +49,15 @@ BANK_FORMAT = "centerprompt-bank/1"
 KEY_FORMAT = "centerprompt-bank-key/1"
 BANK_FILE = "bank.json"
 PROMPT_TENSOR = "prompts.tokens"  # the one tensor a bankable adapter file holds
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_ENTRY_FILE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.key)?\.safetensors$")
-_TMP_FILE_RE = re.compile(r"^\..+\.tmp$")  # files.atomic_path's temporary names
+# Always fullmatch: with match, "$" also matches before a final newline ("X\n" would pass).
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ENTRY_FILE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.key)?\.safetensors")
+_TMP_FILE_RE = re.compile(r"\..+\.tmp")  # files.atomic_path's temporary names
 
 
 def validate_center(name: str) -> str:
     """A center name is 1-32 letters, digits, '-' or '_', so no name can write outside the bank."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"center name {name!r} must be 1-32 letters, digits, '-' or '_'.")
     if name in RESERVED:
         raise ValueError(f"center name {name!r} is reserved ({', '.join(RESERVED)} name routing modes).")
@@ -62,6 +73,9 @@ class BankEntry:
     created: str
     strategy: str
     bytes: int
+
+
+_ENTRY_FIELDS = {f.name for f in fields(BankEntry)}
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,8 @@ class PromptBank:
     """A folder of prompt-only adapters sharing one backbone fingerprint, prompt mode and P.
 
     Writes are atomic (entry files first, then ``bank.json``), so an interrupted ``add`` leaves
-    ``bank.json`` as it was; files without a row are removed by the next ``add``. One writer at a time.
+    ``bank.json`` as it was; files without a row are removed by the next ``add``. Writers in other
+    processes wait for each other (:meth:`_locked`); readers read one atomically replaced index.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -102,29 +117,74 @@ class PromptBank:
             index = json.loads(self.index_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{self.index_path}: not valid JSON ({err}).") from err
-        if index.get("format") != BANK_FORMAT:
-            raise ValueError(f"{self.index_path}: not a {BANK_FORMAT} file (format is {index.get('format')!r}).")
+        if not isinstance(index, dict) or index.get("format") != BANK_FORMAT:
+            found = index.get("format") if isinstance(index, dict) else None
+            raise ValueError(f"{self.index_path}: not a {BANK_FORMAT} file (format is {found!r}).")
+        for i, e in enumerate(index.get("entries", [])):
+            if not isinstance(e, dict) or set(e) != _ENTRY_FIELDS:
+                raise ValueError(f"{self.index_path}: entry {i} does not have the fields {sorted(_ENTRY_FIELDS)}.")
+            self._file(e["center"], e["file"])
+            if e["key_file"] is not None:
+                self._file(e["center"], e["key_file"])
         return index
+
+    def _file(self, center: Any, name: Any) -> Path:
+        """``BANK/name`` of entry ``center``, refused unless ``name`` is a plain entry file name that
+        resolves inside the folder (no ``..``, absolute path or symlink out): a crafted ``bank.json``
+        must make neither ``remove`` delete nor ``load`` read a file elsewhere."""
+        folder = self.path.resolve()
+        if isinstance(name, str) and _ENTRY_FILE_RE.fullmatch(name) and (folder / name).resolve().parent == folder:
+            return folder / name
+        where = f" ({(folder / name).resolve()})" if isinstance(name, str) else ""
+        raise ValueError(
+            f"{self.index_path}: entry {center!r} names {name!r}{where}, not an entry file inside bank folder "
+            f"{folder}; refusing to read or delete it."
+        )
+
+    def _require_folder(self) -> None:
+        """Refuse a missing bank folder, so a mistyped ``--bank`` is an error and not an empty bank."""
+        if not self.path.is_dir():
+            raise ValueError(f"bank folder {self.path} does not exist.")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[float]:
+        """Hold the bank's exclusive lock while the block runs; yield the time it was taken.
+
+        The lock is ``flock`` on the bank folder itself (created if absent): no lock file to
+        leave behind or delete by mistake. Closing the descriptor releases it, also when the
+        process dies. Local Linux filesystems only (NFS refuses flock on a directory).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield time.time()
+        finally:
+            os.close(fd)
 
     def _write(self, index: dict[str, Any]) -> None:
         with atomic_path(self.index_path) as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
 
     def entries(self) -> list[BankEntry]:
+        """The centers' rows, in the order they were added; a missing folder is an error, not an empty bank."""
+        self._require_folder()
         return [BankEntry(**e) for e in self._read()["entries"]]
 
     def names(self) -> list[str]:
         return [e.center for e in self.entries()]
 
-    def _clean_orphans(self, index: dict[str, Any]) -> None:
-        """Remove entry and temporary files left by an interrupted add (no row in bank.json)."""
-        if not self.path.is_dir():
-            return
+    def _clean_orphans(self, index: dict[str, Any], locked_at: float) -> None:
+        """Remove entry and temporary files left by an interrupted add: no row in ``index`` and last
+        written before ``locked_at``, when this writer took the lock. Writers write files only while
+        holding the lock, so such a file belongs to no live writer; the age test also spares a file
+        that a writer not taking the lock (an older centerprompt) is writing right now."""
         keep = {e["file"] for e in index["entries"]} | {e["key_file"] for e in index["entries"] if e["key_file"]}
         for p in self.path.iterdir():
-            if p.is_file() and p.name not in keep and (_ENTRY_FILE_RE.match(p.name) or _TMP_FILE_RE.match(p.name)):
+            orphan = p.name not in keep and (_ENTRY_FILE_RE.fullmatch(p.name) or _TMP_FILE_RE.fullmatch(p.name))
+            if orphan and p.is_file() and p.stat().st_mtime < locked_at:
                 logger.info("removing %s (left by an interrupted add)", p)
-                p.unlink()
+                p.unlink(missing_ok=True)
 
     def check(self, center: str, adapter: str | Path) -> dict[str, Any]:
         """Refuse (ValueError) what ``add`` would refuse; return the adapter's metadata."""
@@ -153,16 +213,26 @@ class PromptBank:
         return meta
 
     def add(self, center: str, adapter: str | Path, key: RoutingKey | None = None) -> BankEntry:
-        """Copy a prompt-only adapter into the bank as ``center``, with its routing key if given."""
+        """Copy a prompt-only adapter into the bank as ``center``, with its routing key if given.
+
+        Checked once before the lock (a refused add creates no folder) and again under it, where
+        the whole read-modify-write of ``bank.json`` and the orphan clean-up happen, so concurrent
+        adds of different centers all land and two adds of one center cannot both succeed.
+        """
         meta, adapter = self.check(center, adapter), Path(adapter)
-        fp, config = meta["backbone_fingerprint"], meta["config"]
+        fp = meta["backbone_fingerprint"]
         if key is not None and key.fingerprint != fp:
             raise ValueError(f"routing key of {center} comes from backbone {key.fingerprint}, {adapter} from {fp}.")
         if meta["extra"].get("center") not in (None, center):
             logger.warning("%s was adapted to center %s, banked as %s", adapter, meta["extra"]["center"], center)
+        with self._locked() as locked_at:
+            return self._add_locked(center, adapter, key, locked_at)
 
+    def _add_locked(self, center: str, adapter: Path, key: RoutingKey | None, locked_at: float) -> BankEntry:
+        meta = self.check(center, adapter)  # again: another writer may have changed the bank meanwhile
+        fp, config = meta["backbone_fingerprint"], meta["config"]
         index = self._read()
-        self._clean_orphans(index)
+        self._clean_orphans(index, locked_at)
         entry = BankEntry(center=center, file=f"{center}.safetensors", key_file=None, routing=None,
                           created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           strategy=meta["strategy"], bytes=adapter.stat().st_size)  # fmt: skip
@@ -182,26 +252,31 @@ class PromptBank:
         return entry
 
     def remove(self, center: str) -> None:
-        """Delete the row (bank.json first, so a crash leaves only an orphan file), then the files."""
-        index = self._read()
-        rows = [e for e in index["entries"] if e["center"] == center]
-        if not rows:
-            known = ", ".join(self.names()) or "none"
-            raise ValueError(f"center {center!r} is not in bank {self.path} (centers: {known}).")
-        index["entries"] = [e for e in index["entries"] if e["center"] != center]
-        if not index["entries"]:  # an empty bank accepts any backbone again
-            index.update(backbone_fingerprint=None, config=None, prompt_mode=None, num_prompts=None)
-        self._write(index)
-        for name in (rows[0]["file"], rows[0]["key_file"]):
-            if name:
-                (self.path / name).unlink(missing_ok=True)
+        """Delete the row (bank.json first, so a crash leaves only an orphan file), then the files;
+        under the writers' lock, so a concurrent add neither loses this removal nor is lost by it."""
+        self._require_folder()
+        with self._locked():
+            index = self._read()
+            rows = [e for e in index["entries"] if e["center"] == center]
+            if not rows:
+                known = ", ".join(e["center"] for e in index["entries"]) or "none"
+                raise ValueError(f"center {center!r} is not in bank {self.path} (centers: {known}).")
+            index["entries"] = [e for e in index["entries"] if e["center"] != center]
+            if not index["entries"]:  # an empty bank accepts any backbone again
+                index.update(backbone_fingerprint=None, config=None, prompt_mode=None, num_prompts=None)
+            self._write(index)
+            for name in (rows[0]["file"], rows[0]["key_file"]):
+                if name:
+                    self._file(center, name).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module) -> LoadedBank:
         """Every entry's prompts, stacked (K, S, P, C), after checking it fits ``model``'s backbone."""
         bank = cls(path)
-        index = bank._read()
-        if not index["entries"]:
+        bank._require_folder()
+        index = bank._read()  # once: a concurrent add must not change the entries between two reads
+        entries = [BankEntry(**e) for e in index["entries"]]
+        if not entries:
             raise ValueError(f"bank {bank.path} is empty (no {BANK_FILE} or no entries).")
         found = backbone_fingerprint(model)
         config = getattr(model, "config", {})
@@ -209,8 +284,8 @@ class PromptBank:
         if diff:
             raise ValueError(f"bank {bank.path} was built for another backbone configuration ({', '.join(diff)}).")
         prompts, key_names, keys, thresholds = [], [], [], {}
-        for e in bank.entries():
-            file = bank.path / e.file
+        for e in entries:
+            file = bank._file(e.center, e.file)
             expected = read_adapter_metadata(file)["backbone_fingerprint"]
             if expected != found:
                 raise ValueError(
@@ -218,7 +293,7 @@ class PromptBank:
                 )
             prompts.append(load_file(str(file))[PROMPT_TENSOR].float())  # (S, P, C)
             if e.key_file:
-                key_path = bank.path / e.key_file
+                key_path = bank._file(e.center, e.key_file)
                 with safe_open(str(key_path), framework="pt") as f:
                     if (f.metadata() or {}).get("backbone_fingerprint") != found:
                         raise ValueError(f"{key_path}: routing key was computed on another backbone than {found}.")
@@ -227,7 +302,7 @@ class PromptBank:
                 thresholds[e.center] = float(e.routing["threshold"])
         hidden = prompts[0].shape[-1]
         return LoadedBank(
-            names=[e.center for e in bank.entries()], prompts=torch.stack(prompts), key_names=key_names,
+            names=[e.center for e in entries], prompts=torch.stack(prompts), key_names=key_names,
             keys=torch.stack(keys) if keys else torch.empty(0, hidden), thresholds=thresholds,
             prompt_mode=index["prompt_mode"], num_prompts=index["num_prompts"],
         )  # fmt: skip
