@@ -149,11 +149,13 @@ def test_check_data_cli_bad(hecktor_dir: Path, capsys: pytest.CaptureFixture) ->
     assert _check_data(str(hecktor_dir), "--skip-bad-cases") == 0
 
 
-def test_check_data_cli_extra_centers(hecktor_dir: Path) -> None:
+def test_check_data_cli_new_sites(hecktor_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     from conftest import write_case
 
     write_case(hecktor_dir, "XYZ-001")
-    assert _check_data(str(hecktor_dir)) == 1
+    with caplog.at_level(logging.INFO, logger="centerprompt.data.hecktor"):
+        assert _check_data(str(hecktor_dir)) == 0  # any prefix is a center; a new one is only noted
+    assert any("new site" in r.getMessage() and "XYZ" in r.getMessage() for r in caplog.records)
     assert _check_data(str(hecktor_dir), "--centers", "XYZ,ABC") == 0
 
 

@@ -14,8 +14,8 @@ from centerprompt.data.hecktor import (
     DataError,
     find_cases,
     leave_one_center_out,
-    load_or_create_splits,
     make_splits,
+    resolve_splits,
 )
 
 
@@ -72,12 +72,16 @@ def test_same_case_under_two_names(hecktor_dir: Path) -> None:
         find_cases(hecktor_dir)
 
 
-def test_unknown_center_and_allowed_centers(hecktor_dir: Path) -> None:
+def test_any_center_prefix_is_a_center(hecktor_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_case(hecktor_dir, "XYZ-001")
-    with pytest.raises(DataError, match=r"XYZ-001: unknown center 'XYZ' in .*XYZ-001__CT\.nii\.gz"):
-        find_cases(hecktor_dir)
-    cases = find_cases(hecktor_dir, allowed_centers=["XYZ"])
-    assert "XYZ-001" in [c.case_id for c in cases]
+    with caplog.at_level(logging.INFO, logger="centerprompt.data.hecktor"):
+        cases = find_cases(hecktor_dir)
+    assert {c.center for c in cases if c.case_id == "XYZ-001"} == {"XYZ"}
+    assert any("new site" in r.getMessage() and "XYZ" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="centerprompt.data.hecktor"):
+        find_cases(hecktor_dir, allowed_centers=["XYZ"])  # expected: not reported as new
+    assert not any("new site" in r.getMessage() for r in caplog.records)
 
 
 def test_badly_named_file_is_reported(hecktor_dir: Path) -> None:
@@ -88,14 +92,14 @@ def test_badly_named_file_is_reported(hecktor_dir: Path) -> None:
 
 def test_skip_bad_cases_warns(hecktor_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     (hecktor_dir / "imagesTr" / "CHUM-002__CT.nii.gz").unlink()
-    write_case(hecktor_dir, "XYZ-001")
+    (hecktor_dir / "imagesTr" / "MDA-003__PT.nii.gz").unlink()
     with caplog.at_level(logging.WARNING, logger="centerprompt.data.hecktor"):
         cases = find_cases(hecktor_dir, skip_bad_cases=True)
     ids = [c.case_id for c in cases]
-    assert "CHUM-002" not in ids and "XYZ-001" not in ids and len(ids) == 5
+    assert "CHUM-002" not in ids and "MDA-003" not in ids and len(ids) == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("CHUM-002" in w and "CHUM-002__CT.nii.gz" in w for w in warnings)
-    assert any("XYZ-001" in w for w in warnings)
+    assert any("MDA-003" in w for w in warnings)
 
 
 def _many_cases(tmp_path: Path) -> list:
@@ -121,21 +125,26 @@ def test_splits_deterministic_and_disjoint(tmp_path: Path) -> None:
     assert len(a["CHUV"]["train"]) == 1 and len(a["CHUV"]["test"]) == 1  # tiny center: still trains and tests
 
 
-def test_splits_written_once_and_reused(tmp_path: Path) -> None:
-    cases = _many_cases(tmp_path)
-    path = tmp_path / "many" / "splits.json"
-    first = load_or_create_splits(tmp_path / "many", cases, seed=0)
-    assert path.exists() and json.loads(path.read_text())["centers"] == first
+def test_split_file_written_once_and_reused(tmp_path: Path) -> None:
+    cases, data = _many_cases(tmp_path), tmp_path / "many"
+    path = tmp_path / "run" / "splits.json"
+    first = resolve_splits(data, cases, path=path, seed=0)
+    assert path.exists() and json.loads(path.read_text())["centers"] == first and first.sha256
+    assert not (data / "splits.json").exists()  # never written into the data folder
     mtime = path.stat().st_mtime_ns
-    assert load_or_create_splits(tmp_path / "many", cases, seed=5) == first  # reused, not remade
+    assert resolve_splits(data, cases, path=path, seed=5) == first  # reused, not remade
     assert path.stat().st_mtime_ns == mtime
     assert not list(path.parent.glob(".splits.json.*tmp*"))
+    assert resolve_splits(data, cases, seed=0) == first and resolve_splits(data, cases, seed=5) != first  # no file
+    (data / "splits.json").write_text(path.read_text())  # a data folder's own split comes before a made one
+    assert resolve_splits(data, cases, seed=5) == first
     bad = tmp_path / "bad.json"
     bad.write_text('{"seed": 0, "centers": {"HMR": {"train": []}}}')
     with pytest.raises(DataError, match=r"bad\.json is not a valid splits JSON"):
-        load_or_create_splits(tmp_path / "many", cases, path=bad)
-    with pytest.raises(DataError, match=r"splits\.json lists 1 case.*HMR-000"):
-        load_or_create_splits(tmp_path / "many", [c for c in cases if c.case_id != "HMR-000"])
+        resolve_splits(data, cases, path=bad)
+    with pytest.raises(DataError, match=r"splits\.json lists 1 case.*HMR-000.*--skip-bad-cases") as err:
+        resolve_splits(data, [c for c in cases if c.case_id != "HMR-000"])
+    assert "delete" not in str(err.value)
 
 
 def test_leave_one_center_out_disjoint(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """Files centerprompt writes: full model checkpoints and small per-center adapter files.
 
-Both are safetensors files whose metadata carries the configuration that built the model; an
-adapter also carries the strategy, its options and the fingerprint of the frozen backbone it was
-trained on, so it refuses to load onto another backbone. Every write is atomic
+Both are safetensors files whose metadata carries the configuration that built the model and
+a SHA-256 of the file's content (:func:`centerprompt.checkpoints.content_hash`), so a damaged
+file is refused when read instead of predicting garbage; an adapter also carries the strategy,
+its options and the fingerprint of the frozen backbone it was trained on, so it refuses to load
+onto another backbone. Every write is atomic
 (:func:`centerprompt.files.atomic_path`), so an interrupted run never leaves a half-written file.
 """
 
@@ -18,7 +20,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from centerprompt.checkpoints import MODEL_FORMAT, PROMPT_FIELDS, BaseLike, read_safetensors, resolve_base
+from centerprompt.checkpoints import (
+    CONTENT_HASH_KEY,
+    MODEL_FORMAT,
+    PROMPT_FIELDS,
+    BaseLike,
+    content_hash,
+    read_safetensors,
+    resolve_base,
+    update_digest,
+)
 from centerprompt.checkpoints import config_from_state_dict as config_from_state_dict  # re-exported (older imports)
 from centerprompt.files import atomic_path
 from centerprompt.models.prompted_unetr import PromptedUNETR
@@ -39,16 +50,15 @@ def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = 
     so a prompted or LoRA-injected model fingerprints like the plain backbone it was built on.
     """
     digest = hashlib.sha256()
-    items = sorted(
-        (_base_name(n), t) for n, t in model.state_dict().items() if not is_added_tensor(n)
-    )
-    for name, tensor in items:
-        if name in exclude:
-            continue
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    items = sorted((_base_name(n), t) for n, t in model.state_dict().items() if not is_added_tensor(n))
+    update_digest(digest, ((name, t) for name, t in items if name not in exclude))
     return digest.hexdigest()[:16]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> None:
+    """Write a safetensors file atomically, its content hash added to ``meta`` (checked on every read)."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**meta, CONTENT_HASH_KEY: content_hash(meta, tensors)})
 
 
 # ----------------------------------------------------------------------------- full checkpoints
@@ -58,8 +68,7 @@ def save_model(model: PromptedUNETR, path: str | Path, extra: Mapping[str, Any] 
     """Write the whole model (weights and the configuration that built it) atomically."""
     meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config), "extra": json.dumps(dict(extra or {}))}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    _save(state, path, meta)
     return Path(path)
 
 
@@ -108,8 +117,7 @@ def save_adapter(
         "backbone_fingerprint": backbone_fingerprint(model, exclude=replaced),
         "extra": json.dumps(dict(extra or {})),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    _save(tensors, path, meta)
     return Path(path)
 
 

@@ -31,12 +31,13 @@ network's ``img_size`` (its position embedding has a fixed length).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -50,6 +51,8 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "centerprompt-model/1"
+# Metadata key of the SHA-256 over a file's content (:func:`content_hash`); files without it load unverified.
+CONTENT_HASH_KEY = "content_sha256"
 CENTERPROMPT = "centerprompt model"  # BaseCheckpoint.kind of our own files
 # Config fields that describe prompts, not the backbone: set by the strategy (an adapter may change them), never by a base.
 PROMPT_FIELDS = ("prompt_mode", "num_prompts", "prompt_dropout")
@@ -195,18 +198,51 @@ def read_config_file(path: str | Path, what: str = "configuration") -> dict[str,
     return data
 
 
+def update_digest(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed each (name, tensor) to a ``hashlib`` digest: ``"name|dtype|shape"``, then the raw bytes."""
+    for name, tensor in tensors:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+
+
+def content_hash(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of what a centerprompt safetensors file holds, stored under :data:`CONTENT_HASH_KEY`.
+
+    Covers the other metadata (JSON, sorted keys: the configuration and preprocessing are content
+    too) and every tensor in name order (:func:`update_digest`), so a flipped byte anywhere that
+    safetensors itself does not reject is caught when the file is read.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != CONTENT_HASH_KEY}, sort_keys=True).encode())
+    update_digest(digest, sorted(tensors.items()))
+    return digest.hexdigest()
+
+
 def read_safetensors(
     path: Path, expected_format: str | None, with_tensors: bool = True
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a safetensors file; with ``expected_format``, its format must be that."""
+    """Metadata and tensors of a safetensors file; with ``expected_format``, its format must be that.
+
+    With the tensors, a file that carries a content hash must match it (a damaged file is refused
+    before anything uses its weights); a file without one (written before centerprompt stored it,
+    or by another tool) is read unverified.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
+    except (SafetensorError, OSError, ValueError) as err:  # a damaged header is a SafetensorError
+        detail = " ".join(str(err).split())[:200]  # one line, however the library words it
+        raise ValueError(f"{path}: not a readable safetensors file ({detail}).") from err
+    expected = meta.get(CONTENT_HASH_KEY)
+    if with_tensors and expected is None:
+        logger.debug("%s: no %s in its metadata (an older or foreign file); read unverified", path, CONTENT_HASH_KEY)
+    elif with_tensors and content_hash(meta, tensors) != expected:
+        raise ValueError(f"{path}: damaged: its content no longer matches the SHA-256 stored in it "
+                         f"({CONTENT_HASH_KEY}); copy the file again or retrain it.")  # fmt: skip
     if expected_format is not None and meta.get("format") != expected_format:
         raise ValueError(f"{path}: not a {expected_format} file (format is {meta.get('format')!r}).")
     return meta, tensors

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from centerprompt.checkpoints import BaseSpec
+from centerprompt.data.hecktor import SPLITS_FILE
 from centerprompt.files import jsonable
 from centerprompt.presets import PRESETS, Preset
 from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_strategy, strategy_names
@@ -22,7 +23,8 @@ from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_stra
 OPTIMIZER_NAMES = ("adamw", "sgd")
 SCORE_AT = ("ct", "preprocessed")
 ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
-EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change")
+# ``splits`` is where the split is read: the job records the split itself by its hash (``splits_sha256``).
+EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change", "splits")
 BASE_FIELDS = ("model_config", "preprocess")  # in a run's provenance only when given
 
 
@@ -69,7 +71,10 @@ class _OwnBase:
 
 @dataclass(frozen=True, kw_only=True)
 class _Training(_Run):
-    """What every training job takes. ``epochs`` and ``batch_size`` default to the preset's."""
+    """What every training job takes. ``epochs`` and ``batch_size`` default to the preset's.
+    ``splits``: a split file to use, written there first when it does not exist (``--splits``);
+    None: ``DATA/splits.json``, the base model's split, the run folder's, or made with ``seed``
+    (:func:`centerprompt.jobs.load_index`)."""
 
     epochs: int | None = None
     lr: float | None = None
@@ -81,6 +86,7 @@ class _Training(_Run):
     resume: bool = False
     skip_bad_cases: bool = False
     progress: bool = True
+    splits: Path | None = None
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -169,7 +175,8 @@ class ExperimentRun(_Run, _OwnBase):
     """The leave-one-center-out comparison for ``new_center``: pretrain (or ``base``, with its
     ``model_config`` and ``preprocess`` when given), adapt with each strategy, score new and old
     centers. ``on_change``: what to do with a finished stage in ``out`` whose provenance differs
-    from what is asked (re-run it, or refuse)."""
+    from what is asked (re-run it, or refuse). ``splits``: as for a training run; the experiment
+    chooses its split once, keeps it in ``out/splits.json`` and gives that file to every stage."""
 
     data_dir: Path
     new_center: str
@@ -188,6 +195,7 @@ class ExperimentRun(_Run, _OwnBase):
     skip_bad_cases: bool = False
     progress: bool = True
     command: str | None = None
+    splits: Path | None = None
 
     def __post_init__(self) -> None:
         names = tuple(self.strategies)
@@ -227,7 +235,7 @@ class ExperimentRun(_Run, _OwnBase):
             data_dir=self.data_dir, out=self.out / (ORACLE if oracle else "pretrain"), exclude_center=self.new_center,
             preset=preset or self.preset, epochs=self.pretrain_epochs, patience=self.patience, seed=self.seed,
             oracle_shots=self.shots if oracle else 0, resume=True, skip_bad_cases=self.skip_bad_cases,
-            progress=self.progress,
+            progress=self.progress, splits=self.out / SPLITS_FILE,
         )  # fmt: skip
 
     def adapt_run(self, strategy: str, base: Path) -> AdaptRun:
@@ -236,4 +244,5 @@ class ExperimentRun(_Run, _OwnBase):
             strategy=strategy, num_prompts=self.num_prompts, shots=self.shots, epochs=self.adapt_epochs,
             patience=self.patience, seed=self.seed, resume=True, skip_bad_cases=self.skip_bad_cases,
             progress=self.progress, model_config=self.model_config, preprocess=self.preprocess,
+            splits=self.out / SPLITS_FILE,
         )  # fmt: skip

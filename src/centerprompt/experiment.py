@@ -25,7 +25,7 @@ from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.config import ExperimentRun, file_sha256
-from centerprompt.jobs import adapt, load_index, open_base, pretrain
+from centerprompt.jobs import adapt, check_base_split, keep_splits, load_index, open_base, pretrain, split_defaults
 from centerprompt.reliance import transformer_reliance
 from centerprompt.report import plot_case_slices, write_report
 from centerprompt.scoring import Scorer
@@ -64,20 +64,29 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     reused only when its saved configuration (settings, case lists, input checkpoint hash) equals
     what this run asks; otherwise it is trained again, or refused with ``on_change="refuse"``.
     Scores are always computed afresh.
+
+    One split throughout: chosen once (``run.splits``, ``DATA/splits.json``, the given base's
+    split, ``out/splits.json`` of an earlier run, or made with the seed), kept in
+    ``out/splits.json`` and given to every stage, so pretraining, adaptation and scoring never
+    disagree on which cases are test cases.
     """
     out, new_center = Path(run.out), run.new_center
-    cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=out)
+    spec = run.base_spec
+    given = open_base(spec) if spec is not None else None  # read once for every stage: assumptions logged once
+    cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=out,
+                               splits_file=run.splits, split_defaults=split_defaults(given, out))  # fmt: skip
+    keep_splits(splits, out)
     loco = leave_one_center_out(splits, new_center, shots=run.shots, seed=run.seed)
     stages: dict[str, dict[str, Any]] = {}
 
-    spec = run.base_spec
-    if spec is None:
+    if given is None:
         pre = run.pretrain_run()
         summary = pretrain(pre, on_change=run.on_change)
         stages["pretrain"] = {"dir": str(pre.out), "config_hash": summary["config_hash"]}
         ckpt = open_base(Path(pre.out) / "model.safetensors")
     else:
-        ckpt = open_base(spec)  # read once for every stage: a foreign checkpoint's assumptions are logged once
+        ckpt = given
+        check_base_split(ckpt, splits)
         stages["base"] = {"file": str(ckpt.path), "sha256": file_sha256(ckpt.weights)}
     base, preprocess = ckpt.path, ckpt.preprocess
     # The oracle copies the base model's architecture and budget (a foreign checkpoint: the preset asked for).
@@ -101,7 +110,8 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         "new_center_test_cases": list(loco.new_test), "old_center_test_cases": list(loco.old_test),
         "adapt_train_cases": list(loco.adapt_train), "shots": run.shots, "prompts": run.num_prompts, "seed": run.seed,
         "preset": run.preset, "score_at": run.score_at, "machine": machine_info(), "date": date.today().isoformat(),
-        "command": run.command or " ".join(sys.argv), "config": run.provenance(), "stages": stages,
+        "command": run.command or " ".join(sys.argv), "config": run.provenance(), "splits": splits.record(),
+        "stages": stages,
         "base": {"transformer_reliance": reliance}, "strategies": {},
     }  # fmt: skip
     for name in run.strategies:
@@ -175,11 +185,16 @@ def _without_cases(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_all_centers(run: ExperimentRun) -> str:
     """``run_experiment`` with each labelled center held out in turn (``run.new_center`` is ignored);
-    each center's folder is ``run.out/CENTER``. Returns a summary table."""
-    _, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed)
+    each center's folder is ``run.out/CENTER``, and all of them use the one split kept in
+    ``run.out/splits.json``. Returns a summary table."""
+    out = Path(run.out)
+    given = open_base(run.base_spec) if run.base_spec is not None else None
+    _, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=out,
+                           splits_file=run.splits, split_defaults=split_defaults(given, out))  # fmt: skip
+    shared = keep_splits(splits, out)
     rows = ["| new center | strategy | new DSCagg mean | old DSCagg mean | Δ old vs base |", "|---|---|---|---|---|"]
     for center in sorted(splits):
-        results = run_experiment(replace(run, new_center=center, out=Path(run.out) / center))
+        results = run_experiment(replace(run, new_center=center, out=out / center, splits=shared))
         for name, s in results["strategies"].items():
             new, old = s["new_center"]["dsc_agg"]["mean"], s["old_centers"]["dsc_agg"]["mean"]
             delta = old - s["old_centers_base"]["dsc_agg"]["mean"]

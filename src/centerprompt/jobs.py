@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -23,9 +24,20 @@ from tqdm.auto import tqdm
 
 from centerprompt.artifacts import build_adapted_model, read_adapter_metadata, save_adapter, save_model
 from centerprompt.checkpoints import PROMPT_FIELDS, BaseCheckpoint, BaseLike, BaseSpec, resolve_base
-from centerprompt.data.checks import CHECKS_FILE, validate_cases
+from centerprompt.data.checks import CHECKS_FILE, check_pair, validate_cases
 from centerprompt.data.labels import NUM_LABELS
-from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, load_or_create_splits
+from centerprompt.data.hecktor import (
+    SPLITS_FILE,
+    Case,
+    DataError,
+    Splits,
+    find_cases,
+    leave_one_center_out,
+    read_splits,
+    resolve_splits,
+    splits_from_json,
+    write_splits,
+)
 from centerprompt.data.transforms import (
     PreprocessConfig,
     inference_transforms,
@@ -73,9 +85,16 @@ def run_log(run_dir: Path) -> Iterator[None]:
 
 def load_index(
     data_dir: str | Path, *, skip_bad_cases: bool = False, check: bool = True, seed: int = 0,
-    cache_dir: str | Path | None = None,
-) -> tuple[dict[str, Case], dict[str, dict[str, list[str]]]]:  # fmt: skip
-    """Cases by ID (checked like ``check-data``) and the per-center splits (``DIR/splits.json``).
+    cache_dir: str | Path | None = None, splits_file: str | Path | None = None,
+    split_defaults: Sequence[Path | Splits | None] = (),
+) -> tuple[dict[str, Case], Splits]:  # fmt: skip
+    """Cases by ID (checked like ``check-data``) and the split to use; nothing is written into ``data_dir``.
+
+    The split is :func:`centerprompt.data.hecktor.resolve_splits`'s: ``splits_file`` (``--splits``;
+    written there when it does not exist yet), ``DIR/splits.json``, ``split_defaults``
+    (:func:`split_defaults`), or made from the cases with ``seed``. A listed case that is no longer
+    usable is an error naming it, or with ``skip_bad_cases`` left out of its split (``Splits.skipped``)
+    without moving any other case.
 
     The checks read every voxel, so a case is checked once per process while its files keep their
     path, size and mtime; with ``cache_dir`` (a run folder, never the data folder) the results are
@@ -85,8 +104,43 @@ def load_index(
     if check:
         cache_file = Path(cache_dir) / CHECKS_FILE if cache_dir is not None else None
         cases = validate_cases(cases, skip_bad_cases=skip_bad_cases, cache_file=cache_file)
-    splits = load_or_create_splits(data_dir, cases, seed=seed)
+    splits = resolve_splits(data_dir, cases, path=splits_file, defaults=split_defaults, seed=seed,
+                            skip_bad_cases=skip_bad_cases)  # fmt: skip
     return {c.case_id: c for c in cases}, splits
+
+
+def base_splits(base: BaseCheckpoint | None) -> Splits | None:
+    """The split a centerprompt base model was pretrained with (recorded in its metadata), if any."""
+    stored = base.extra.get("splits") if base is not None else None
+    return splits_from_json(stored, f"the split {base.path} was pretrained with") if stored else None
+
+
+def split_defaults(base: BaseCheckpoint | None, run_dir: Path | None) -> list[Path | Splits | None]:
+    """Where a job's split comes from when neither ``--splits`` nor ``DIR/splits.json`` gives it:
+    the split its base model was pretrained with (adaptation and evaluation then test on cases the
+    base never trained on), then the one its run folder used before (a rerun keeps its split)."""
+    return [base_splits(base), run_dir / SPLITS_FILE if run_dir is not None else None]
+
+
+def check_base_split(base: BaseCheckpoint, splits: Splits) -> None:
+    """Warn when a split is not the one ``base`` was pretrained with: its test cases may be some of
+    the base's training cases."""
+    own = base_splits(base)
+    if own is not None and own.sha256 != splits.sha256:
+        logger.warning("%s was pretrained with another split than the one in %s: its pretraining cases may be among "
+                       "this command's test cases; give --splits with the split its run folder kept (splits.json)",
+                       base.path, splits.source)  # fmt: skip
+
+
+def keep_splits(splits: Splits, run_dir: Path) -> Path:
+    """Record the split a run used in ``run_dir/splits.json`` (rank 0; unchanged when it already holds it)."""
+    path = run_dir / SPLITS_FILE
+    with contextlib.suppress(DataError):  # an unreadable record is replaced
+        if path.exists() and read_splits(path).sha256 == splits.sha256:
+            return path
+    if rank() == 0:
+        write_splits(splits, path)
+    return path
 
 
 RUN_FILES = ("config.json", SUMMARY, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, "model.safetensors",
@@ -149,8 +203,9 @@ def pretrain_case_ids(
     return sorted(loco.pretrain_train + loco.adapt_train), sorted(loco.pretrain_val + loco.adapt_val)
 
 
-def pretrain_config(run: PretrainRun, splits: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
-    """Everything that determines a pretraining run's result: ``config.json`` of its folder."""
+def pretrain_config(run: PretrainRun, splits: Splits) -> dict[str, Any]:
+    """Everything that determines a pretraining run's result: ``config.json`` of its folder (the
+    split enters by its hash, not its file's path: the same split read from elsewhere is the same run)."""
     p = run.preset_obj
     train_ids, val_ids = pretrain_case_ids(splits, run.exclude_center, oracle_shots=run.oracle_shots, seed=run.seed)
     train_ids = train_ids[: run.cases_limit] if run.cases_limit else train_ids
@@ -159,7 +214,8 @@ def pretrain_config(run: PretrainRun, splits: dict[str, dict[str, list[str]]]) -
                       compile=run.compile)  # fmt: skip
     return {
         "job": "pretrain", **run.provenance(), "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
-        "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "train_cases": train_ids, "val_cases": val_ids,
+        "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "splits_sha256": splits.sha256,
+        "train_cases": train_ids, "val_cases": val_ids,
     }  # fmt: skip
 
 
@@ -167,15 +223,19 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
     """Train the base model with every weight on all centers but ``run.exclude_center``.
 
     Writes ``OUT/model.safetensors`` (the best epoch on the validation cases, with its
-    configuration and preprocessing in the metadata) and ``OUT/summary.json``.
+    configuration, preprocessing and split in the metadata), ``OUT/splits.json`` (the split used:
+    ``run.splits``, ``DATA/splits.json``, this folder's earlier one, or made with the seed) and
+    ``OUT/summary.json`` (with the split's source, hash and skipped cases).
     """
     run_dir, p = Path(run.out), run.preset_obj
     with run_log(run_dir):
-        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir)
+        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir,
+                                   splits_file=run.splits, split_defaults=split_defaults(None, run_dir))  # fmt: skip
         config = pretrain_config(run, splits)
         finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
         if finished is not None:
             return finished
+        keep_splits(splits, run_dir)
         train_ids, val_ids = config["train_cases"], config["val_cases"]
         torch.manual_seed(run.seed)
         model = PromptedUNETR(**config["model"])
@@ -186,11 +246,13 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
                     run.exclude_center)  # fmt: skip
         cfg = TrainConfig(**config["train"])
         result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=run.resume, progress=run.progress)
-        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model), "config_hash": config_hash(config)}
+        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model), "config_hash": config_hash(config),
+                   "splits": splits.record()}  # fmt: skip
         if rank() == 0:
             train_centers = sorted({cases[i].center for i in train_ids})
             extra = {"preprocess": p.preprocess.to_dict(), "preset": p.name, "train_centers": train_centers,
-                     "exclude_center": run.exclude_center, "oracle_shots": run.oracle_shots}  # fmt: skip
+                     "exclude_center": run.exclude_center, "oracle_shots": run.oracle_shots,
+                     "splits": splits.to_json()}  # fmt: skip
             save_model(model, run_dir / "model.safetensors", extra=extra)
             write_json(summary, run_dir / SUMMARY)
     return summary
@@ -257,9 +319,7 @@ def _check_adapter_preprocess(ckpt: BaseCheckpoint, adapter: str | Path | None) 
 # ----------------------------------------------------------------------------- adapt
 
 
-def adapt_config(
-    run: AdaptRun, splits: dict[str, dict[str, list[str]]], base: BaseCheckpoint | None = None
-) -> dict[str, Any]:
+def adapt_config(run: AdaptRun, splits: Splits, base: BaseCheckpoint | None = None) -> dict[str, Any]:
     """Everything that determines an adaptation's result: ``config.json`` of its folder.
 
     The base checkpoint enters by the hash of its weights, so a retrained base (same path, new
@@ -275,24 +335,30 @@ def adapt_config(
                       weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
                       optimizer=run.optimizer)  # fmt: skip
     return {"job": "adapt", **run.provenance(), **base_provenance(base), "train": cfg.__dict__,
-            "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
+            "splits_sha256": splits.sha256, "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
 
 
 def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | None = None) -> dict[str, Any]:
     """Adapt the frozen base model to ``run.center`` with ``run.shots`` labelled cases and one strategy.
 
-    Writes ``OUT/adapter.safetensors`` (what the strategy trained, best validation epoch) and
-    ``OUT/summary.json`` (parameters, artifact bytes, wall time, peak memory). ``base``: ``run``'s
-    base model when the caller has already opened it (an experiment opens it once for every stage).
+    Writes ``OUT/adapter.safetensors`` (what the strategy trained, best validation epoch),
+    ``OUT/splits.json`` (the split used: ``run.splits``, ``DATA/splits.json``, the one the base was
+    pretrained with, this folder's earlier one, or made with the seed) and ``OUT/summary.json``
+    (parameters, artifact bytes, wall time, peak memory, the split's source and skipped cases).
+    ``base``: ``run``'s base model when the caller has already opened it (an experiment opens it
+    once for every stage).
     """
     run_dir, strategy = Path(run.out), get_strategy(run.strategy)
     with run_log(run_dir):
         base = open_base(base or run.base_spec)  # refuse a wrong file before reading the data
-        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir)
+        cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir,
+                                   splits_file=run.splits, split_defaults=split_defaults(base, run_dir))  # fmt: skip
+        check_base_split(base, splits)
         config = adapt_config(run, splits, base)
         finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
         if finished is not None:
             return finished
+        keep_splits(splits, run_dir)
         if run.center in base.extra.get("train_centers", []):
             logger.warning("center %s was part of the base model's pretraining data", run.center)
         preprocess = base.preprocess
@@ -302,7 +368,8 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
         params = apply_strategy(model, run.strategy, **run.options)
         summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
                                    **parameter_report(model), "train_seconds": 0.0, "peak_memory_mb": 0.0,
-                                   "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config)}  # fmt: skip
+                                   "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config),
+                                   "splits": splits.record()}  # fmt: skip
         if strategy.trains:
             train_ds = make_dataset([cases[i] for i in config["adapt_train"]], train_transforms(preprocess))
             scorer = Scorer([cases[i] for i in config["adapt_val"]], preprocess, score_at="preprocessed")
@@ -312,7 +379,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
             summary.update(result.__dict__)
             if rank() == 0:
                 extra = {"center": run.center, "shots": run.shots, "base": str(run.base),
-                         "preprocess": preprocess.to_dict()}  # fmt: skip
+                         "preprocess": preprocess.to_dict(), "splits_sha256": splits.sha256}  # fmt: skip
                 artifact = save_adapter(model, run_dir / "adapter.safetensors", run.strategy, run.options, extra=extra)
                 summary.update(artifact=str(artifact), artifact_bytes=artifact.stat().st_size)
         if rank() == 0:
@@ -323,9 +390,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
 # ----------------------------------------------------------------------------- evaluate and predict
 
 
-def split_case_ids(
-    splits: dict[str, dict[str, list[str]]], centers: Sequence[str], split: str, data_dir: str | Path
-) -> list[str]:
+def split_case_ids(splits: Splits, centers: Sequence[str], split: str, data_dir: str | Path) -> list[str]:
     """Case IDs of ``centers`` in ``split`` (train, val, test or all); unknown centers are an error."""
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be train, val, test or all, got {split!r}.")
@@ -339,44 +404,110 @@ def split_case_ids(
 def evaluate(
     data_dir: str | Path, base: BaseLike, *, adapter: str | Path | None = None, centers: Sequence[str] | None = None,
     split: str = "test", score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+    splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-case and per-center scores of the base model (with an adapter if given) on one split."""
+    """Per-case and per-center scores of the base model (with an adapter if given) on one split.
+
+    The split is ``splits_file``, ``DATA/splits.json``, the one the base was pretrained with, or
+    made with seed 0 (:func:`load_index`); the result records its source, hash and skipped cases.
+    """
     base = open_base(base, adapter)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
+                               split_defaults=split_defaults(base, None))  # fmt: skip
+    check_base_split(base, splits)
     ids = split_case_ids(splits, centers or sorted(splits), split, data_dir)
     _check_adapter_preprocess(base, adapter)
     model = build_adapted_model(base, adapter).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
     per_case = scorer.score(model, desc="evaluate", progress=progress)
     return {"data_dir": str(data_dir), "base": str(base.path), "adapter": str(adapter) if adapter else None,
-            "split": split, "score_at": score_at, **aggregate(per_case), "per_case": per_case}  # fmt: skip
+            "split": split, "splits": splits.record(), "score_at": score_at, **aggregate(per_case),
+            "per_case": per_case}  # fmt: skip
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # what save_prediction writes as one file (nibabel picks by name)
+
+
+def check_prediction_out(path: str | Path, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that ``predict`` could not write: a file path that is a
+    folder or does not end in .nii.gz/.nii (nibabel would write another format, or a .hdr/.img pair
+    whose second file is left behind), a folder path that is a file, or a place where the nearest
+    existing folder is a file or not writable. Missing folders are created when writing."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a folder; the predictions of a folder of cases go into a folder.")
+    if not folder and path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the output file of this case (NAME.nii.gz), or use --input "
+                         "to segment a folder of cases.")  # fmt: skip
+    if not folder and not path.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: a prediction is written as NIfTI; give a file name ending in .nii.gz (or .nii).")
+    parent = path if folder else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be written: no permission to write in {existing}.")
+    return path
+
+
+def _prediction_item(ct: Path, pet: Path, out: Path, transform: Any) -> dict[str, Any]:
+    """The preprocessed item of a pair that passes :func:`check_pair`; DataError (one line naming the files) if not."""
+    problems = check_pair(ct, pet)
+    if problems:
+        raise DataError("; ".join(problems))
+    try:
+        return transform({"ct": str(ct), "pet": str(pet), "case_id": out.name})
+    except Exception as err:  # a pair the checks let through that MONAI cannot read: still this case's problem
+        cause = err
+        while cause.__cause__ is not None:  # MONAI wraps the real error in "applying transform ..."
+            cause = cause.__cause__
+        detail = " ".join(str(cause).split())[:200]
+        raise DataError(f"cannot preprocess CT {ct} with PET {pet}: {type(cause).__name__}: {detail}") from err
 
 
 def prediction_inputs(
-    pairs: Sequence[tuple[str | Path, str | Path, str | Path]], preprocess: PreprocessConfig, progress: bool = True
-) -> Iterator[tuple[Path, Path, dict[str, Any], torch.Tensor, Any]]:
+    pairs: Sequence[tuple[str | Path, str | Path, str | Path]], preprocess: PreprocessConfig, progress: bool = True,
+    on_bad_case: Callable[[str], Any] | None = None,
+) -> Iterator[tuple[Path, Path, dict[str, Any], torch.Tensor, Any]]:  # fmt: skip
     """For each (CT, PET, output): the CT path, the output path, the preprocessed item, the network
-    input (1, 2, D, H, W) on the default device, and the transform that inverts it."""
+    input (1, 2, D, H, W) on the default device, and the transform that inverts it.
+
+    Each pair is first checked as ``check-data`` checks an unlabelled case (:func:`check_pair`:
+    readable, 3D, finite, overlapping, CT in HU and PET in SUV), so a bad input is named instead
+    of becoming an empty mask or a MONAI traceback. A bad pair raises :class:`DataError` (one line
+    naming the files), or with ``on_bad_case`` is logged, handed to it as that line, and skipped.
+    """
     transform = inference_transforms(preprocess, with_label=False)
     for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
-        for path in (ct, pet):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such file.")
-        data = transform({"ct": str(ct), "pet": str(pet), "case_id": Path(out).name})
+        try:
+            data = _prediction_item(Path(ct), Path(pet), Path(out), transform)
+        except DataError as err:
+            if on_bad_case is None:
+                raise
+            logger.warning("skipping %s: %s", ct, err)
+            on_bad_case(str(err))
+            continue
         yield Path(ct), Path(out), data, data["image"].as_tensor()[None].to(default_device()), transform
 
 
 def predict(
     base: BaseLike, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
-    adapter: str | Path | None = None, progress: bool = True,
+    adapter: str | Path | None = None, progress: bool = True, on_bad_case: Callable[[str], Any] | None = None,
 ) -> list[Path]:  # fmt: skip
-    """Segment each (CT, PET) pair and write the label map to its output path on the CT grid."""
+    """Segment each (CT, PET) pair and write the label map to its output path on the CT grid.
+
+    Output paths are checked before the model is read (:func:`check_prediction_out`), inputs pair
+    by pair (:func:`prediction_inputs`): a bad pair raises DataError and writes nothing for it, or
+    with ``on_bad_case`` (e.g. a list's ``append``) is reported there and the next pair goes on.
+    """
+    for _, _, out in pairs:
+        check_prediction_out(out)
     base = open_base(base, adapter)
     _check_adapter_preprocess(base, adapter)
     model = build_adapted_model(base, adapter).to(default_device())
     preprocess = base.preprocess
     written = []
-    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
+    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):
         started = time.perf_counter()
         pred = sliding_window_predict(model, image, preprocess.roi_size, SW_BATCH).argmax(1).cpu()
         written.append(save_prediction(pred, data, out, transform))
@@ -394,8 +525,7 @@ def folder_pairs(folder: str | Path, out_dir: str | Path) -> list[tuple[Path, Pa
     pairs = []
     for ct in cts:
         case_id = ct.name.split("__CT")[0]
-        pet = next(iter(sorted(images.glob(f"{case_id}__PT.nii*"))), None)
-        if pet is None:
-            raise FileNotFoundError(f"{case_id}: no PET file {case_id}__PT.nii.gz beside {ct.name}.")
+        # A missing PET keeps its expected name: the pair's check then names it, and only this case is skipped.
+        pet = next(iter(sorted(images.glob(f"{case_id}__PT.nii*"))), images / f"{case_id}__PT.nii.gz")
         pairs.append((ct, pet, Path(out_dir) / f"{case_id}.nii.gz"))
     return pairs

@@ -8,7 +8,7 @@ to the plain base model (:data:`~centerprompt.bank.routing.FALLBACK`); ``center=
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from centerprompt.bank.storage import LoadedBank, PromptBank
 from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import save_prediction
 from centerprompt.evaluate import sliding_window_predict
-from centerprompt.jobs import open_base, prediction_inputs
+from centerprompt.jobs import check_prediction_out, open_base, prediction_inputs
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.scoring import SW_BATCH
 from centerprompt.train import default_device
@@ -115,18 +115,22 @@ def load_bank_model(base: BaseLike, bank: str | Path, device: torch.device | Non
 def predict_with_bank(
     base: BaseLike, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     center: str = "auto", threshold: float | None = None, progress: bool = True,
+    on_bad_case: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
     center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
-    scan: input, output path, the center used and, when routed, the distances.
+    scan: input, output path, the center used and, when routed, the distances. Outputs and inputs
+    are checked as ``jobs.predict`` checks them; ``on_bad_case`` as there (skip and report a bad pair).
     """
+    for _, _, out in pairs:
+        check_prediction_out(out)
     base = open_base(base)
     model = load_bank_model(base, bank, default_device())
     if center not in ("auto", FALLBACK):
         model.prompts_for([center])
     preprocess = base.preprocess
     records = []
-    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress):
+    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):
         route = model.route(image, threshold)[0] if center == "auto" else None
         chosen = route.center if route else center
         net, kwargs = model.member(chosen)

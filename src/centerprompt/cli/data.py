@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="still list problems, but exit 0 when usable cases remain (what training with --skip-bad-cases would use)",
     )
-    p.add_argument("--centers", default="", metavar="EXTRA,...", help="extra center prefixes to accept, comma-separated")
+    p.add_argument("--centers", default="", metavar="EXTRA,...",
+                   help="sites expected besides the HECKTOR 2022 centers, comma-separated: not reported as new "
+                        "(every center prefix is accepted, by every command)")
     p.set_defaults(func=check_data)
 
 

@@ -21,9 +21,23 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=10, help="early stopping: validations without improvement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
+    p.add_argument("--skip-bad-cases", action="store_true",
+                   help="skip (with a warning) cases that fail the checks, also those an existing split lists: left "
+                        "out of this run and recorded in summary.json; the split file is not changed and every other "
+                        "case keeps its split")  # fmt: skip
+    _splits_argument(p)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+
+
+def _splits_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--splits", type=Path, metavar="FILE",
+                   help="split file (per-center train/val/test case IDs) to use; written there first if it does not "
+                        "exist, so several runs can share one split. Without it: DATA/splits.json if present (read, "
+                        "never written), else the split the --base was pretrained with, else the run folder's "
+                        "splits.json from an earlier run, else made from the labelled cases (with --seed where the command has one). A run folder "
+                        "keeps the split it used in OUT/splits.json (evaluate: its source and hash in the JSON); "
+                        "nothing is written into --data")  # fmt: skip
 
 
 BASE_SOURCES = ("model.safetensors, a MONAI UNETR state dict or checkpoint (.pt/.pth/.ckpt, read with "
@@ -112,7 +126,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     run = PretrainRun(
         data_dir=args.data, out=args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed, resume=args.resume,
-        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile,
+        skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile, splits=args.splits,
     )  # fmt: skip
     init_distributed()
     summary = pretrain(run)
@@ -131,7 +145,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         num_prompts=args.prompts, shots=args.shots, options=_strategy_options(args), prompt_dropout=args.prompt_dropout,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
         optimizer=args.optimizer, amp=args.amp, compile=args.compile, resume=args.resume,
-        skip_bad_cases=args.skip_bad_cases, **base_files(args),
+        skip_bad_cases=args.skip_bad_cases, splits=args.splits, **base_files(args),
     )  # fmt: skip
     init_distributed()
     s = adapt(run)
@@ -150,9 +164,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.bank:
         from centerprompt.bank.evaluation import evaluate_with_bank
 
+        if args.splits:
+            raise ValueError("--splits is not supported with --bank yet (a bank reads DATA/splits.json or makes the "
+                             "split with seed 0).")  # fmt: skip
         result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto", **common)
     else:
-        result = evaluate(args.data, base_spec(args), adapter=args.adapter, **common)
+        result = evaluate(args.data, base_spec(args), adapter=args.adapter, splits_file=args.splits, **common)
     write_json(result, args.out)
     print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
     for center, s in {**result["per_center"], "all": result["overall"]}.items():
@@ -180,25 +197,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from centerprompt.jobs import folder_pairs, predict
+    from centerprompt.jobs import check_prediction_out, folder_pairs, predict
 
-    if args.input:
-        pairs = folder_pairs(args.input, args.out)
-    elif args.ct and args.pet:
-        pairs = [(args.ct, args.pet, args.out)]
-    else:
+    if not args.input and not (args.ct and args.pet):
         raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
+    check_prediction_out(args.out, folder=bool(args.input))  # before reading anything
+    pairs = folder_pairs(args.input, args.out) if args.input else [(args.ct, args.pet, args.out)]
+    # A folder goes on past a bad case and reports it below; one case stops with its problem (exit 2).
+    skipped: list[str] = []
+    on_bad_case = skipped.append if args.input else None
     if args.bank:
         from centerprompt.bank import predict_with_bank
 
-        records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto")
+        records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto",
+                                    on_bad_case=on_bad_case)  # fmt: skip
         for r in records:
             route = r.get("route") or {}
             print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
         written = [r["out"] for r in records]
     else:
-        written = predict(base_spec(args), pairs, adapter=args.adapter)
+        written = predict(base_spec(args), pairs, adapter=args.adapter, on_bad_case=on_bad_case)
     print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(pairs)} case(s) that failed the input checks:", file=sys.stderr)
+        for problem in skipped:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,7 +235,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()), base=args.base,
         preset=args.preset, shots=args.shots, num_prompts=args.prompts, pretrain_epochs=args.pretrain_epochs,
         adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed, score_at=args.score_at,
-        on_change=args.on_change, skip_bad_cases=args.skip_bad_cases,
+        on_change=args.on_change, skip_bad_cases=args.skip_bad_cases, splits=args.splits,
         command=" ".join(["centerprompt", *sys.argv[1:]]), **base_files(args),
     )  # fmt: skip
     if args.new_center == "all":
@@ -240,7 +264,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     names = registry.strategy_names(registry.QUICK if args.quick else registry.STANDARD)
     settings["strategies"] = (*names, registry.ORACLE) if args.oracle else tuple(names)
     run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu", seed=args.seed,
-                                 command="centerprompt demo" + (" --quick" if args.quick else ""), **settings))
+                                 command="centerprompt demo" + (" --quick" if args.quick else ""),
+                                 splits=args.splits, **settings))  # fmt: skip
     print((out / "results.md").read_text())
     print(f"report: {out / 'results.md'}, figures: {out}/*.png")
     return 0
@@ -277,7 +302,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--centers", help="comma-separated centers (default: all)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
-    p.add_argument("--skip-bad-cases", action="store_true")
+    p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
+    _splits_argument(p)
     _bank_options(p)
     p.add_argument("--out", required=True, type=Path, help="JSON file")
     p.set_defaults(func=_cmd_evaluate)
@@ -292,14 +318,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="also write the result as JSON")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid")
+    p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid",
+                       description="Segment CT/PET pairs. Each pair is first checked as check-data checks a case "
+                                   "(readable, 3D, finite, CT and PET overlapping, CT in HU, PET in SUV): one bad "
+                                   "case stops with its problem (exit 2); with --input the other cases are still "
+                                   "predicted and the bad ones listed at the end (exit 1).")  # fmt: skip
     base_arguments(p)
     p.add_argument("--adapter", type=Path)
-    p.add_argument("--ct", type=Path, help="CT NIfTI of one case")
-    p.add_argument("--pet", type=Path, help="PET NIfTI of the same case")
+    p.add_argument("--ct", type=Path, help="CT NIfTI of one case (HU)")
+    p.add_argument("--pet", type=Path, help="PET NIfTI of the same case (SUV)")
     p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
     _bank_options(p)
-    p.add_argument("--out", required=True, type=Path, help="output NIfTI (one case) or folder (--input)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output file ending in .nii.gz or .nii (one case), or folder (--input)")  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("experiment", help="leave-one-center-out comparison of strategies")
@@ -320,8 +351,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-change", default="rerun", choices=("rerun", "refuse"),
                    help="a finished stage in --out made with other settings, cases or base: train it again "
                         "(default) or stop with an error")
-    p.add_argument("--skip-bad-cases", action="store_true")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--skip-bad-cases", action="store_true",
+                   help="skip (with a warning) cases that fail the checks; every other case keeps its split")
+    _splits_argument(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder: one split (OUT/splits.json) for every stage")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("demo", help="synthetic data, then the experiment for one held-out center, on a CPU")
@@ -334,4 +367,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-center", default=DEMO_CENTER)
     p.add_argument("--cases-per-center", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    _splits_argument(p)
     p.set_defaults(func=_cmd_demo)

@@ -29,10 +29,16 @@ logger = logging.getLogger(__name__)
 # Labels are exported on the CT grid, but some tools round the affine; differences below this
 # (mm, per affine element) are treated as the same grid.
 GRID_ATOL_MM = 1e-2
+# A CT in Hounsfield units holds air (-1000 HU) around the body; one without a voxel below this is
+# something else (a PET, or raw stored values without the rescale slope). Same as the crop's body_hu.
+CT_AIR_HU = -500.0
+# A PET in SUV stays within this range (tumours reach tens, reconstruction noise a little below 0);
+# Bq/ml reach thousands and a CT goes down to -1000, so either is named.
+PET_SUV_RANGE = (-50.0, 1000.0)
 _PROGRESS_MIN_CASES = 5
 #: Name of the file in a run folder that keeps check results across processes.
 CHECKS_FILE = "data_checks.json"
-_CHECKS_FORMAT = "centerprompt-checks/1"
+_CHECKS_FORMAT = "centerprompt-checks/2"  # /2: CT and PET intensity ranges
 # A file changed within the file system's timestamp granularity of its check may keep its (size,
 # mtime) although its content changed; such a result is not reused (git's "racy clean" rule).
 _RACY_NS = 2_000_000_000
@@ -49,29 +55,31 @@ def _bounds(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return world.min(0), world.max(0)
 
 
+def check_pair(ct: str | Path, pet: str | Path, *, deep: bool = True, case_id: str | None = None) -> list[str]:
+    """Problems of a CT/PET pair, one line each naming the case and the file; empty when the pair is fine.
+
+    What ``check-data`` checks of any case, labelled or not, and ``predict`` of its inputs: both
+    files readable and 3D, the PET overlapping the CT in world space and, with ``deep=True``, no
+    NaN/inf voxels, the CT in HU and the PET in SUV (:func:`_intensity_problems`), so that swapped
+    or wrongly scaled files are named before a model turns them into an empty mask.
+    ``case_id`` (default: the CT file name before ``__CT``) starts each line.
+    """
+    files = {"CT": Path(ct), "PET": Path(pet)}
+    case_id = case_id or files["CT"].name.split("__CT")[0].removesuffix(".gz").removesuffix(".nii")
+    images, problems = _open(case_id, files)
+    problems += _overlap(case_id, files, images)
+    return problems + (_pair_voxels(case_id, files, images) if deep else [])
+
+
 def check_case(case: Case, *, deep: bool = True) -> list[str]:
     """Problems of one case, one line each naming the case and the file; empty when the case is fine.
 
-    Header checks: readable, 3D, label on the CT grid (shape and affine), PET overlapping the CT.
-    With ``deep=True`` also NaN/inf voxels in CT/PET and label values outside {0, 1, 2}.
+    The CT/PET checks of :func:`check_pair`, and for a labelled case: label readable, 3D, on the CT
+    grid (shape and affine) and, with ``deep=True``, its values in {0, 1, 2}.
     """
-    problems: list[str] = []
-    images: dict[str, nib.Nifti1Image] = {}
-    files = {"CT": case.ct, "PET": case.pet, "label": case.label}
-    for what, path in files.items():
-        if path is None:
-            continue
-        try:
-            img = nib.load(path)
-        except Exception as err:  # any failure to parse is a data problem, reported not raised
-            problems.append(f"{case.case_id}: cannot read {what} file {path}: {type(err).__name__}: {err}")
-            continue
-        if len(img.shape) != 3:
-            problems.append(f"{case.case_id}: {what} file {path} is not 3D (shape {img.shape})")
-            continue
-        images[what] = img
-
-    ct, pet, label = images.get("CT"), images.get("PET"), images.get("label")
+    files = {"CT": case.ct, "PET": case.pet, **({"label": case.label} if case.label is not None else {})}
+    images, problems = _open(case.case_id, files)
+    ct, label = images.get("CT"), images.get("label")
     if ct is not None and label is not None:
         if label.shape != ct.shape:
             problems.append(
@@ -84,36 +92,105 @@ def check_case(case: Case, *, deep: bool = True) -> list[str]:
                 f"{case.case_id}: label {case.label} affine differs from CT {case.ct} by up to {diff:.3g} mm; "
                 "the label must be on the CT grid"
             )
-    if ct is not None and pet is not None:
-        (ct_lo, ct_hi), (pet_lo, pet_hi) = _bounds(ct), _bounds(pet)
-        if np.any(np.maximum(ct_lo, pet_lo) > np.minimum(ct_hi, pet_hi)):
-            problems.append(f"{case.case_id}: PET {case.pet} does not overlap CT {case.ct} in world space")
-
-    if deep:
-        problems += _check_voxels(case, images, files)
-    return problems
+    problems += _overlap(case.case_id, files, images)
+    return problems + (_check_voxels(case, images, files) if deep else [])
 
 
-def _check_voxels(case: Case, images: dict[str, nib.Nifti1Image], files: dict) -> list[str]:
-    problems = []
-    for what, img in images.items():
+def _open(case_id: str, files: dict[str, Path]) -> tuple[dict[str, nib.Nifti1Image], list[str]]:
+    """The 3D images among ``files`` (headers only) and a problem for each file that is not one."""
+    images, problems = {}, []
+    for what, path in files.items():
         try:
-            data = np.asanyarray(img.dataobj)
-        except Exception as err:  # truncated or corrupt data block behind a valid header
-            problems.append(f"{case.case_id}: cannot read {what} file {files[what]}: {type(err).__name__}: {err}")
+            img = nib.load(path)
+        except Exception as err:  # any failure to parse is a data problem, reported not raised
+            problems.append(f"{case_id}: cannot read {what} file {path}: {type(err).__name__}: {err}")
             continue
-        if what == "label":
-            values = np.unique(data)
-            extra = values[~np.isin(values, LABEL_VALUES)]
-            if extra.size:
-                shown = ", ".join(f"{v:g}" for v in extra[:5]) + (", ..." if extra.size > 5 else "")
-                allowed = ", ".join(map(str, LABEL_VALUES))
-                problems.append(f"{case.case_id}: label {files[what]} has values outside {{{allowed}}}: {shown}")
-        elif np.issubdtype(data.dtype, np.floating):
-            n_bad = data.size - int(np.count_nonzero(np.isfinite(data)))
-            if n_bad:
-                problems.append(f"{case.case_id}: {what} file {files[what]} has {n_bad} NaN or infinite voxels")
+        if len(img.shape) != 3:
+            problems.append(f"{case_id}: {what} file {path} is not 3D (shape {img.shape})")
+            continue
+        images[what] = img
+    return images, problems
+
+
+def _overlap(case_id: str, files: dict[str, Path], images: dict[str, nib.Nifti1Image]) -> list[str]:
+    """A problem when the PET and CT fields of view share no point in world space."""
+    ct, pet = images.get("CT"), images.get("PET")
+    if ct is None or pet is None:
+        return []
+    (ct_lo, ct_hi), (pet_lo, pet_hi) = _bounds(ct), _bounds(pet)
+    if np.any(np.maximum(ct_lo, pet_lo) > np.minimum(ct_hi, pet_hi)):
+        return [f"{case_id}: PET {files['PET']} does not overlap CT {files['CT']} in world space"]
+    return []
+
+
+def _check_voxels(case: Case, images: dict[str, nib.Nifti1Image], files: dict[str, Path]) -> list[str]:
+    """Voxel checks of a case (the only part that reads voxels): its CT/PET pair's, then its label's."""
+    problems = _pair_voxels(case.case_id, files, images)
+    if "label" in images:
+        problems += _label_values(case.case_id, files["label"], images["label"])
     return problems
+
+
+def _pair_voxels(case_id: str, files: dict[str, Path], images: dict[str, nib.Nifti1Image]) -> list[str]:
+    """NaN/inf voxels in CT and PET, then their intensity ranges (of the files that are finite)."""
+    problems = []
+    ranges = {}
+    for what in ("CT", "PET"):
+        if what not in images:
+            continue
+        try:
+            data = np.asanyarray(images[what].dataobj)
+        except Exception as err:  # truncated or corrupt data block behind a valid header
+            problems.append(f"{case_id}: cannot read {what} file {files[what]}: {type(err).__name__}: {err}")
+            continue
+        n_bad = data.size - int(np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.floating) else 0
+        if n_bad:
+            problems.append(f"{case_id}: {what} file {files[what]} has {n_bad} NaN or infinite voxels")
+        elif data.size:
+            ranges[what] = (float(data.min()), float(data.max()))
+    return problems + _intensity_problems(case_id, files, ranges)
+
+
+def _looks_hu(lo_hi: tuple[float, float]) -> bool:
+    return lo_hi[0] < CT_AIR_HU
+
+
+def _looks_suv(lo_hi: tuple[float, float]) -> bool:
+    return PET_SUV_RANGE[0] <= lo_hi[0] and lo_hi[1] <= PET_SUV_RANGE[1]
+
+
+def _intensity_problems(case_id: str, files: dict[str, Path], ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """A CT must hold air (HU below :data:`CT_AIR_HU`), a PET SUVs within :data:`PET_SUV_RANGE`;
+    a CT that looks like SUVs beside a PET that looks like HU is named as a swap.
+
+    ``ranges``: (min, max) of the CT and PET files whose voxels could be read and are finite.
+    """
+    ct, pet = ranges.get("CT"), ranges.get("PET")
+    if ct is not None and pet is not None and _looks_suv(ct) and _looks_hu(pet):
+        return [f"{case_id}: CT and PET look swapped: CT file {files['CT']} holds SUV-like values ({ct[0]:.4g} "
+                f"to {ct[1]:.4g}), PET file {files['PET']} HU-like ones ({pet[0]:.4g} to {pet[1]:.4g})"]  # fmt: skip
+    problems = []
+    if ct is not None and not _looks_hu(ct):
+        problems.append(f"{case_id}: CT file {files['CT']} has no voxel below {CT_AIR_HU:g} HU (values {ct[0]:.4g} "
+                        f"to {ct[1]:.4g}): not a CT in Hounsfield units")  # fmt: skip
+    if pet is not None and not _looks_suv(pet):
+        problems.append(f"{case_id}: PET file {files['PET']} has values {pet[0]:.4g} to {pet[1]:.4g}, outside "
+                        f"{PET_SUV_RANGE[0]:g} to {PET_SUV_RANGE[1]:g}: not a PET in SUV")  # fmt: skip
+    return problems
+
+
+def _label_values(case_id: str, path: Path, label: nib.Nifti1Image) -> list[str]:
+    try:
+        data = np.asanyarray(label.dataobj)
+    except Exception as err:  # truncated or corrupt data block behind a valid header
+        return [f"{case_id}: cannot read label file {path}: {type(err).__name__}: {err}"]
+    values = np.unique(data)
+    extra = values[~np.isin(values, LABEL_VALUES)]
+    if not extra.size:
+        return []
+    shown = ", ".join(f"{v:g}" for v in extra[:5]) + (", ..." if extra.size > 5 else "")
+    allowed = ", ".join(map(str, LABEL_VALUES))
+    return [f"{case_id}: label {path} has values outside {{{allowed}}}: {shown}"]
 
 
 def _progress(cases: list[Case], desc: str) -> Iterable[Case]:

@@ -1,4 +1,4 @@
-"""HECKTOR 2022 folder layout: find cases, make per-center splits, leave-one-center-out.
+"""HECKTOR 2022 folder layout: find cases, choose per-center splits, leave-one-center-out.
 
 Layout (as released by the challenge)::
 
@@ -6,19 +6,23 @@ Layout (as released by the challenge)::
     DIR/imagesTr/<CENTER>-<ID>__PT.nii.gz
     DIR/labelsTr/<CENTER>-<ID>.nii.gz        (or <CENTER>_<ID>.nii.gz)
 
-The center is the prefix of the case ID. Only the layout is checked here (names, pairs, centers);
-file contents are checked in :mod:`centerprompt.data.checks`.
+The center is the prefix of the case ID; any prefix is a center (a hospital's own site is the
+normal new center), the HECKTOR 2022 names only tell a new site from a known one in the log.
+Only the layout is checked here (names, pairs); file contents are checked in
+:mod:`centerprompt.data.checks`. Nothing here writes into ``DIR``, which may be read-only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from centerprompt.files import write_json
 
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 TRAIN_CENTERS = ("CHUM", "CHUP", "CHUS", "CHUV", "HGJ", "HMR", "MDA")
 TEST_CENTERS = ("USZ", "CHB")
 KNOWN_CENTERS = TRAIN_CENTERS + TEST_CENTERS
+SPLITS_FILE = "splits.json"  # the split a data folder may hold (read only) and the one each run keeps
+_PARTS = ("train", "val", "test")
 
 # Separator between center and number is "-" in the release and "_" on the website; both map
 # to the canonical "<CENTER>-<ID>" case ID.
@@ -72,7 +78,8 @@ def scan_cases(
 
     Each problem is ``(case_id, message)`` with the message naming the case and the file, so
     ``check-data`` can list all of them. Folder-level problems (missing or empty ``imagesTr``)
-    raise :class:`DataError` because nothing can be read at all.
+    raise :class:`DataError` because nothing can be read at all. Every center prefix is accepted;
+    one that is neither a HECKTOR 2022 center nor in ``allowed_centers`` is logged as a new site.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -81,7 +88,7 @@ def scan_cases(
     if not images_dir.is_dir():
         hint = " (pass the folder that contains imagesTr, not imagesTr itself)" if root.name == "imagesTr" else ""
         raise DataError(f"{root} has no imagesTr folder; expected the HECKTOR 2022 layout{hint}")
-    centers = set(KNOWN_CENTERS) | {c.strip() for c in (allowed_centers or ()) if c.strip()}
+    expected = set(KNOWN_CENTERS) | {c.strip() for c in (allowed_centers or ()) if c.strip()}
 
     found: dict[str, dict[str, Path]] = {}
     bad: dict[str, list[str]] = {}
@@ -121,11 +128,6 @@ def scan_cases(
     for case_id, files in sorted(found.items()):
         center = case_id.split("-", 1)[0]
         some_file = next(iter(files.values()))
-        if center not in centers:
-            bad.setdefault(case_id, []).append(
-                f"{case_id}: unknown center {center!r} in {some_file} (known: {', '.join(sorted(centers))}; "
-                "pass extra centers with --centers)"
-            )
         for key, suffix in (("ct", "__CT.nii.gz"), ("pet", "__PT.nii.gz")):
             if key not in files:
                 bad.setdefault(case_id, []).append(
@@ -134,6 +136,8 @@ def scan_cases(
         if case_id not in bad:
             cases.append(Case(case_id, center, files["ct"], files["pet"], files.get("label")))
     problems = [(case_id, msg) for case_id, msgs in sorted(bad.items()) for msg in msgs]
+    if new_sites := sorted({c.center for c in cases} - expected):
+        logger.info("new site(s), not among the HECKTOR 2022 centers: %s", ", ".join(new_sites))
     return cases, problems
 
 
@@ -149,8 +153,9 @@ def find_cases(
 ) -> list[Case]:
     """List the cases of a HECKTOR-layout folder, sorted by case ID.
 
-    Missing modality, duplicate case IDs, unknown centers and badly named files raise
-    :class:`DataError`; with ``skip_bad_cases=True`` each bad case is skipped with a WARNING instead.
+    Missing modality, duplicate case IDs and badly named files raise :class:`DataError`; with
+    ``skip_bad_cases=True`` each bad case is skipped with a WARNING instead. ``allowed_centers``:
+    sites expected besides HECKTOR's, not logged as new (every prefix is accepted).
     """
     cases, problems = scan_cases(data_dir, allowed_centers=allowed_centers)
     if problems and not skip_bad_cases:
@@ -178,14 +183,50 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int
     return n_val, n_test
 
 
+def split_hash(centers: Mapping[str, Mapping[str, Sequence[str]]]) -> str:
+    """SHA-256 of a split's assignment (canonical JSON of its sorted IDs), so the same split hashes
+    the same wherever its file lives and however it is formatted."""
+    canon = {c: {k: sorted(parts[k]) for k in _PARTS} for c, parts in centers.items()}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
+
+
+class Splits(dict):
+    """Per-center ``{"train", "val", "test"}`` case IDs, and where they came from.
+
+    A dict, so code that only needs the IDs takes it as one. ``source``: the file it was read
+    from, or how it was made; ``seed``: the seed that made it (None when not recorded);
+    ``assignment``: the split as made or stored, including ``skipped`` (listed cases this command
+    leaves out because they are no longer usable); ``sha256``: :func:`split_hash` of the
+    assignment, which names the split whatever was skipped.
+    """
+
+    def __init__(self, centers: Mapping[str, Mapping[str, Sequence[str]]], *, source: str, seed: int | None,
+                 assignment: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+                 skipped: Sequence[str] = ()) -> None:  # fmt: skip
+        super().__init__({c: {k: sorted(parts[k]) for k in _PARTS} for c, parts in centers.items()})
+        self.source, self.seed, self.skipped = source, seed, tuple(skipped)
+        self.assignment = {c: {k: list(v) for k, v in parts.items()} for c, parts in (assignment or self).items()}
+        self.sha256 = split_hash(self.assignment)
+
+    def to_json(self) -> dict[str, Any]:
+        """The split as a splits file holds it (the whole assignment: skipping a case never edits a split)."""
+        return {"seed": self.seed, "source": self.source, "centers": self.assignment}
+
+    def record(self) -> dict[str, Any]:
+        """What a run records of the split it used (summary, results)."""
+        return {"source": self.source, "sha256": self.sha256, "seed": self.seed, "skipped_cases": list(self.skipped)}
+
+
 def make_splits(
     cases: Iterable[Case], seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2
-) -> dict[str, dict[str, list[str]]]:
+) -> Splits:
     """Per-center train/val/test case IDs of the labelled cases, deterministic for a seed.
 
     Splitting inside each center keeps every center in every split, which the leave-one-center-out
     protocol needs. A center with 3+ cases gets at least one val and one test case.
-    Returns ``{center: {"train": [...], "val": [...], "test": [...]}}`` with sorted IDs.
+    Returns ``{center: {"train": [...], "val": [...], "test": [...]}}`` with sorted IDs. A pure
+    function of (labelled case IDs, seed, fractions): a changed case list reshuffles, which is why
+    a split, once used, is kept in a file (:func:`resolve_splits`).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1")
@@ -205,42 +246,80 @@ def make_splits(
             "val": sorted(ids[:n_val]),
             "test": sorted(ids[n_val : n_val + n_test]),
         }
-    return splits
+    return Splits(splits, source=f"made from the labelled cases with seed {seed}", seed=seed)
 
 
-def load_or_create_splits(
-    data_dir: str | Path, cases: Iterable[Case], path: str | Path | None = None, seed: int = 0
-) -> dict[str, dict[str, list[str]]]:
-    """Splits written once to ``path`` (default ``DIR/splits.json``) and reused afterwards.
+def splits_from_json(stored: Any, source: str) -> Splits:
+    """A split as a splits file (or a model's metadata) holds it: ``{"seed": ..., "centers": {...}}``."""
+    try:
+        centers = {str(c): {k: [str(i) for i in parts[k]] for k in _PARTS} for c, parts in stored["centers"].items()}
+        seed = stored.get("seed")
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{source} is not a valid splits JSON (missing or malformed {err}); fix it, or give "
+                        "another --splits FILE (every run folder keeps the split it used in splits.json)") from err  # fmt: skip
+    return Splits(centers, source=source, seed=seed if isinstance(seed, int) else None)
 
-    Reusing the file keeps the test cases fixed across runs and machines, even if the split rule or
-    the seed changes later. An existing file is checked: every case ID in it must exist.
+
+def read_splits(path: str | Path) -> Splits:
+    """The split in a splits file."""
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"split file {path} cannot be read ({err}); fix it, or give another --splits FILE") from err
+    return splits_from_json(stored, str(path))
+
+
+def write_splits(splits: Splits, path: str | Path) -> Path:
+    """Write ``splits`` (its whole assignment) to ``path`` atomically."""
+    path = write_json(splits.to_json(), path)
+    logger.info("wrote the split (%d centers, sha256 %s) to %s", len(splits), splits.sha256[:12], path)
+    return path
+
+
+def resolve_splits(
+    data_dir: str | Path, cases: Iterable[Case], *, path: str | Path | None = None,
+    defaults: Sequence[Path | Splits | None] = (), seed: int = 0, skip_bad_cases: bool = False,
+) -> Splits:  # fmt: skip
+    """The split a command uses: the first of ``path`` (if the file exists), ``DIR/splits.json``
+    (if it exists: older versions wrote it there, and a user may provide one), each of
+    ``defaults`` (a split file that exists, or a split already read, e.g. the one a base model was
+    pretrained with), or :func:`make_splits` of the labelled ``cases`` with ``seed``.
+
+    A ``path`` that does not exist yet is written with the split chosen, so the runs given it share
+    one split; nothing else is written, and never ``DIR``. Listed cases that are not usable
+    labelled ``cases`` (failed their checks, removed) are an error naming them, or with
+    ``skip_bad_cases`` left out with a WARNING while every other case keeps its split.
     """
     cases = list(cases)
-    path = Path(path) if path is not None else Path(data_dir) / "splits.json"
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-            splits = {c: {k: list(parts[k]) for k in ("train", "val", "test")} for c, parts in stored["centers"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise DataError(f"split file {path} is not a valid splits JSON ({err}); delete it to recreate") from err
-        known = {c.case_id for c in cases if c.labelled}
-        listed = {i for parts in splits.values() for ids in parts.values() for i in ids}
-        missing = sorted(listed - known)
-        if missing:
+    chosen = None
+    for candidate in (path, Path(data_dir) / SPLITS_FILE, *defaults):
+        if isinstance(candidate, Splits):
+            chosen = candidate
+        elif candidate is not None and Path(candidate).exists():
+            chosen = read_splits(candidate)
+        if chosen is not None:
+            break
+    else:
+        chosen = make_splits(cases, seed=seed)
+    if chosen.seed is not None and chosen.seed != seed:
+        logger.info("using the split in %s (made with seed %s)", chosen.source, chosen.seed)
+    if path is not None and not Path(path).exists():
+        write_splits(chosen, path)
+    usable = {c.case_id for c in cases if c.labelled}
+    listed = {i for parts in chosen.assignment.values() for ids in parts.values() for i in ids}
+    if missing := sorted(listed - usable):
+        if not skip_bad_cases:
             raise DataError(
-                f"split file {path} lists {len(missing)} case(s) that are not labelled cases in {data_dir}: "
-                f"{', '.join(missing[:10])}; restore them or delete the file to recreate the splits"
-            )
-        if sorted(known - listed):
-            logger.warning("%d labelled case(s) are not in %s and are unused", len(known - listed), path)
-        if stored.get("seed") != seed:
-            logger.info("reusing %s (made with seed %s)", path, stored.get("seed"))
-        return splits
-    splits = make_splits(cases, seed=seed)
-    write_json({"seed": seed, "centers": splits}, path)
-    logger.info("wrote splits for %d centers to %s", len(splits), path)
-    return splits
+                f"the split in {chosen.source} lists {len(missing)} case(s) that are not usable labelled cases in "
+                f"{data_dir}: {', '.join(missing[:10])}; restore them, or pass --skip-bad-cases to leave them out "
+                "(every other case keeps its split)"
+            )  # fmt: skip
+        logger.warning("skipping %d case(s) of the split in %s that are not usable labelled cases: %s",
+                       len(missing), chosen.source, ", ".join(missing))  # fmt: skip
+    if unlisted := usable - listed:
+        logger.warning("%d labelled case(s) are not in the split in %s and are unused", len(unlisted), chosen.source)
+    kept = {c: {k: [i for i in ids if i in usable] for k, ids in parts.items()} for c, parts in chosen.assignment.items()}
+    return Splits(kept, source=chosen.source, seed=chosen.seed, assignment=chosen.assignment, skipped=missing)
 
 
 @dataclass(frozen=True)
