@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "centerprompt.cli.data",
     "centerprompt.cli.runs",
     "centerprompt.cli.bank",
+    "centerprompt.cli.export",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centerprompt.cli.export import add_format_arguments
 from centerprompt.cli.runs import base_arguments, base_spec  # import-light, like the registry
 from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
 
@@ -65,6 +66,16 @@ def _cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from centerprompt.bundle import export_bank
+
+    centers = args.centers.split(",") if args.centers else None
+    paths = export_bank(base_spec(args), args.bank, args.out, centers=centers, fmt=args.format, version=args.version)
+    for path in paths:
+        print(f"bundle of {path.name}: {path}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     bank = sub.add_parser("bank", help="serve every center's prompts from one frozen backbone, with routing")
     actions = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
@@ -103,3 +114,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--single-center", help="also score every scan with this bank center's prompts")
         p.add_argument("--out", required=True, type=Path, help="folder for bank_eval.json, bank_eval.md, confusion.png")
         p.set_defaults(func=_cmd_route, command_name=name)
+
+    p = actions.add_parser("export", help="one MONAI Bundle per banked center (OUT/CENTER), runs without centerprompt")
+    p.add_argument("--bank", required=True, type=Path)
+    base_arguments(p, text="the base model the bank was built on (as given to bank add)")
+    p.add_argument("--centers", help="comma-separated centers to export (default: all)")
+    add_format_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="new (or empty) folder; one bundle per center inside")
+    p.set_defaults(func=_cmd_export)
