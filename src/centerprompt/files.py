@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +39,55 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TMP_NAME = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp.*")  # atomic_path's temporary names, with the writer's pid
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` in ``folder`` whose writer no longer runs.
+
+    A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file; its name
+    carries the writer's pid, so a file whose writer is gone is known stale, while a live writer's
+    file (another process working in the same folder) is left alone.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp*"):
+        m = _TMP_NAME.fullmatch(p.name)
+        if m and p.is_file() and not _running(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_output(path: str | Path, kind: str) -> Path:
+    """Refuse, before any work, an output a command could not write: ``kind="folder"`` that exists
+    as a file, ``kind="file"`` that exists as a folder, or a place whose nearest existing folder is
+    a file or not writable (missing folders are created when writing). One line naming the path."""
+    path = Path(path)
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}.")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a folder; give a folder for this output.")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name for this output.")
+    parent = path if kind == "folder" else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be written: no permission to write in {existing}.")
+    return path
 
 
 def jsonable(obj: Any) -> Any:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,8 +39,6 @@ from centerprompt.data.hecktor import (
 from centerprompt.data.transforms import (
     PreprocessConfig,
     inference_transforms,
-    invert_prediction,
-    load_label_on_ct_grid,
     make_dataset,
     save_prediction,
     train_transforms,
@@ -52,7 +48,7 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.config import AdaptRun, PretrainRun, config_hash, file_sha256
 from centerprompt.presets import get_preset
 from centerprompt.strategies import FULL, apply_strategy, get_strategy, parameter_report
-from centerprompt.files import jsonable, write_json
+from centerprompt.files import check_output, jsonable, remove_stale_temporaries, write_json
 from centerprompt.scoring import SW_BATCH, Scorer, validator
 from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig, default_device, fit, rank
 
@@ -175,6 +171,8 @@ def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: 
         logger.info("reusing the finished run %s", run_dir)
         return json.loads((run_dir / SUMMARY).read_text())
     if rank() == 0:
+        for stale in remove_stale_temporaries(run_dir) if run_dir.is_dir() else ():
+            logger.info("removed %s, left by a run killed while writing it", stale)
         if not (resume and old is not None):
             _clear(run_dir)
         write_json(new, path)
@@ -429,25 +427,16 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # what save_prediction writes as one file 
 
 
 def check_prediction_out(path: str | Path, *, folder: bool = False) -> Path:
-    """Refuse, before any work, an output that ``predict`` could not write: a file path that is a
-    folder or does not end in .nii.gz/.nii (nibabel would write another format, or a .hdr/.img pair
-    whose second file is left behind), a folder path that is a file, or a place where the nearest
-    existing folder is a file or not writable. Missing folders are created when writing."""
+    """Refuse, before any work, an output that ``predict`` could not write (:func:`check_output`),
+    and a file name not ending in .nii.gz/.nii: nibabel would write another format, or a .hdr/.img
+    pair whose second file is left behind."""
     path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{path}: exists and is not a folder; the predictions of a folder of cases go into a folder.")
     if not folder and path.is_dir():
         raise ValueError(f"{path}: is a folder; give the output file of this case (NAME.nii.gz), or use --input "
                          "to segment a folder of cases.")  # fmt: skip
     if not folder and not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: a prediction is written as NIfTI; give a file name ending in .nii.gz (or .nii).")
-    parent = path if folder else path.parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: cannot be written: no permission to write in {existing}.")
-    return path
+    return check_output(path, "folder" if folder else "file")
 
 
 def _prediction_item(ct: Path, pet: Path, out: Path, transform: Any) -> dict[str, Any]:

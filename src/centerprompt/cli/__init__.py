@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "out_kind", None) and getattr(args, "out", None) is not None:
+            from centerprompt.files import check_output
+
+            check_output(args.out, args.out_kind)  # before any work: an output it cannot write is known now
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad user input: one clear line; the traceback only with -v, to find where it was raised.
+    except (ValueError, OSError) as err:
+        # Bad user input or a file system refusal (permissions, a file where a folder should be, a
+        # full disk): one clear line naming the path; the traceback only with -v, to find where it was raised.
         if args.verbose:
             traceback.print_exc()
         print(f"centerprompt {args.command}: error: {err}", file=sys.stderr)

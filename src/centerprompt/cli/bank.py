@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "evaluate":
             p.add_argument("--single-center", help="also score every scan with this bank center's prompts")
         p.add_argument("--out", required=True, type=Path, help="folder for bank_eval.json, bank_eval.md, confusion.png")
-        p.set_defaults(func=_cmd_route, command_name=name)
+        p.set_defaults(func=_cmd_route, command_name=name, out_kind="folder")
 
     p = actions.add_parser("export", help="one MONAI Bundle per banked center (OUT/CENTER), runs without centerprompt")
     p.add_argument("--bank", required=True, type=Path)

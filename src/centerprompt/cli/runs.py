@@ -278,7 +278,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (model.safetensors is written there)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES, help="model size and preprocessing")
     _common_training(p)
-    p.set_defaults(func=_cmd_pretrain)
+    p.set_defaults(func=_cmd_pretrain, out_kind="folder")
 
     p = sub.add_parser("adapt", help="adapt the frozen base model to a new center with one strategy")
     p.add_argument("--data", required=True, type=Path)
@@ -293,7 +293,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (adapter.safetensors is written there)")
     _common_training(p)
     _add_strategy_options(p)
-    p.set_defaults(func=_cmd_adapt)
+    p.set_defaults(func=_cmd_adapt, out_kind="folder")
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per case and per center")
     p.add_argument("--data", required=True, type=Path)
@@ -306,7 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _splits_argument(p)
     _bank_options(p)
     p.add_argument("--out", required=True, type=Path, help="JSON file")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_cmd_evaluate, out_kind="file")
 
     p = sub.add_parser("inspect", help="transformer reliance of a base model: Dice intact vs ViT tokens ablated")
     base_arguments(p)
@@ -316,7 +316,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
     p.add_argument("--skip-bad-cases", action="store_true")
     p.add_argument("--out", type=Path, help="also write the result as JSON")
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=_cmd_inspect, out_kind="file")
 
     p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid",
                        description="Segment CT/PET pairs. Each pair is first checked as check-data checks a case "
@@ -355,7 +355,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip (with a warning) cases that fail the checks; every other case keeps its split")
     _splits_argument(p)
     p.add_argument("--out", required=True, type=Path, help="run folder: one split (OUT/splits.json) for every stage")
-    p.set_defaults(func=_cmd_experiment)
+    p.set_defaults(func=_cmd_experiment, out_kind="folder")
 
     p = sub.add_parser("demo", help="synthetic data, then the experiment for one held-out center, on a CPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
@@ -368,4 +368,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-per-center", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     _splits_argument(p)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, out_kind="folder")

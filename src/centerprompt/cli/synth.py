@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--profiles", type=Path, default=None,
                    help="JSON/YAML file of extra or replacing center profiles (see docs/centers.md)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="folder")
 
 
 def run(args: argparse.Namespace) -> int:

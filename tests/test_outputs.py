@@ -1,0 +1,83 @@
+"""Every command checks --out before any work, and file-system refusals are one line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from centerprompt.cli import main
+from centerprompt.files import check_output, remove_stale_temporaries
+from centerprompt.jobs import open_run
+
+DEAD_PID = 4_194_305  # above Linux's largest pid_max: no process has it
+
+# Each command with the arguments it requires; the data and base ("absent...", under the test's
+# folder) need not exist, since --out is checked first (a command that read them first would fail
+# on them instead, or, like demo, make them).
+FOLDER_COMMANDS = {
+    "synth": [],
+    "pretrain": ["--data", "absent"],
+    "adapt": ["--data", "absent", "--center", "MDA", "--base", "absent.safetensors"],
+    "experiment": ["--data", "absent", "--new-center", "MDA"],
+    "demo": ["--data", "absent"],
+    "bank evaluate": ["--bank", "absent", "--base", "absent.safetensors", "--data", "absent"],
+}
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, list[str]]:
+    code = main(argv)
+    return code, [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+
+
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
+def test_a_run_folder_that_is_a_file_is_refused_first(tmp_path, capsys, command):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for out in (taken, taken / "run"):  # the folder itself, or a folder under a file
+        args = [str(tmp_path / a) if a.startswith("absent") else a for a in FOLDER_COMMANDS[command]]
+        code, lines = _run(capsys, [*command.split(), *args, "--out", str(out)])
+        assert code == 2 and len(lines) == 1 and str(out) in lines[0], lines
+        assert "absent" not in lines[0]  # refused before the data or base were looked at
+    assert taken.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_evaluate_refuses_a_folder_as_its_json_before_scoring(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    code, lines = _run(capsys, ["evaluate", "--data", str(tmp_path / "absent"), "--base",
+                                str(tmp_path / "absent.safetensors"), "--out", str(tmp_path / "results")])  # fmt: skip
+    assert code == 2 and len(lines) == 1 and "is a folder" in lines[0] and "absent" not in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_a_file_system_refusal_is_one_line(tmp_path, capsys):
+    # /proc accepts no new folders, whoever runs the test (root included): the OSError comes from the
+    # command itself, after the --out check (which cannot predict it) has passed.
+    out = Path("/proc/centerprompt-test")
+    assert check_output(out, "folder") == out
+    code, lines = _run(capsys, ["synth", "--out", str(out), "--cases-per-center", "1", "--centers", "CHUM"])
+    assert code == 2 and len(lines) == 1 and "Traceback" not in lines[0] and str(out) in lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_is_refused(tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="no permission"):
+            check_output(tmp_path / "run", "folder")
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_temporaries_of_killed_writers_are_removed_when_a_run_starts(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / f".best.pt.{DEAD_PID}-0badcafe.tmp"
+    live = run / f".last.pt.{os.getpid()}-0badcafe.tmp"  # a writer still running: not ours to delete
+    mine = run / "notes.tmp"  # not a temporary name atomic_path makes
+    for p in (stale, live, mine):
+        p.write_bytes(b"x" * 10)
+    assert open_run(run, {"job": "test"}, resume=False) is None
+    assert not stale.exists() and live.exists() and mine.exists()
+    assert remove_stale_temporaries(run) == []
