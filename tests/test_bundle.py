@@ -153,8 +153,8 @@ def test_the_metadata_has_monais_fields_and_describes_the_network(bundle: Path, 
     from centerprompt.artifacts import read_adapter_metadata
 
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    # verify_metadata downloads its schema; offline, check what the schema requires: MONAI's own
-    # metadata template's fields, the schema URL, and the tensor fields of each input and output.
+    # Beyond the schema (test_monai_verify_metadata_accepts_the_metadata): MONAI's own metadata
+    # template's fields, and the tensor fields of each input and output.
     assert set(DEFAULT_METADATA) | {"schema"} <= set(meta)
     assert all(isinstance(meta[k], str) for k in ("schema", "version", "monai_version", "pytorch_version", "task"))
     for kind in ("inputs", "outputs"):
@@ -171,6 +171,24 @@ def test_the_metadata_has_monais_fields_and_describes_the_network(bundle: Path, 
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu",
                       bundle_root=str(bundle))  # fmt: skip
     assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
+
+
+def test_monai_verify_metadata_accepts_the_metadata(bundle: Path, tmp_path: Path) -> None:
+    """MONAI's own verification against the model zoo's schema (a local copy: nothing may download)."""
+    import shutil
+
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"  # verify_metadata downloads to this path unless the file is there
+    shutil.copy(Path(__file__).parent / "data" / "meta_schema_20240725.json", schema)
+    meta_file = bundle / "configs" / "metadata.json"
+    assert json.loads(meta_file.read_text())["schema"].endswith("meta_schema_20240725.json")
+    verify_metadata(meta_file=str(meta_file), filepath=str(schema))  # raises ValidationError if not accepted
+    broken = json.loads(meta_file.read_text())
+    broken["network_data_format"]["inputs"]["image"]["num_channels"] = "two"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="num_channels|two"):
+        verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
 def test_bank_export_writes_one_bundle_per_center(models: dict[str, Path], tmp_path: Path) -> None:

@@ -140,6 +140,12 @@ def test_a_splits_file_is_honoured_and_shared(data: tuple[Path, dict], base: Pat
     result = json.loads(out.read_text())
     assert sorted(c["case_id"] for c in result["per_case"]) == sorted(split["CHUM"]["test"] + split["MDA"]["test"])
     assert result["splits"]["sha256"] == split.sha256 and result["splits"]["source"] == str(shared)
+    inspected = tmp_path / "inspect.json"  # inspect (and the bank's commands) take the same --splits
+    assert main(["inspect", "--data", str(root), "--base", str(base), "--centers", "CHUM,MDA", "--splits", str(shared),
+                 "--score-at", "preprocessed", "--out", str(inspected)]) == 0  # fmt: skip
+    reliance = json.loads(inspected.read_text())
+    assert sorted(reliance["cases"]) == sorted(split["CHUM"]["test"] + split["MDA"]["test"])
+    assert reliance["splits"]["sha256"] == split.sha256
 
     exp = tmp_path / "exp"
     assert main(["experiment", "--data", str(root), "--new-center", NEW, "--base", str(base), "--strategies", "deep",

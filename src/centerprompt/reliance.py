@@ -21,7 +21,7 @@ from torch import nn
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.checkpoints import BaseLike
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import load_index, open_base, split_case_ids
+from centerprompt.jobs import check_base_split, load_index, open_base, split_case_ids, split_defaults
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
@@ -74,7 +74,7 @@ def transformer_reliance(
 
 def inspect_base(
     base: BaseLike, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Transformer reliance of a base checkpoint on its own (pretraining) centers' ``split`` cases.
 
@@ -82,7 +82,9 @@ def inspect_base(
     labelled center for a checkpoint without that record (e.g. a bare MONAI UNETR).
     """
     base = open_base(base)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
+                               split_defaults=split_defaults(base, None))  # fmt: skip
+    check_base_split(base, splits)  # its test cases must not be ones it trained on
     if not centers:
         trained = base.extra.get("train_centers")
         centers = [c for c in (trained or sorted(splits)) if c in splits]
@@ -90,5 +92,5 @@ def inspect_base(
     model = build_adapted_model(base).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
     return {"base": str(base.path), "data_dir": str(data_dir), "centers": list(centers), "split": split,
-            "score_at": score_at, "token_grid": list(model.feat_size),
+            "splits": splits.record(), "score_at": score_at, "token_grid": list(model.feat_size),
             **transformer_reliance(model, scorer, progress=progress)}  # fmt: skip

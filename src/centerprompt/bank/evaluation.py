@@ -22,7 +22,7 @@ from centerprompt.bank.serving import load_bank_model
 from centerprompt.files import atomic_path
 from centerprompt.evaluate import aggregate
 from centerprompt.checkpoints import BaseLike
-from centerprompt.jobs import load_index, open_base, split_case_ids
+from centerprompt.jobs import check_base_split, load_index, open_base, split_case_ids, split_defaults
 from centerprompt.scoring import Predictor, Scorer
 from centerprompt.train import default_device
 
@@ -86,9 +86,10 @@ def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]],
 def run_bank(
     data_dir: str | Path, base: BaseLike, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
     threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Route every scan of ``split`` and score each mode: ``base``, ``oracle``, ``auto`` or a bank center.
+    """Route every scan of ``split`` (of ``splits_file``, else as :func:`centerprompt.jobs.load_index`
+    chooses, the base model's own split included) and score each mode: ``base``, ``oracle``, ``auto`` or a bank center.
 
     Each (scan, chosen center) is predicted once and shared by the modes that choose it. With no
     modes only routing is done. Returns ``{"bank", "base", "data_dir", "split", "threshold",
@@ -96,7 +97,9 @@ def run_bank(
     "per_case": [...]}``.
     """
     base = open_base(base)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
+                               split_defaults=split_defaults(base, None))  # fmt: skip
+    check_base_split(base, splits)
     ids = split_case_ids(splits, list(centers) if centers else sorted(splits), split, data_dir)
     model = load_bank_model(base, bank, default_device())
     choosers = {mode: _chooser(mode, model.names) for mode in modes}
@@ -129,14 +132,15 @@ def run_bank(
 def evaluate_with_bank(
     data_dir: str | Path, base: BaseLike, bank: str | Path, *, center: str = "auto",
     threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True,
+    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Like ``jobs.evaluate``, every scan served from the bank: ``center="auto"`` routes each scan,
     a bank center name gives every scan that center's prompts. Adds ``routing`` (the summary) and
     each case's ``route`` and ``used`` center.
     """
     run = run_bank(data_dir, base, bank, modes=(center,), threshold=threshold, centers=centers, split=split,
-                   score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress)  # fmt: skip
+                   score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress,
+                   splits_file=splits_file)  # fmt: skip
     per_case = [{"case_id": r["case_id"], "center": r["center"], "route": r["route"], **r["scores"][center]}
                 for r in run["per_case"]]  # fmt: skip
     return {"data_dir": str(data_dir), "base": run["base"], "bank": str(bank), "center": center, "split": split,

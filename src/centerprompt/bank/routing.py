@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from centerprompt.artifacts import backbone_fingerprint, load_model
 from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import inference_transforms
-from centerprompt.jobs import load_index, open_base
+from centerprompt.jobs import load_index, open_base, split_defaults
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.train import default_device
 
@@ -109,14 +109,16 @@ def routing_key(model: PromptedUNETR, images: Iterable[torch.Tensor]) -> Routing
 
 def routing_key_from_data(
     data_dir: str | Path, center: str, base: BaseLike, *, split: str = "train", skip_bad_cases: bool = False,
-    progress: bool = True,
+    progress: bool = True, splits_file: str | Path | None = None,
 ) -> RoutingKey:  # fmt: skip
     """Routing key of ``center`` from its ``split`` cases (default: training cases, never the test set),
-    preprocessed as the base checkpoint was trained."""
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases)
+    preprocessed as the base checkpoint was trained; the split as :func:`centerprompt.jobs.load_index`
+    chooses it (``splits_file``, else the data folder's, else the base model's own)."""
+    base = open_base(base)
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
+                               split_defaults=split_defaults(base, None))  # fmt: skip
     if center not in splits or not splits[center][split]:
         raise ValueError(f"center {center!r} has no labelled {split} cases in {data_dir} to compute its routing key.")
-    base = open_base(base)
     model = load_model(base, prompt_mode="none").to(default_device()).eval()
     transform = inference_transforms(base.preprocess, with_label=False)
     ids = splits[center][split]

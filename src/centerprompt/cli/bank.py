@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from centerprompt.cli.export import add_format_arguments
-from centerprompt.cli.runs import base_arguments, base_spec  # import-light, like the registry
+from centerprompt.cli.runs import base_arguments, base_spec, splits_argument  # import-light, like the registry
 from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
 
 
@@ -19,7 +19,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
     bank, key = PromptBank(args.bank), None
     bank.check(args.center, args.adapter)  # refuse before the slow key computation
     if args.data is not None:
-        key = routing_key_from_data(args.data, args.center, base, skip_bad_cases=args.skip_bad_cases)
+        key = routing_key_from_data(args.data, args.center, base, skip_bad_cases=args.skip_bad_cases,
+                                    splits_file=args.splits)  # fmt: skip
     entry = bank.add(args.center, args.adapter, key=key)
     routing = "no key"
     if entry.routing:
@@ -59,7 +60,8 @@ def _cmd_route(args: argparse.Namespace) -> int:
         modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
     centers = args.centers.split(",") if args.centers else None
     result = run_bank(args.data, base_spec(args), args.bank, modes=modes, threshold=args.threshold, centers=centers,
-                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)  # fmt: skip
+                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases,
+                      splits_file=args.splits)  # fmt: skip
     paths = write_routing_report(result, args.out)
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")
@@ -87,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="HECKTOR-layout folder: routing key from the center's training cases")
     base_arguments(p, required=False, text="base model the adapter was trained on (with --data)")
     p.add_argument("--skip-bad-cases", action="store_true")
+    splits_argument(p)
     p.set_defaults(func=_cmd_add)
 
     p = actions.add_parser("list", help="the centers in a bank")
@@ -110,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
         p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
         p.add_argument("--skip-bad-cases", action="store_true")
+        splits_argument(p)
         if name == "evaluate":
             p.add_argument("--single-center", help="also score every scan with this bank center's prompts")
         p.add_argument("--out", required=True, type=Path, help="folder for bank_eval.json, bank_eval.md, confusion.png")

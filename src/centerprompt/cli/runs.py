@@ -25,12 +25,12 @@ def _common_training(p: argparse.ArgumentParser) -> None:
                    help="skip (with a warning) cases that fail the checks, also those an existing split lists: left "
                         "out of this run and recorded in summary.json; the split file is not changed and every other "
                         "case keeps its split")  # fmt: skip
-    _splits_argument(p)
+    splits_argument(p)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
 
 
-def _splits_argument(p: argparse.ArgumentParser) -> None:
+def splits_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=Path, metavar="FILE",
                    help="split file (per-center train/val/test case IDs) to use; written there first if it does not "
                         "exist, so several runs can share one split. Without it: DATA/splits.json if present (read, "
@@ -164,10 +164,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.bank:
         from centerprompt.bank.evaluation import evaluate_with_bank
 
-        if args.splits:
-            raise ValueError("--splits is not supported with --bank yet (a bank reads DATA/splits.json or makes the "
-                             "split with seed 0).")  # fmt: skip
-        result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto", **common)
+        result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto",
+                                    splits_file=args.splits, **common)  # fmt: skip
     else:
         result = evaluate(args.data, base_spec(args), adapter=args.adapter, splits_file=args.splits, **common)
     write_json(result, args.out)
@@ -185,7 +183,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     centers = args.centers.split(",") if args.centers else None
     r = inspect_base(base_spec(args), args.data, centers=centers, split=args.split, score_at=args.score_at,
-                     skip_bad_cases=args.skip_bad_cases)  # fmt: skip
+                     skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
     if args.out:
         write_json(r, args.out)
     grid = "x".join(map(str, r["token_grid"]))
@@ -303,7 +301,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
     p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
-    _splits_argument(p)
+    splits_argument(p)
     _bank_options(p)
     p.add_argument("--out", required=True, type=Path, help="JSON file")
     p.set_defaults(func=_cmd_evaluate, out_kind="file")
@@ -315,6 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
     p.add_argument("--skip-bad-cases", action="store_true")
+    splits_argument(p)
     p.add_argument("--out", type=Path, help="also write the result as JSON")
     p.set_defaults(func=_cmd_inspect, out_kind="file")
 
@@ -353,7 +352,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default) or stop with an error")
     p.add_argument("--skip-bad-cases", action="store_true",
                    help="skip (with a warning) cases that fail the checks; every other case keeps its split")
-    _splits_argument(p)
+    splits_argument(p)
     p.add_argument("--out", required=True, type=Path, help="run folder: one split (OUT/splits.json) for every stage")
     p.set_defaults(func=_cmd_experiment, out_kind="folder")
 
@@ -367,5 +366,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-center", default=DEMO_CENTER)
     p.add_argument("--cases-per-center", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    _splits_argument(p)
+    splits_argument(p)
     p.set_defaults(func=_cmd_demo, out_kind="folder")
