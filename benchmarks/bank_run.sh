@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 DATA=${DATA:-data/synth}
-BASE=${BASE:-runs/demo/full/pretrain/model.safetensors}
+DEMO=${DEMO:-runs/demo/full}
+BASE=${BASE:-$DEMO/pretrain/model.safetensors}
 WORK=${WORK:-runs/bank}
 mkdir -p "$WORK"
 for C in CHUM CHUV HGJ; do
@@ -16,7 +17,7 @@ for C in CHUM CHUV HGJ; do
       --out "$WORK/adapt_$C" --resume
 done
 rm -rf "$WORK/bank"
-"$BIN/centerprompt" bank add --bank "$WORK/bank" --center MDA --adapter runs/demo/full/adapt/deep/adapter.safetensors \
+"$BIN/centerprompt" bank add --bank "$WORK/bank" --center MDA --adapter "$DEMO/adapt/deep/adapter.safetensors" \
   --data "$DATA" --base "$BASE"
 for C in CHUM CHUV HGJ; do
   "$BIN/centerprompt" bank add --bank "$WORK/bank" --center "$C" --adapter "$WORK/adapt_$C/adapter.safetensors" \

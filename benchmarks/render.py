@@ -250,7 +250,33 @@ def _gpu_section(gpu: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None) -> str:
+def _bank_section(bank: Mapping[str, Any], timing: Mapping[str, Any] | None) -> list[str]:
+    """Issue 12's routing targets from a ``bank evaluate`` JSON (benchmarks/bank_run.sh) and, if
+    measured, what the fingerprint adds to prediction time (benchmarks/routing_time.py)."""
+    routing = bank["routing"]
+    unknown = list(routing["unknown_centers"].values())
+    fallback = sum(u["fallback"] for u in unknown) / sum(u["n"] for u in unknown) if unknown else None
+    oracle, auto = (bank["modes"][m]["per_center"] for m in ("oracle", "auto"))
+    gap = max(abs(auto[c]["dsc_agg"]["mean"] - oracle[c]["dsc_agg"]["mean"]) for c in oracle)
+    rows = [("scans of banked centers routed to their own center", routing["accuracy"], ">=", 0.95, ".0%"),
+            ("scans of centers not in the bank falling back to the base model", fallback, ">=", 0.90, ".0%"),
+            ("largest per-center DSCagg gap, automatic vs oracle routing", gap, "<=", 0.01, ".3f"),
+            ("time routing adds to a prediction", timing["ratio"] if timing else None, "<=", 0.05, ".1%")]  # fmt: skip
+    lines = ["## Prompt bank routing", "",
+             f"From `bash benchmarks/bank_run.sh` (bank {', '.join(bank['bank_centers'])}; {bank['distance']}, "
+             f"{bank['threshold_rule']}); report in [bank/bank_eval.md](bank/bank_eval.md)"
+             + (f"; timing from `{timing['command'].strip()}` ({timing['date']}, {timing['scans']} scans: fingerprint "
+                f"{timing['fingerprint_s']:.3f} s, predict {timing['predict_s']:.3f} s)" if timing else "") + ".", ""]  # fmt: skip
+    for name, value, op, limit, spec in rows:
+        met = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        verdict = {True: "met", False: "not met", None: "not measured"}[met]
+        shown = "–" if value is None else format(value, spec)
+        lines.append(f"- **{verdict}**: {name}: {shown} (target {'≥' if op == '>=' else '≤'} {format(limit, spec)})")
+    return lines + [f"- ROC AUC of the distance for \"center not in the bank\": {routing['abstention_auc']:.3f}", ""]
+
+
+def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
+           bank: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None) -> str:
     """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
     the paper-scale GPU run, summarised in a last section."""
     parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
@@ -277,16 +303,27 @@ def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None) -> 
                   f"One base model (held out {r['center']}, seed {r['seed']}, {r['shots']} shots, P=10 unless stated), "
                   "each recipe adapting it on the same cases; DSCagg mean of GTVp and GTVn on the same test cases as "
                   "the headline.", "", *recipe.table(r), ""]  # fmt: skip
+    if bank:
+        lines += _bank_section(*bank)
     if gpu:
         lines += _gpu_section(gpu)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_markdown(results_path: str | Path, out_path: str | Path, gpu_path: str | Path | None = None) -> Path:
-    """Render ``results_path`` to ``out_path``, with the GPU run of ``gpu_path`` when that file exists."""
+def _read(path: str | Path | None) -> Any:
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
+
+
+def write_markdown(
+    results_path: str | Path, out_path: str | Path, gpu_path: str | Path | None = None,
+    bank_dir: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """Render ``results_path`` to ``out_path``, with the GPU run of ``gpu_path`` and the bank's routing
+    (``bank_dir``/bank_eval.json and routing_time.json) when those files exist."""
     out_path = Path(out_path)
-    gpu = json.loads(Path(gpu_path).read_text()) if gpu_path and Path(gpu_path).is_file() else None
-    out_path.write_text(render(json.loads(Path(results_path).read_text()), gpu))
+    bank = _read(Path(bank_dir) / "bank_eval.json") if bank_dir else None
+    timing = _read(Path(bank_dir) / "routing_time.json") if bank_dir else None
+    out_path.write_text(render(_read(results_path), _read(gpu_path), (bank, timing) if bank else None))
     return out_path
 
 
@@ -294,4 +331,4 @@ if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     args = sys.argv[1:]
     print(write_markdown(args[0] if args else here / "results.json", args[1] if len(args) > 1 else here / "RESULTS.md",
-                         here / "gpu" / "results.json" if not args else None))
+                         here / "gpu" / "results.json" if not args else None, here / "bank" if not args else None))

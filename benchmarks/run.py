@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         results[part] = section
         write_json(results, path)
         print(f"{part}: {section['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    md = write_markdown(path, args.out / "RESULTS.md", args.out / "gpu" / "results.json")
+    md = write_markdown(path, args.out / "RESULTS.md", args.out / "gpu" / "results.json", args.out / "bank")
     print(f"wrote {path} and {md}")
     return 0
 

@@ -18,10 +18,7 @@ from centerprompt.bank import (
     BankModel,
     PromptBank,
     Route,
-    RoutingKey,
     predict_with_bank,
-    route_features,
-    routing_key,
     validate_center,
 )
 from centerprompt.bank.evaluation import evaluate_with_bank, routing_summary, run_bank
@@ -165,24 +162,6 @@ def test_oracle_for_a_center_without_entry_is_the_base_model(tmp_path: Path, bas
         assert torch.equal(model(x, [FALLBACK, FALLBACK]), build_adapted_model(base_file)(x))
 
 
-def test_routing_separable_features_and_fallback() -> None:
-    torch.manual_seed(0)
-    centroids = torch.linalg.qr(torch.randn(48, 4))[0].T  # 4 orthonormal directions
-    keys = [RoutingKey.from_features(c + 0.02 * torch.randn(6, 48), "fp") for c in centroids[:3]]
-    thresholds = [k.stats()["threshold"] for k in keys]
-    assert all(k.stats()["threshold"] >= k.stats()["max"] for k in keys)
-    stacked, names = torch.stack([k.key for k in keys]), ["A", "B", "C"]
-
-    queries = centroids[:3] + 0.02 * torch.randn(3, 48)
-    routes = route_features(queries, stacked, names, max(thresholds))
-    assert [r.center for r in routes] == names
-    assert all(r.runner_up_distance > r.distance for r in routes)
-
-    (far,) = route_features(centroids[3:], stacked, names, max(thresholds))  # orthogonal to every key
-    assert far.fallback and far.center == FALLBACK and far.distance > max(thresholds)
-    assert far.nearest in names and far.runner_up in names
-
-
 def test_routing_summary_counts_by_hand() -> None:
     """Accuracy over banked centers' scans, and over all scans with fallback right for unknown centers."""
 
@@ -197,44 +176,6 @@ def test_routing_summary_counts_by_hand() -> None:
     assert summary["accuracy_all"] == pytest.approx(4 / 6)  # C -> base is right, C -> A is not
     assert summary["unknown_centers"] == {"C": {"n": 2, "fallback": 1, "wrong_center": 1, "fallback_rate": 0.5}}
     assert summary["confusion"]["B"] == {"A": 0, "B": 1, FALLBACK: 1}
-
-
-def test_routing_two_centers_home_and_a_withheld_one_falls_back(tmp_path: Path, base_file: Path) -> None:
-    """Keys from the frozen encoder on volumes of different intensity route each banked center's new
-    scans home; the scans of a center withheld from the bank lie beyond every threshold and fall back."""
-    base = load_model(base_file).eval()
-    levels = {"A": 0.1, "B": 0.9, "C": 0.5}  # C: withheld; its nearest key is B's, but far beyond its threshold
-
-    def scans(center: str, n: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return levels[center] + 0.02 * torch.randn(n, 2, 40, 36, 32, generator=g)  # larger than the window
-
-    bank = PromptBank(tmp_path / "bank")
-    for i, center in enumerate(("A", "B")):
-        adapter = _adapter(base_file, tmp_path / f"{center}.safetensors", seed=i)
-        bank.add(center, adapter, routing_key(base, scans(center, 3, i)))
-    model = BankModel.from_files(base_file, tmp_path / "bank")
-    assert model.bank.key_names == ["A", "B"] and set(model.bank.thresholds) == {"A", "B"}
-    truth = ["A", "A", "B", "B", "C", "C"]
-    test = torch.cat([scans("A", 2, 10), scans("B", 2, 11), scans("C", 2, 12)])
-
-    routes = model.route(test)
-    assert [r.center for r in routes] == ["A", "A", "B", "B", FALLBACK, FALLBACK]
-    assert all(r.nearest == "B" and r.distance > r.threshold for r in routes[4:])
-    summary = routing_summary(truth, routes, model.names)
-    known = [(t, r) for t, r in zip(truth, routes) if t in model.names]
-    home = sum(r.center == t for t, r in known)
-    fell_back = sum(r.fallback for t, r in zip(truth, routes) if t not in model.names)
-    assert summary["accuracy"] == home / len(known) == 1.0
-    assert summary["accuracy_all"] == (home + fell_back) / len(truth) == 1.0
-    assert summary["unknown_centers"]["C"]["fallback"] == 2
-
-    nearest = model.route(test, threshold=2.0)  # no fallback: C's scans go to the nearest key, wrongly
-    assert [r.center for r in nearest] == ["A", "A", "B", "B", "B", "B"]
-    summary = routing_summary(truth, nearest, model.names)
-    assert summary["accuracy"] == 1.0 and summary["accuracy_all"] == pytest.approx(4 / 6)
-    assert summary["unknown_centers"]["C"] == {"n": 2, "fallback": 0, "wrong_center": 2, "fallback_rate": 0.0}
-    assert all(r.center == FALLBACK for r in model.route(test, threshold=-1.0))
 
 
 @pytest.fixture(scope="module")
@@ -300,22 +241,25 @@ def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path
     cli("add", "--bank", bank, "--center", "CHUM", "--adapter", adapter, "--data", data, "--base", base_file)
     cli("list", "--bank", bank)
     assert "CHUM" in capsys.readouterr().out
-    # Cosine distances are at most 2: with --threshold 2 every scan goes to its nearest key.
+    # MDA's scanner (CT grid, noise, PET calibration) is not CHUM's: its scan falls back to the base model.
     cli("evaluate", "--bank", bank, "--base", base_file, "--data", data, "--out", out, "--single-center", "CHUM",
-        "--score-at", "preprocessed", "--threshold", "2")  # fmt: skip
+        "--score-at", "preprocessed", "--false-fallback", "0.01")  # fmt: skip
     result = json.loads((out / "bank_eval.json").read_text())
     assert (out / "confusion.png").stat().st_size > 0 and "| MDA |" in (out / "bank_eval.md").read_text()
     assert set(result["modes"]) == {"base", "oracle", "auto", "CHUM"}
     assert sum(sum(row.values()) for row in result["routing"]["confusion"].values()) == len(result["per_case"])
     unknown = result["routing"]["unknown_centers"]
-    assert unknown == {"MDA": {"n": 1, "fallback": 0, "wrong_center": 1, "fallback_rate": 0.0}}
+    assert unknown == {"MDA": {"n": 1, "fallback": 1, "wrong_center": 0, "fallback_rate": 1.0}}
+    assert result["false_fallback"] == 0.01
     for case in result["per_case"]:  # MDA has no entry: the oracle serves it the base model
         assert case["scores"]["oracle"]["used"] == ("CHUM" if case["center"] == "CHUM" else FALLBACK)
 
     cli("route", "--bank", bank, "--base", base_file, "--data", data, "--out", tmp_path / "route")
     routed = json.loads((tmp_path / "route" / "bank_eval.json").read_text())
-    assert routed["modes"] == {} and routed["threshold"] == pytest.approx(0.0)  # one training case: no spread
+    assert routed["modes"] == {} and routed["false_fallback"] == 0.05
     assert routed["routing"]["confusion"]["MDA"]["base"] == 1
+    mda = next(c["route"] for c in routed["per_case"] if c["center"] == "MDA")
+    assert mda["nearest"] == "CHUM" and "outside every banked center's range" in mda["reason"]
 
     single = evaluate_with_bank(data, base_file, bank, center="CHUM", centers=["CHUM"], score_at="preprocessed",
                                 progress=False)  # fmt: skip
@@ -324,8 +268,8 @@ def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path
 
     ct = next((data / "imagesTr").glob("MDA-*__CT.nii.gz"))
     pet, out_file = ct.with_name(ct.name.replace("__CT", "__PT")), tmp_path / "pred" / "MDA.nii.gz"
-    (record,) = predict_with_bank(base_file, bank, [(ct, pet, out_file)], threshold=2.0, progress=False)
-    assert record["center"] == "CHUM" and record["route"]["nearest"] == "CHUM"
+    (record,) = predict_with_bank(base_file, bank, [(ct, pet, out_file)], progress=False)
+    assert record["center"] == FALLBACK and record["route"]["nearest"] == "CHUM" and record["route"]["reason"]
     assert nib.load(out_file).shape == nib.load(ct).shape
 
 
@@ -333,4 +277,4 @@ def test_bank_without_keys_serves_named_centers_only(tmp_path: Path, base_file: 
     PromptBank(tmp_path / "bank").add("CHUM", _adapter(base_file, tmp_path / "a.safetensors"))
     model = BankModel.from_files(base_file, tmp_path / "bank")
     with pytest.raises(ValueError, match="no routing keys"):
-        model.route(torch.zeros(1, 2, 32, 32, 32))
+        model.route(tmp_path / "ct.nii.gz", tmp_path / "pet.nii.gz")

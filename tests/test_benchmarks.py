@@ -157,3 +157,20 @@ def test_render_gpu_section_keeps_its_own_figures(tmp_path):
     assert "Test GPU" in gpu_part and "- **met**: deep step time vs full (vit-b): 0.50×" in gpu_part
     missing = render.write_markdown(tmp_path / "results.json", tmp_path / "R2.md", tmp_path / "absent.json")
     assert "Paper scale" not in missing.read_text()
+
+
+def test_render_bank_targets_from_a_bank_evaluation():
+    """Each routing target is judged in its own direction (coverage at least, gap and time at most)."""
+    per_center = lambda a, b: {"A": {"dsc_agg": {"mean": a}}, "B": {"dsc_agg": {"mean": b}}}  # noqa: E731
+    bank = {"bank_centers": ["A"], "distance": "d", "threshold_rule": "r",
+            "routing": {"accuracy": 0.96, "abstention_auc": 0.9,
+                        "unknown_centers": {"B": {"n": 4, "fallback": 3, "wrong_center": 1}}},
+            "modes": {"oracle": {"per_center": per_center(0.50, 0.40)}, "auto": {"per_center": per_center(0.48, 0.40)}}}  # fmt: skip
+    timing = {"ratio": 0.04, "command": "python benchmarks/routing_time.py", "date": "2026-01-01", "scans": 3,
+              "fingerprint_s": 0.04, "predict_s": 1.0}  # fmt: skip
+    text = render.render(_fake_results(0.5), bank=(bank, timing))
+    assert "- **met**: scans of banked centers routed to their own center: 96%" in text
+    assert "- **not met**: scans of centers not in the bank falling back to the base model: 75%" in text
+    assert "- **not met**: largest per-center DSCagg gap, automatic vs oracle routing: 0.020" in text
+    assert "- **met**: time routing adds to a prediction: 4.0%" in text
+    assert "not measured" in render.render(_fake_results(0.5), bank=(bank, None))

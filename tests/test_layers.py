@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"config", "artifacts", "train", "report", "scoring"},
     {"jobs"},
     {"reliance"},
-    {"experiment", "bank", "bank.storage", "bank.routing", "bank.serving", "bank.evaluation", "bundle"},
+    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle"},
     {"cli", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -4,8 +4,11 @@ Split by concern, in the order a scan meets them:
 
 - :mod:`~centerprompt.bank.storage`: the bank folder (``bank.json``, one adapter and optional
   routing key per center), adding, listing, removing and loading centers;
-- :mod:`~centerprompt.bank.routing`: routing keys from the frozen encoder, cosine distance,
-  per-center thresholds, the route of a scan (a center or :data:`FALLBACK`, the base model);
+- :mod:`~centerprompt.bank.acquisition`: a scan's acquisition fingerprint (header geometry, CT
+  noise and HU, PET SUV level and noise) from its original files;
+- :mod:`~centerprompt.bank.routing`: per-center fingerprint models, scaled Mahalanobis distance,
+  thresholds calibrated for a false-fallback rate, the route of a scan (a center or
+  :data:`FALLBACK`, the base model, with the reason);
 - :mod:`~centerprompt.bank.serving`: :class:`BankModel` (one backbone, many centers' prompts,
   mixed batches) and prediction with it;
 - :mod:`~centerprompt.bank.evaluation`: routing accuracy, confusion and Dice per routing mode.
@@ -18,19 +21,18 @@ nothing below it imports it.
 from __future__ import annotations
 
 from centerprompt.bank.evaluation import evaluate_with_bank, routing_summary, run_bank, write_routing_report
+from centerprompt.bank.acquisition import FEATURES, acquisition_features
 from centerprompt.bank.routing import (
     DISTANCE,
     FALLBACK,
+    FALSE_FALLBACK,
     RESERVED,
-    ROUTING_K,
     Route,
     RoutingKey,
-    central_window,
-    cosine_distance,
+    false_fallback_threshold,
     route_features,
-    routing_key,
+    route_scan,
     routing_key_from_data,
-    scan_features,
 )
 from centerprompt.bank.serving import BankModel, load_bank_model, predict_with_bank
 from centerprompt.bank.storage import (
@@ -44,9 +46,8 @@ from centerprompt.bank.storage import (
 )
 
 __all__ = [
-    "BANK_FILE", "BANK_FORMAT", "DISTANCE", "FALLBACK", "KEY_FORMAT", "RESERVED", "ROUTING_K", "BankEntry",
-    "BankModel", "LoadedBank", "PromptBank", "Route", "RoutingKey", "central_window", "cosine_distance",
-    "evaluate_with_bank", "load_bank_model", "predict_with_bank", "route_features", "routing_key",
-    "routing_key_from_data", "routing_summary", "run_bank", "scan_features", "validate_center",
-    "write_routing_report",
+    "BANK_FILE", "BANK_FORMAT", "DISTANCE", "FALLBACK", "FALSE_FALLBACK", "FEATURES", "KEY_FORMAT", "RESERVED",
+    "BankEntry", "BankModel", "LoadedBank", "PromptBank", "Route", "RoutingKey", "acquisition_features",
+    "evaluate_with_bank", "false_fallback_threshold", "load_bank_model", "predict_with_bank", "route_features",
+    "route_scan", "routing_key_from_data", "routing_summary", "run_bank", "validate_center", "write_routing_report",
 ]  # fmt: skip

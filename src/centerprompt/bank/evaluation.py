@@ -14,10 +14,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from centerprompt.bank.routing import DISTANCE, FALLBACK, Route
+from centerprompt.bank.acquisition import acquisition_features
+from centerprompt.bank.routing import (
+    DISTANCE,
+    FALLBACK,
+    FALSE_FALLBACK,
+    Route,
+    RoutingKey,
+    false_fallback_threshold,
+    route_features,
+)
 from centerprompt.bank.serving import load_bank_model
 from centerprompt.files import atomic_path
 from centerprompt.evaluate import aggregate
@@ -47,9 +57,38 @@ def routing_summary(true_centers: Sequence[str], routes: Sequence[Route], bank_n
         unknown[t] = {"n": n, "fallback": fallback, "wrong_center": n - fallback, "fallback_rate": fallback / n}
     return {
         "columns": columns, "confusion": confusion, "n_known": len(known),
+        "abstention_auc": abstention_auc(true_centers, routes, bank_names),
         "accuracy": sum(r.center == t for t, r in known) / len(known) if known else None,
         "accuracy_all": right / len(routes) if routes else None, "unknown_centers": unknown,
     }  # fmt: skip
+
+
+def abstention_auc(true_centers: Sequence[str], routes: Sequence[Route], bank_names: Sequence[str]) -> float | None:
+    """ROC AUC of the distance to the nearest center as a score for "this scan's center is not in the
+    bank" (Mann-Whitney, ties count half); None unless both kinds of scan are present."""
+    unknown = [r.distance for t, r in zip(true_centers, routes) if t not in bank_names]
+    known = [r.distance for t, r in zip(true_centers, routes) if t in bank_names]
+    if not unknown or not known:
+        return None
+    wins = sum((u > k) + 0.5 * (u == k) for u in unknown for k in known)
+    return wins / (len(unknown) * len(known))
+
+
+def leave_one_center_out(
+    true_centers: Sequence[str], fingerprints: Sequence[np.ndarray], keys: dict[str, RoutingKey], false_fallback: float
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each banked center's scans routed with that center's key removed: all of them should fall back,
+    as a new hospital's would; ``wrong_center`` counts those the other keys would claim. A one-key
+    bank has nothing left to claim them (every scan falls back)."""
+    out = {}
+    for center in keys:
+        rest = {c: k for c, k in keys.items() if c != center}
+        xs = [x for t, x in zip(true_centers, fingerprints) if t == center]
+        fallback = sum(route_features(x, rest, false_fallback).fallback for x in xs) if rest else len(xs)
+        if xs:
+            out[center] = {"n": len(xs), "fallback": fallback, "wrong_center": len(xs) - fallback,
+                           "fallback_rate": fallback / len(xs)}  # fmt: skip
+    return out
 
 
 def _chooser(mode: str, bank_names: Sequence[str]) -> Any:
@@ -85,7 +124,7 @@ def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]],
 
 def run_bank(
     data_dir: str | Path, base: BaseLike, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
-    threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
+    false_fallback: float = FALSE_FALLBACK, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Route every scan of ``split`` (of ``splits_file``, else as :func:`centerprompt.jobs.load_index`
@@ -108,8 +147,10 @@ def run_bank(
     truth = [c.center for c in scorer.cases]
     routed = bool(model.bank.key_names) or "auto" in modes or not modes  # keyless banks serve named centers
     routes: list[Route | None] = [None] * len(ids)
+    fingerprints: list[np.ndarray] = []
     if routed:
-        routes = [model.route(scorer.dataset[i]["image"].as_tensor()[None], threshold)[0] for i in range(len(ids))]
+        fingerprints = [acquisition_features(c.ct, c.pet) for c in scorer.cases]
+        routes = [route_features(x, model.bank.keys, false_fallback) for x in fingerprints]
     per_case = [{"case_id": c.case_id, "center": c.center, "in_bank": c.center in model.names,
                  "route": r and r.to_dict(), "scores": {}} for c, r in zip(scorer.cases, routes)]  # fmt: skip
     summaries = {}
@@ -122,23 +163,26 @@ def run_bank(
         summaries[mode] = aggregate(results)
     return {
         "data_dir": str(data_dir), "base": str(base.path), "bank": str(bank), "split": split, "score_at": score_at,
-        "bank_centers": model.names, "distance": DISTANCE, "threshold": model.bank.threshold(threshold),
-        "threshold_rule": "user value" if threshold is not None else "max of per-center thresholds",
+        "bank_centers": model.names, "distance": DISTANCE, "false_fallback": false_fallback,
+        "threshold": false_fallback_threshold(false_fallback),
+        "threshold_rule": f"chi-square quantile at false-fallback rate {false_fallback:g}, leave-one-out scale",
         "routing": routing_summary(truth, routes, model.names) if routed else None, "modes": summaries,
+        "leave_one_center_out": leave_one_center_out(truth, fingerprints, model.bank.keys, false_fallback)
+        if routed else None,
         "per_case": per_case,
     }  # fmt: skip
 
 
 def evaluate_with_bank(
     data_dir: str | Path, base: BaseLike, bank: str | Path, *, center: str = "auto",
-    threshold: float | None = None, centers: Sequence[str] | None = None, split: str = "test",
+    false_fallback: float = FALSE_FALLBACK, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Like ``jobs.evaluate``, every scan served from the bank: ``center="auto"`` routes each scan,
     a bank center name gives every scan that center's prompts. Adds ``routing`` (the summary) and
     each case's ``route`` and ``used`` center.
     """
-    run = run_bank(data_dir, base, bank, modes=(center,), threshold=threshold, centers=centers, split=split,
+    run = run_bank(data_dir, base, bank, modes=(center,), false_fallback=false_fallback, centers=centers, split=split,
                    score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress,
                    splits_file=splits_file)  # fmt: skip
     per_case = [{"case_id": r["case_id"], "center": r["center"], "route": r["route"], **r["scores"][center]}
@@ -160,13 +204,15 @@ def routing_markdown(result: dict[str, Any]) -> str:
     """Routing accuracy, confusion matrix, unknown-center outcomes and DSCagg per center and mode."""
     routing, columns = result["routing"], result["routing"]["columns"]
     acc, acc_all = (("–" if a is None else f"{100 * a:.1f}%") for a in (routing["accuracy"], routing["accuracy_all"]))
+    auc = "–" if routing.get("abstention_auc") is None else f"{routing['abstention_auc']:.3f}"
     lines = [
         "# Prompt bank routing", "",
         f"Bank {result['bank']} ({', '.join(result['bank_centers'])}); "
         f"{result['split']} split of {result['data_dir']}; "
         f"{result['distance']} distance, threshold {result['threshold']:.4f} ({result['threshold_rule']}).", "",
         f"Routing accuracy on banked centers' scans: {acc} ({routing['n_known']} scans); "
-        f"counting fallback as right for unknown centers: {acc_all}.", "",
+        f"counting fallback as right for unknown centers: {acc_all}; ROC AUC of the distance for "
+        f"\"center not in the bank\": {auc}.", "",
         "| true \\ routed | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
     ]  # fmt: skip
     for t, row in routing["confusion"].items():
@@ -175,6 +221,11 @@ def routing_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Centers absent from the bank:", "",
                   "| center | scans | fallback | wrong center |", "|---|---:|---:|---:|"]  # fmt: skip
         for t, u in routing["unknown_centers"].items():
+            lines.append(f"| {t} | {u['n']} | {u['fallback']} | {u['wrong_center']} |")
+    if result.get("leave_one_center_out"):
+        lines += ["", "Each banked center removed from the bank in turn (its scans should fall back):", "",
+                  "| center | scans | fallback | wrong center |", "|---|---:|---:|---:|"]  # fmt: skip
+        for t, u in result["leave_one_center_out"].items():
             lines.append(f"| {t} | {u['n']} | {u['fallback']} | {u['wrong_center']} |")
     modes = result.get("modes") or {}
     if modes:

@@ -1,29 +1,35 @@
-"""Routing a scan to a bank center: features, keys, cosine distance, per-center thresholds.
+"""Routing a scan to a bank center by its acquisition fingerprint, with calibrated abstention.
 
-Routing follows S-Prompts (Wang et al., arXiv 2207.12819) and L2P (arXiv 2112.08654): a scan's
-query is the frozen encoder's mean-pooled patch-token feature of its central window; the nearest
-key by cosine distance wins, and a scan farther than the threshold from every key falls back to
-the base model (no prompts), so a scan from an unknown source gets what it got before the bank.
+A center's key is a diagonal Gaussian over the fingerprint of its training scans
+(:mod:`~centerprompt.bank.acquisition`: spacing, extent, CT noise and HU, PET SUV level and noise).
+A scan's distance to a center is its squared Mahalanobis distance, divided by a scale fitted on
+the center's own cases left out one at a time, so that for the center's own new scans it follows
+a chi-square law with one degree of freedom per feature. The nearest center wins; a scan beyond the
+chi-square quantile of the target false-fallback rate (default 5 %) for every center goes to the
+base model, so a scan from an unknown source gets what it got before the bank. The idea of
+nearest-domain routing with fallback follows S-Prompts (arXiv 2207.12819); the abstention is a
+per-center Mahalanobis out-of-distribution test (Lee et al., arXiv 1807.03888).
+
+Each center's model uses only its own cases and fixed per-feature floors (in physical units), so
+adding or removing a center never changes another center's key or threshold, and a one-center
+bank routes and abstains like any other.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+from scipy.stats import chi2, norm, t
 from tqdm.auto import tqdm
 
-from centerprompt.artifacts import backbone_fingerprint, load_model
+from centerprompt.bank.acquisition import FEATURES, FLOORS, acquisition_features
 from centerprompt.checkpoints import BaseLike
-from centerprompt.data.transforms import inference_transforms
 from centerprompt.jobs import load_index, open_base, split_defaults
-from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.train import default_device
 
 logger = logging.getLogger(__name__)
 
@@ -31,104 +37,117 @@ logger = logging.getLogger(__name__)
 # (centerprompt.strategies.BASE): this is where a scan goes, not how an adapter was trained.
 FALLBACK = "base"
 RESERVED = (FALLBACK, "auto", "oracle")  # words the CLI and reports use beside center names
-DISTANCE = "cosine"
-ROUTING_K = 3.0  # per-center threshold: mean + k * std of the own cases' distances (at least their max)
+DISTANCE = "acquisition-mahalanobis"
+FALSE_FALLBACK = 0.05  # default share of a banked center's own new scans allowed to fall back
+PRIOR_DOF = 3.0  # pseudo-cases at the floor variance: a few cases cannot claim a tiny spread
+MIN_SCALE = 0.5  # lower bound of the leave-one-out scale, for keys from near-identical cases
+OUTSIDE_Z = 6.0  # a feature this many center-stds from every center lies outside every range
 
 
-def central_window(image: torch.Tensor, roi_size: Sequence[int]) -> torch.Tensor:
-    """The ``roi_size`` window at the centre of ``image`` (B, C, *spatial), zero-padded if smaller."""
-    pad: list[int] = []
-    for size, r in reversed(list(zip(image.shape[2:], roi_size))):
-        deficit = max(int(r) - size, 0)
-        pad += [deficit // 2, deficit - deficit // 2]
-    image = F.pad(image, pad)
-    starts = [(s - int(r)) // 2 for s, r in zip(image.shape[2:], roi_size)]
-    return image[(slice(None), slice(None), *(slice(a, a + int(r)) for a, r in zip(starts, roi_size)))]
+def false_fallback_threshold(false_fallback: float, n_features: int = len(FEATURES)) -> float:
+    """Calibrated distance beyond which a scan falls back: the chi-square (1 - rate) quantile."""
+    if not 0.0 < false_fallback < 1.0:
+        raise ValueError(f"false-fallback rate must lie in (0, 1), got {false_fallback}.")
+    return float(chi2.isf(false_fallback, n_features))
 
 
-def scan_features(model: PromptedUNETR, image: torch.Tensor) -> torch.Tensor:
-    """Routing query (B, C): the frozen encoder's normed patch tokens, mean over patches.
-
-    Computed on the central ``img_size`` window of the preprocessed volume (one encoder pass per
-    scan, the same window for keys and queries). ``model`` must be the plain backbone
-    (``prompt_mode="none"``): prompts would make the query depend on a center's tokens.
-    """
-    if model.prompt_mode != "none":
-        raise ValueError("routing features need the plain backbone (prompt_mode='none').")
-    roi = tuple(f * p for f, p in zip(model.feat_size, model.patch_size))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        tokens, _ = model.encode(central_window(image.to(device), roi))  # (B, N, C)
-    return tokens.mean(1).float().cpu()  # (B, C)
+def _normal_scores(x: np.ndarray, mean: np.ndarray, var: np.ndarray, n: int) -> np.ndarray:
+    """Squared per-feature deviations of ``x`` as chi-square(1) terms: with a mean and variance from
+    ``n`` cases, a new case's z follows Student's t (n - 1 + PRIOR_DOF degrees of freedom, the
+    prior's pseudo-cases included), whose tail is heavier than the normal one; mapping it through
+    its t probability to a normal score keeps the sum over features chi-square for few cases too."""
+    z = np.abs(np.asarray(x, dtype=np.float64) - mean) / np.sqrt(var * (1.0 + 1.0 / n))
+    p = 2.0 * t.sf(z, n - 1 + PRIOR_DOF)
+    with np.errstate(divide="ignore"):
+        return np.where(p > 1e-300, norm.isf(p / 2.0) ** 2, z**2)  # far out: z itself, the larger
 
 
-def cosine_distance(features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity, (B, C) x (K, C) -> (B, K); in [0, 2] whatever the feature width."""
-    return 1.0 - F.normalize(features.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+def _variance(features: np.ndarray, mean: np.ndarray, floors: np.ndarray) -> np.ndarray:
+    """Within-center variance shrunk towards the floor (PRIOR_DOF pseudo-cases), never below it."""
+    scatter = ((features - mean) ** 2).sum(0)
+    var = (scatter + PRIOR_DOF * floors**2) / (features.shape[0] - 1 + PRIOR_DOF)
+    return np.maximum(var, floors**2)
 
 
 @dataclass(frozen=True)
 class RoutingKey:
-    """A center's key (C,), its own cases' distances to it (n,), and the backbone they came from."""
+    """A center's fingerprint model: mean and variance (F,), the leave-one-out scale, the case count.
 
-    key: torch.Tensor
-    distances: torch.Tensor
-    fingerprint: str
+    Summary statistics only: no case's features, file names or voxels.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: float
+    n_cases: int
+    loo: np.ndarray | None = None  # own cases' leave-one-out distances (unscaled), at build time only
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, fingerprint: str) -> RoutingKey:
-        """Key = mean feature of a center's training cases (the S-Prompts domain centroid).
+    def from_features(cls, features: np.ndarray, floors: np.ndarray = FLOORS) -> RoutingKey:
+        """Key from a center's training fingerprints (n, F).
 
-        Each case's distance is taken to the mean of the *other* cases (leave-one-out): a case is
-        part of its own mean, so in-sample distances would understate how far a new scan lies.
+        The scale is the mean leave-one-out squared distance per feature (each case against the
+        mean and variance of the *other* cases), so distances of new scans, not of the cases the
+        key was built from, follow chi-square; a one-case key has scale 1 (floors only).
         """
+        features = np.asarray(features, dtype=np.float64)
+        floors = np.broadcast_to(np.asarray(floors, dtype=np.float64), features.shape[1:])
         if features.ndim != 2 or features.shape[0] == 0:
-            raise ValueError(f"need features of shape (n >= 1, C), got {tuple(features.shape)}.")
-        features, n = features.float(), features.shape[0]
-        key = features.mean(0)
+            raise ValueError(f"need fingerprints of shape (n >= 1, F), got {features.shape}.")
+        n, f = features.shape
+        mean = features.mean(0)
+        var = _variance(features, mean, floors) if n > 1 else floors**2
         if n == 1:
-            return cls(key, torch.zeros(1), fingerprint)
-        others = (n * key - features) / (n - 1)  # (n, C): each case's leave-one-out mean
-        return cls(key, 1.0 - F.cosine_similarity(features, others, dim=-1), fingerprint)
+            return cls(mean, var, 1.0, 1, None)
+        loo = np.empty(n)
+        for i in range(n):
+            rest = np.delete(features, i, axis=0)
+            m = rest.mean(0)
+            v = _variance(rest, m, floors) if n > 2 else floors**2
+            loo[i] = float(_normal_scores(features[i], m, v, n - 1).sum())
+        return cls(mean, var, max(float(loo.mean()) / f, MIN_SCALE), n, loo)
 
-    def stats(self, k: float = ROUTING_K) -> dict[str, float | int]:
-        """Own-case distance statistics and the center's threshold max(mean + k*std, max)."""
-        d = self.distances.double()
-        mean, std = float(d.mean()), float(d.std()) if d.numel() > 1 else 0.0
-        return {"n_cases": d.numel(), "mean": mean, "std": std, "max": float(d.max()), "k": k,
-                "threshold": max(mean + k * std, float(d.max()))}  # fmt: skip
+    def distance(self, x: np.ndarray) -> float:
+        """Scaled squared Mahalanobis distance (in normal scores); chi-square with F degrees of freedom
+        for the center's own new scans."""
+        return float(_normal_scores(x, self.mean, self.var, self.n_cases).sum()) / self.scale
 
+    def z(self, x: np.ndarray) -> np.ndarray:
+        """Per-feature deviation in this center's standard deviations."""
+        return (np.asarray(x, dtype=np.float64) - self.mean) / np.sqrt(self.var)
 
-def routing_key(model: PromptedUNETR, images: Iterable[torch.Tensor]) -> RoutingKey:
-    """Routing key from preprocessed volumes (each (C, D, H, W)) of one center's training cases."""
-    features = torch.cat([scan_features(model, img[None]) for img in images])
-    if features.shape[0] < 3:
-        logger.warning("routing key from %d case(s): its threshold is unreliable", features.shape[0])
-    return RoutingKey.from_features(features, backbone_fingerprint(model))
+    def stats(self, false_fallback: float = FALSE_FALLBACK) -> dict[str, Any]:
+        """What ``bank.json`` shows: case count, scale, threshold at ``false_fallback``, and the share
+        of the key's own cases (left out in turn) that this threshold would send to the base model."""
+        threshold = false_fallback_threshold(false_fallback, self.mean.size)
+        loo = None if self.loo is None else float((self.loo / self.scale > threshold).mean())
+        return {"n_cases": self.n_cases, "features": self.mean.size, "scale": self.scale,
+                "false_fallback": false_fallback, "threshold": threshold, "loo_fallback_rate": loo}  # fmt: skip
 
 
 def routing_key_from_data(
-    data_dir: str | Path, center: str, base: BaseLike, *, split: str = "train", skip_bad_cases: bool = False,
-    progress: bool = True, splits_file: str | Path | None = None,
+    data_dir: str | Path, center: str, base: BaseLike | None = None, *, split: str = "train",
+    skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
 ) -> RoutingKey:  # fmt: skip
-    """Routing key of ``center`` from its ``split`` cases (default: training cases, never the test set),
-    preprocessed as the base checkpoint was trained; the split as :func:`centerprompt.jobs.load_index`
-    chooses it (``splits_file``, else the data folder's, else the base model's own)."""
-    base = open_base(base)
+    """Routing key of ``center`` from its ``split`` cases' original files (default: training cases,
+    never the test set); the split as :func:`centerprompt.jobs.load_index` chooses it (``splits_file``,
+    else the data folder's, else the base model's own)."""
+    defaults = split_defaults(open_base(base), None) if base is not None else ()
     cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=split_defaults(base, None))  # fmt: skip
+                               split_defaults=defaults)  # fmt: skip
     if center not in splits or not splits[center][split]:
         raise ValueError(f"center {center!r} has no labelled {split} cases in {data_dir} to compute its routing key.")
-    model = load_model(base, prompt_mode="none").to(default_device()).eval()
-    transform = inference_transforms(base.preprocess, with_label=False)
     ids = splits[center][split]
-    images = (transform({"ct": str(cases[i].ct), "pet": str(cases[i].pet)})["image"].as_tensor() for i in ids)
-    return routing_key(model, tqdm(images, total=len(ids), desc=f"key {center}", unit="case", disable=not progress))
+    if len(ids) < 3:
+        logger.warning("routing key of %s from %d case(s): its threshold is uncalibrated", center, len(ids))
+    features = [acquisition_features(cases[i].ct, cases[i].pet)
+                for i in tqdm(ids, desc=f"key {center}", unit="case", disable=not progress)]  # fmt: skip
+    return RoutingKey.from_features(np.stack(features))
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where one scan goes: a bank center or ``"base"`` (fallback), with the distances behind it."""
+    """Where one scan goes: a bank center or ``"base"`` (fallback), the distances and, on fallback, why."""
 
     center: str
     nearest: str
@@ -136,6 +155,7 @@ class Route:
     runner_up: str | None
     runner_up_distance: float | None
     threshold: float
+    reason: str | None = None
 
     @property
     def fallback(self) -> bool:
@@ -144,23 +164,50 @@ class Route:
     def to_dict(self) -> dict[str, Any]:
         return {"center": self.center, "nearest": self.nearest, "distance": self.distance,
                 "runner_up": self.runner_up, "runner_up_distance": self.runner_up_distance,
-                "threshold": self.threshold, "fallback": self.fallback}  # fmt: skip
+                "threshold": self.threshold, "fallback": self.fallback, "reason": self.reason}  # fmt: skip
 
 
-def route_features(features: torch.Tensor, keys: torch.Tensor, names: Sequence[str], threshold: float) -> list[Route]:
-    """Nearest key by cosine distance; a scan farther than ``threshold`` from it goes to the base model."""
-    if keys.shape[0] == 0:
+def _require_keys(keys: Mapping[str, RoutingKey]) -> None:
+    if not keys:
         raise ValueError("the bank has no routing keys: add centers with --data and --base to compute them.")
-    dist = cosine_distance(features, keys)  # (B, K)
-    order = dist.argsort(dim=1)
-    routes = []
-    for b in range(dist.shape[0]):
-        best = int(order[b, 0])
-        second = int(order[b, 1]) if keys.shape[0] > 1 else None
-        d = float(dist[b, best])
-        routes.append(Route(
-            center=names[best] if d <= threshold else FALLBACK, nearest=names[best], distance=d,
-            runner_up=None if second is None else names[second],
-            runner_up_distance=None if second is None else float(dist[b, second]), threshold=threshold,
-        ))  # fmt: skip
-    return routes
+
+
+def route_features(
+    x: np.ndarray, keys: Mapping[str, RoutingKey], false_fallback: float = FALSE_FALLBACK,
+    names: Sequence[str] = FEATURES,
+) -> Route:  # fmt: skip
+    """Nearest center by scaled Mahalanobis distance; beyond the threshold, or with a feature outside
+    every center's range (:data:`OUTSIDE_Z`), the scan goes to the base model with the reason."""
+    _require_keys(keys)
+    threshold = false_fallback_threshold(false_fallback, len(names))
+    bad = [n for n, v in zip(names, x) if not np.isfinite(v)]
+    if bad:  # NaN would compare as "near": refuse instead of routing on it
+        reason = f"fingerprint features {', '.join(bad)} are not finite (NaN or infinite voxels?)"
+        logger.info("falling back to the base model: %s", reason)
+        return Route(FALLBACK, next(iter(keys)), float("inf"), None, None, threshold, reason)
+    dist = sorted((k.distance(x), c) for c, k in keys.items())
+    (d, nearest), second = dist[0], dist[1] if len(dist) > 1 else None
+    z = np.stack([np.abs(k.z(x)) for k in keys.values()])  # (K, F)
+    outside = np.flatnonzero(z.min(0) > OUTSIDE_Z)
+    reason = None
+    if outside.size:
+        k, f = keys[nearest], int(outside[np.argmax(z.min(0)[outside])])
+        reason = (f"{names[f]}={x[f]:.3g} lies outside every banked center's range "
+                  f"(nearest {nearest}: {k.mean[f]:.3g} ± {np.sqrt(k.var[f]):.2g})")  # fmt: skip
+    elif d > threshold:
+        f = int(np.argmax(keys[nearest].z(x) ** 2))
+        reason = (f"distance {d:.1f} to nearest center {nearest} exceeds {threshold:.1f} (false-fallback rate "
+                  f"{false_fallback:g}); largest deviation {names[f]} at {keys[nearest].z(x)[f]:+.1f} std")  # fmt: skip
+    if reason:
+        logger.info("falling back to the base model: %s", reason)
+    return Route(center=FALLBACK if reason else nearest, nearest=nearest, distance=d,
+                 runner_up=second and second[1], runner_up_distance=second and second[0], threshold=threshold,
+                 reason=reason)  # fmt: skip
+
+
+def route_scan(
+    ct: str | Path, pet: str | Path, keys: Mapping[str, RoutingKey], false_fallback: float = FALSE_FALLBACK
+) -> Route:  # fmt: skip
+    """Route one scan from its original CT and PET files (checked to have keys before reading them)."""
+    _require_keys(keys)
+    return route_features(acquisition_features(ct, pet), keys, false_fallback)

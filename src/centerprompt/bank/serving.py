@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from centerprompt.artifacts import load_model
-from centerprompt.bank.routing import FALLBACK, Route, route_features, scan_features
+from centerprompt.bank.routing import FALLBACK, FALSE_FALLBACK, Route, route_scan
 from centerprompt.bank.storage import LoadedBank, PromptBank
 from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import save_prediction
@@ -53,7 +53,6 @@ class BankModel(nn.Module):
         _tie_backbone(base, self.prompted)
         self.bank = bank
         self.register_buffer("bank_prompts", bank.prompts.clone(), persistent=False)  # (K, S, P, C)
-        self.register_buffer("keys", bank.keys.clone(), persistent=False)  # (K', C)
         self.requires_grad_(False)  # inference only: the prompts come from the bank, nothing trains
         self.eval()
 
@@ -73,10 +72,9 @@ class BankModel(nn.Module):
             raise ValueError(f"center(s) {unknown} are not in the bank (centers: {', '.join(self.names)}).")
         return self.bank_prompts[[self.names.index(c) for c in centers]]
 
-    def route(self, image: torch.Tensor, threshold: float | None = None) -> list[Route]:
-        """Routing decision per scan of a preprocessed batch (B, C, *spatial)."""
-        features = scan_features(self.base, image)
-        return route_features(features, self.keys.cpu(), self.bank.key_names, self.bank.threshold(threshold))
+    def route(self, ct: str | Path, pet: str | Path, false_fallback: float = FALSE_FALLBACK) -> Route:
+        """Routing decision for one scan, from its original CT and PET files (their acquisition fingerprint)."""
+        return route_scan(ct, pet, self.bank.keys, false_fallback)
 
     def member(self, center: str) -> tuple[PromptedUNETR, dict[str, Any]]:
         """The network and keyword arguments serving ``center`` (``"base"``: the plain model)."""
@@ -114,12 +112,13 @@ def load_bank_model(base: BaseLike, bank: str | Path, device: torch.device | Non
 
 def predict_with_bank(
     base: BaseLike, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
-    center: str = "auto", threshold: float | None = None, progress: bool = True,
+    center: str = "auto", false_fallback: float = FALSE_FALLBACK, progress: bool = True,
     on_bad_case: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
     center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
-    scan: input, output path, the center used and, when routed, the distances. Outputs and inputs
+    scan: input, output path, the center used and, when routed, the distances (and why it fell
+    back, if it did), at most ``false_fallback`` of a banked center's scans falling back. Outputs and inputs
     are checked as ``jobs.predict`` checks them; ``on_bad_case`` as there (skip and report a bad pair).
     """
     for _, _, out in pairs:
@@ -129,9 +128,9 @@ def predict_with_bank(
     if center not in ("auto", FALLBACK):
         model.prompts_for([center])
     preprocess = base.preprocess
-    records = []
+    records, pets = [], {Path(ct): Path(pet) for ct, pet, _ in pairs}
     for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):
-        route = model.route(image, threshold)[0] if center == "auto" else None
+        route = model.route(ct, pets[ct], false_fallback) if center == "auto" else None
         chosen = route.center if route else center
         net, kwargs = model.member(chosen)
         pred = sliding_window_predict(net, image, preprocess.roi_size, SW_BATCH, **kwargs).argmax(1).cpu()

@@ -4,7 +4,8 @@ A bank is a folder::
 
     BANK/bank.json                 backbone fingerprint, model config, prompt mode, P, one row per center
     BANK/<CENTER>.safetensors      the center's prompt-only adapter (copied as it is)
-    BANK/<CENTER>.key.safetensors  its routing key (optional): the mean frozen-encoder feature
+    BANK/<CENTER>.key.safetensors  its routing key (optional): mean and variance of its scans' acquisition
+                                   fingerprint and the leave-one-out scale (summary statistics only)
 
 ``bank.json`` is data, not trusted: every file an entry names must be a plain entry file name
 that resolves inside the folder, or the bank refuses to read, load or delete anything. Writers
@@ -22,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -33,20 +33,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from centerprompt.artifacts import PROMPT_FIELDS, backbone_fingerprint, read_adapter_metadata
+from centerprompt.bank.acquisition import FEATURES
 from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
 from centerprompt.files import atomic_path
 from centerprompt.strategies import bankable_names
 
 logger = logging.getLogger(__name__)
 
-BANK_FORMAT = "centerprompt-bank/1"
-KEY_FORMAT = "centerprompt-bank-key/1"
+BANK_FORMAT = "centerprompt-bank/2"  # 2: acquisition-fingerprint keys (1: frozen-encoder cosine keys)
+KEY_FORMAT = "centerprompt-bank-key/2"
+KEY_TENSORS = ("mean", "var", "scale")  # all a key file holds: (F,), (F,), (1,)
 BANK_FILE = "bank.json"
 PROMPT_TENSOR = "prompts.tokens"  # the one tensor a bankable adapter file holds
 # Always fullmatch: with match, "$" also matches before a final newline ("X\n" would pass).
@@ -80,21 +83,17 @@ _ENTRY_FIELDS = {f.name for f in fields(BankEntry)}
 
 @dataclass(frozen=True)
 class LoadedBank:
-    """Stacked prompts (K, S, P, C) in ``names`` order, and the keys (K', C) of the centers that have one."""
+    """Stacked prompts (K, S, P, C) in ``names`` order, and the routing keys of the centers that have one."""
 
     names: list[str]
     prompts: torch.Tensor
-    key_names: list[str]
-    keys: torch.Tensor
-    thresholds: dict[str, float]
+    keys: dict[str, RoutingKey]
     prompt_mode: str
     num_prompts: int
 
-    def threshold(self, value: float | None = None) -> float:
-        """``value`` if given, else the largest per-center threshold (no bank center's own cases fall back)."""
-        if value is not None:
-            return float(value)
-        return max(self.thresholds.values(), default=math.inf)
+    @property
+    def key_names(self) -> list[str]:
+        return list(self.keys)
 
 
 class PromptBank:
@@ -117,6 +116,9 @@ class PromptBank:
             index = json.loads(self.index_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{self.index_path}: not valid JSON ({err}).") from err
+        if isinstance(index, dict) and index.get("format") == "centerprompt-bank/1":
+            raise ValueError(f"{self.index_path}: bank of format centerprompt-bank/1 (encoder-feature routing keys); "
+                             f"rebuild it with `centerprompt bank add` for {BANK_FORMAT}.")  # fmt: skip
         if not isinstance(index, dict) or index.get("format") != BANK_FORMAT:
             found = index.get("format") if isinstance(index, dict) else None
             raise ValueError(f"{self.index_path}: not a {BANK_FORMAT} file (format is {found!r}).")
@@ -220,9 +222,6 @@ class PromptBank:
         adds of different centers all land and two adds of one center cannot both succeed.
         """
         meta, adapter = self.check(center, adapter), Path(adapter)
-        fp = meta["backbone_fingerprint"]
-        if key is not None and key.fingerprint != fp:
-            raise ValueError(f"routing key of {center} comes from backbone {key.fingerprint}, {adapter} from {fp}.")
         if meta["extra"].get("center") not in (None, center):
             logger.warning("%s was adapted to center %s, banked as %s", adapter, meta["extra"]["center"], center)
         with self._locked() as locked_at:
@@ -241,9 +240,11 @@ class PromptBank:
         if key is not None:
             entry = replace(entry, key_file=f"{center}.key.safetensors", routing=key.stats())
             with atomic_path(self.path / entry.key_file) as tmp:
-                save_file({"key": key.key.contiguous(), "distances": key.distances.contiguous()}, str(tmp),
-                          metadata={"format": KEY_FORMAT, "center": center, "backbone_fingerprint": fp,
-                                    "distance": DISTANCE})  # fmt: skip
+                tensors = [torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for v in
+                           (key.mean, key.var, key.scale)]  # fmt: skip
+                save_file(dict(zip(KEY_TENSORS, tensors)), str(tmp),
+                          metadata={"format": KEY_FORMAT, "center": center, "distance": DISTANCE,
+                                    "features": ",".join(FEATURES), "n_cases": str(key.n_cases)})  # fmt: skip
         index.update(backbone_fingerprint=fp, config=config, prompt_mode=config["prompt_mode"],
                      num_prompts=config["num_prompts"])  # fmt: skip
         index["entries"].append(asdict(entry))
@@ -283,7 +284,7 @@ class PromptBank:
         diff = [k for k in index["config"] if k not in PROMPT_FIELDS and config.get(k) != index["config"][k]]
         if diff:
             raise ValueError(f"bank {bank.path} was built for another backbone configuration ({', '.join(diff)}).")
-        prompts, key_names, keys, thresholds = [], [], [], {}
+        prompts, keys = [], {}
         for e in entries:
             file = bank._file(e.center, e.file)
             expected = read_adapter_metadata(file)["backbone_fingerprint"]
@@ -293,16 +294,19 @@ class PromptBank:
                 )
             prompts.append(load_file(str(file))[PROMPT_TENSOR].float())  # (S, P, C)
             if e.key_file:
-                key_path = bank._file(e.center, e.key_file)
-                with safe_open(str(key_path), framework="pt") as f:
-                    if (f.metadata() or {}).get("backbone_fingerprint") != found:
-                        raise ValueError(f"{key_path}: routing key was computed on another backbone than {found}.")
-                    keys.append(f.get_tensor("key").float())
-                key_names.append(e.center)
-                thresholds[e.center] = float(e.routing["threshold"])
-        hidden = prompts[0].shape[-1]
+                keys[e.center] = _read_key(bank._file(e.center, e.key_file))
         return LoadedBank(
-            names=[e.center for e in entries], prompts=torch.stack(prompts), key_names=key_names,
-            keys=torch.stack(keys) if keys else torch.empty(0, hidden), thresholds=thresholds,
+            names=[e.center for e in entries], prompts=torch.stack(prompts), keys=keys,
             prompt_mode=index["prompt_mode"], num_prompts=index["num_prompts"],
         )  # fmt: skip
+
+
+def _read_key(path: Path) -> RoutingKey:
+    """A key file's summary statistics, refused (one sentence) unless it holds this version's features."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != KEY_FORMAT or meta.get("features") != ",".join(FEATURES):
+            raise ValueError(f"{path}: routing key of another format or feature set than {KEY_FORMAT}; "
+                             "remove the center and add it again with --data and --base.")  # fmt: skip
+        mean, var, scale = (f.get_tensor(name).double().numpy() for name in KEY_TENSORS)
+    return RoutingKey(mean=mean, var=var, scale=float(scale[0]), n_cases=int(meta["n_cases"]))

@@ -24,7 +24,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
     entry = bank.add(args.center, args.adapter, key=key)
     routing = "no key"
     if entry.routing:
-        routing = f"key from {entry.routing['n_cases']} cases, threshold {entry.routing['threshold']:.4f}"
+        r = entry.routing
+        routing = f"key from {r['n_cases']} cases, leave-one-out scale {r['scale']:.2f}, threshold {r['threshold']:.1f}"
     print(f"added {entry.center} to {args.bank} ({entry.strategy}, {entry.bytes:,} bytes, {routing})")
     return 0
 
@@ -59,9 +60,9 @@ def _cmd_route(args: argparse.Namespace) -> int:
     if args.command_name == "evaluate":
         modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
     centers = args.centers.split(",") if args.centers else None
-    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, threshold=args.threshold, centers=centers,
-                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases,
-                      splits_file=args.splits)  # fmt: skip
+    rate = {} if args.false_fallback is None else {"false_fallback": args.false_fallback}
+    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, **rate, centers=centers, split=args.split,
+                      score_at=args.score_at, skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
     paths = write_routing_report(result, args.out)
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")
@@ -107,8 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--bank", required=True, type=Path)
         base_arguments(p, text="the base model the bank was built on (as given to bank add)")
         p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder with every center to test")
-        p.add_argument("--threshold", type=float, help="cosine distance beyond which a scan falls back to the base "
-                       "model (default: the largest per-center threshold in the bank)")  # fmt: skip
+        p.add_argument("--false-fallback", type=float, metavar="RATE",
+                       help="share of a banked center's own scans allowed to fall back to the base model; sets "
+                       "the distance threshold (default: 0.05)")  # fmt: skip
         p.add_argument("--centers", help="comma-separated centers to test (default: all)")
         p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
         p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
