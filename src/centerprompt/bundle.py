@@ -42,7 +42,7 @@ from centerprompt.config import file_sha256
 from centerprompt.data.labels import LABEL_NAMES
 from centerprompt.data.transforms import PreprocessConfig, head_neck_mask
 from centerprompt.evaluate import sliding_window_predict
-from centerprompt.files import atomic_path, write_json
+from centerprompt.files import atomic_path, check_output, write_json
 from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, open_base
 from centerprompt.scoring import SW_BATCH
 
@@ -265,11 +265,12 @@ def fold(model: torch.nn.Module, roi_size: Sequence[int]) -> torch.jit.ScriptMod
 
 
 def check_out(out: str | Path) -> Path:
-    """Refuse an output that is a file or a non-empty folder (a bundle is written whole, never into another)."""
+    """Refuse what :func:`centerprompt.files.check_output` refuses of a folder, and a non-empty folder
+    (a bundle is written whole, never into another)."""
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty folder; give a new folder for the bundle.")
-    return out
+    return check_output(out, "folder")
 
 
 def _check_format(fmt: str) -> None:

@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from centerprompt.cli.export import add_format_arguments
-from centerprompt.cli.runs import base_arguments, base_spec, splits_argument  # import-light, like the registry
+from centerprompt.cli.runs import (  # import-light, like the registry
+    base_arguments,
+    base_spec,
+    false_fallback_option,
+    splits_argument,
+)
 from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
 
 
@@ -60,9 +65,9 @@ def _cmd_route(args: argparse.Namespace) -> int:
     if args.command_name == "evaluate":
         modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
     centers = args.centers.split(",") if args.centers else None
-    rate = {} if args.false_fallback is None else {"false_fallback": args.false_fallback}
-    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, **rate, centers=centers, split=args.split,
-                      score_at=args.score_at, skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
+    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, **false_fallback_option(args), centers=centers,
+                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases,
+                      splits_file=args.splits)  # fmt: skip
     paths = write_routing_report(result, args.out)
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")

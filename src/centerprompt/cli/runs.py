@@ -83,7 +83,7 @@ def _bank_options(p: argparse.ArgumentParser) -> None:
                         "the base model; sets the distance threshold (default: 0.05)")  # fmt: skip
 
 
-def _rate(args: argparse.Namespace) -> dict[str, float]:
+def false_fallback_option(args: argparse.Namespace) -> dict[str, float]:
     """``false_fallback`` for the bank's functions when given (their default otherwise)."""
     return {} if args.false_fallback is None else {"false_fallback": args.false_fallback}
 
@@ -173,7 +173,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from centerprompt.bank.evaluation import evaluate_with_bank
 
         result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto",
-                                    splits_file=args.splits, **_rate(args), **common)  # fmt: skip
+                                    splits_file=args.splits, **false_fallback_option(args), **common)  # fmt: skip
     else:
         result = evaluate(args.data, base_spec(args), adapter=args.adapter, splits_file=args.splits, **common)
     write_json(result, args.out)
@@ -216,7 +216,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from centerprompt.bank import predict_with_bank
 
         records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto",
-                                    on_bad_case=on_bad_case, **_rate(args))  # fmt: skip
+                                    on_bad_case=on_bad_case, **false_fallback_option(args))  # fmt: skip
         for r in records:
             route = r.get("route") or {}
             print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
