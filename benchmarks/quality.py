@@ -6,7 +6,9 @@ the in-domain oracle (the same budget with the new center's adaptation cases in 
 each gain is also reported as a fraction of the oracle gap, and the base model's transformer
 reliance. A finished
 experiment folder (its results.json) is skipped on rerun, and run_experiment reuses finished
-adaptation runs, so an interrupted benchmark resumes where it stopped.
+adaptation runs, so an interrupted benchmark resumes where it stopped. ``jobs > 1`` first trains
+every base and oracle, then every experiment, in that many processes (a many-core GPU machine),
+and then assembles the tables from the finished folders exactly as a sequential run would.
 """
 
 from __future__ import annotations
@@ -147,12 +149,86 @@ def _experiment(
     return run_experiment(run)
 
 
+def _sweep_plan(
+    data_dir: Path, center: str, headline: Sequence[str], shots_sweep: Sequence[int | str], prompts_sweep: Sequence[int]
+) -> list[tuple[str, int | str, list[str], int, int]]:
+    """(kind, value, strategies to run, shots, P) of each sweep point; the headline's runs stand in for
+    the points equal to its setting."""
+    plan = [("shots", v, SHOTS_STRATEGIES, _shots(data_dir, center, v), DEFAULT_PROMPTS) for v in shots_sweep]
+    plan += [("prompts", v, PROMPT_STRATEGIES, DEFAULT_SHOTS, v) for v in prompts_sweep]
+    out = []
+    for kind, value, names, shots, prompts in plan:
+        same = (shots, prompts) == (DEFAULT_SHOTS, DEFAULT_PROMPTS)
+        out.append((kind, value, [n for n in names if not (same and n in headline)], shots, prompts))
+    return out
+
+
+def _pool_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _pretrain_task(run: Any) -> None:
+    from centerprompt.jobs import pretrain
+
+    pretrain(run)
+
+
+def _experiment_task(args: tuple[Any, ...]) -> None:
+    data_dir, center, out, names, kwargs = args
+    _experiment(data_dir, center, out, names, **kwargs)
+
+
+def _prefetch(
+    data_dir: Path, work: Path, seeds: Sequence[int], centers: Sequence[str], strategies: Sequence[str],
+    sweep_centers: Sequence[str] | None, shots_sweep: Sequence[int | str], prompts_sweep: Sequence[int],
+    common: dict[str, Any], jobs: int,
+) -> None:  # fmt: skip
+    """Train every base and oracle, then run every experiment, ``jobs`` processes at a time."""
+    import dataclasses
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from centerprompt.config import ExperimentRun, PretrainRun
+    from centerprompt.jobs import SUMMARY, load_index
+
+    load_index(data_dir, seed=seeds[0])  # the data's split file, written once before the processes read it
+    pretrains, experiments = [], []
+    for seed in seeds:
+        for center in centers:
+            root = work / f"seed{seed}" / center
+            settings = dict(preset=common["preset"], epochs=common["pretrain_epochs"], patience=common["patience"],
+                            seed=seed, resume=True, progress=False)  # fmt: skip
+            if not (root / "pretrain" / SUMMARY).exists():
+                pretrains.append(PretrainRun(data_dir=data_dir, out=root / "pretrain", exclude_center=center, **settings))
+            kwargs = {**common, "seed": seed, "base": root / "pretrain" / "model.safetensors", "progress": False}
+            if "oracle" in strategies:  # as the headline experiment asks it, on the same split (read from DATA)
+                exp = ExperimentRun(data_dir=data_dir, new_center=center, out=root / "headline", shots=DEFAULT_SHOTS,
+                                    num_prompts=DEFAULT_PROMPTS, **{**kwargs, "base": None})  # fmt: skip
+                pretrains.append(dataclasses.replace(exp.pretrain_run(preset=common["preset"], oracle=True), splits=None))
+            experiments.append((data_dir, center, root / "headline", list(strategies),
+                                {**kwargs, "shots": DEFAULT_SHOTS, "num_prompts": DEFAULT_PROMPTS}))  # fmt: skip
+            if seed == seeds[0] and (sweep_centers is None or center in sweep_centers):
+                for kind, value, names, shots, prompts in _sweep_plan(data_dir, center, strategies, shots_sweep, prompts_sweep):
+                    if names:
+                        experiments.append((data_dir, center, root / f"{kind}{value}", names,
+                                            {**kwargs, "shots": shots, "num_prompts": prompts}))  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pool_init, initargs=(threads,)) as pool:
+        list(pool.map(_pretrain_task, pretrains))
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pool_init, initargs=(threads,)) as pool:
+        list(pool.map(_experiment_task, experiments))
+
+
 def run_quality(
     data_dir: str | Path, work: str | Path, *, centers: Sequence[str] = HELD_OUT, seeds: Sequence[int] = (0, 1),
     strategies: Sequence[str] = HEADLINE_STRATEGIES, shots_sweep: Sequence[int] = SHOTS,
     prompts_sweep: Sequence[int] = PROMPTS, cases_per_center: int = 16, pretrain_epochs: int | None = None,
     adapt_epochs: int | None = None, patience: int = 10, progress: bool = True,
-    sweep_centers: Sequence[str] | None = None, preset: str = "cpu",
+    sweep_centers: Sequence[str] | None = None, preset: str = "cpu", jobs: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Headline comparison for every (seed, center); shots and prompt sweeps on the first seed
     (for ``sweep_centers`` only, when given: the sweeps cost as much as the headline again).
@@ -168,6 +244,9 @@ def run_quality(
         from centerprompt.data.synthetic import generate_dataset
 
         generate_dataset(data_dir, cases_per_center=cases_per_center, progress=progress)
+    if jobs > 1:
+        common = dict(pretrain_epochs=pretrain_epochs, adapt_epochs=adapt_epochs, patience=patience, preset=preset)
+        _prefetch(data_dir, work, seeds, centers, strategies, sweep_centers, shots_sweep, prompts_sweep, common, jobs)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         for center in centers:
@@ -188,12 +267,9 @@ def run_quality(
                          "reliance": results["base"]["transformer_reliance"]})  # fmt: skip
             if seed != seeds[0] or (sweep_centers is not None and center not in sweep_centers):
                 continue
-            sweeps = [("shots", v, SHOTS_STRATEGIES, _shots(data_dir, center, v), DEFAULT_PROMPTS) for v in shots_sweep]
-            sweeps += [("prompts", v, PROMPT_STRATEGIES, DEFAULT_SHOTS, v) for v in prompts_sweep]
-            for kind, value, names, shots, prompts in sweeps:
-                same = (shots, prompts) == (DEFAULT_SHOTS, DEFAULT_PROMPTS)
-                rows = {n: headline[n] for n in names if same and n in headline}
-                missing = [n for n in names if n not in rows]
+            for kind, value, missing, shots, prompts in _sweep_plan(data_dir, center, headline, shots_sweep, prompts_sweep):
+                names = SHOTS_STRATEGIES if kind == "shots" else PROMPT_STRATEGIES
+                rows = {n: headline[n] for n in names if n not in missing}
                 if missing:
                     out = root / f"{kind}{value}"
                     results = _experiment(data_dir, center, out, missing, shots=shots, num_prompts=prompts, **common)

@@ -100,7 +100,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     return quality.run_quality(
         args.data, args.work, centers=args.centers.split(","), seeds=[int(s) for s in args.seeds.split(",")],
         sweep_centers=args.sweep_centers.split(",") if args.sweep_centers else None, preset=args.preset,
-        pretrain_epochs=args.pretrain_epochs, adapt_epochs=args.adapt_epochs,
+        pretrain_epochs=args.pretrain_epochs, adapt_epochs=args.adapt_epochs, jobs=args.jobs,
     )
 
 
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu", help="quality: model preset (vit-b: the paper's scale, on a GPU)")
     p.add_argument("--pretrain-epochs", type=int, help="quality: pretraining (and oracle) epochs (default: the preset's)")
     p.add_argument("--adapt-epochs", type=int, help="quality: adaptation epochs (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="quality: processes that train bases, oracles and experiments side by side (a many-core GPU machine)")
     p.add_argument("--note", help="stated beside the part in RESULTS.md (e.g. other work that ran beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -209,7 +209,7 @@ def pretrain_config(run: PretrainRun, splits: Splits) -> dict[str, Any]:
     train_ids = train_ids[: run.cases_limit] if run.cases_limit else train_ids
     cfg = TrainConfig(epochs=run.epochs or p.pretrain_epochs, lr=run.lr or p.pretrain_lr,
                       batch_size=run.batch_size or p.batch_size, patience=run.patience, seed=run.seed, amp=run.amp,
-                      compile=run.compile)  # fmt: skip
+                      compile=run.compile, class_weights=p.class_weights)  # fmt: skip
     return {
         "job": "pretrain", **run.provenance(), "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
         "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "splits_sha256": splits.sha256,
@@ -331,7 +331,7 @@ def adapt_config(run: AdaptRun, splits: Splits, base: BaseCheckpoint | None = No
     cfg = TrainConfig(epochs=run.epochs or preset.adapt_epochs, lr=run.lr or strategy.lr,
                       batch_size=run.batch_size or preset.batch_size, patience=run.patience, seed=run.seed,
                       weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
-                      optimizer=run.optimizer)  # fmt: skip
+                      optimizer=run.optimizer, class_weights=preset.class_weights)  # fmt: skip
     return {"job": "adapt", **run.provenance(), **base_provenance(base), "train": cfg.__dict__,
             "splits_sha256": splits.sha256, "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
 

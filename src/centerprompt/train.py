@@ -55,7 +55,9 @@ class TrainConfig:
 
     ``patience`` stops training after that many validations without improvement of the
     validation Dice (0 disables early stopping). ``amp`` (bf16 autocast) and ``compile``
-    (``torch.compile``) are options for GPU users.
+    (``torch.compile``) are options for GPU users. ``class_weights`` (background, GTVp, GTVn)
+    weight the cross-entropy half of the Dice+CE loss: small lymph nodes are a tiny fraction of
+    the voxels, and an unweighted loss can leave GTVn unlearned.
     """
 
     epochs: int = 100
@@ -71,8 +73,13 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     num_workers: int = 0
+    class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.class_weights is not None:
+            self.class_weights = tuple(float(w) for w in self.class_weights)  # a JSON list read back
+            if any(w <= 0 for w in self.class_weights):
+                raise ValueError(f"class_weights must be positive, got {self.class_weights}.")
         if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("epochs, batch_size and val_every must be at least 1.")
         if self.lr <= 0:
@@ -247,7 +254,8 @@ def fit(
     scheduler = WarmupCosineSchedule(
         optimizer, warmup_steps=cfg.warmup_epochs * steps_per_epoch, t_total=cfg.epochs * steps_per_epoch
     )
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    weight = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, device=device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     net: nn.Module = model
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
