@@ -15,8 +15,9 @@ LAYERS: list[set[str]] = [
     {"config", "artifacts", "train", "report", "scoring"},
     {"jobs"},
     {"reliance"},
-    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle"},
-    {"cli", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", ""},  # "" is the package's lazy facade
+    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle",
+     "federated", "federated.site", "federated.flower", "federated.app"},
+    {"cli", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

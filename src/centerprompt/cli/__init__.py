@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "centerprompt.cli.runs",
     "centerprompt.cli.bank",
     "centerprompt.cli.export",
+    "centerprompt.cli.federated",
 )
 
 

@@ -1,0 +1,116 @@
+"""``centerprompt federated``: pretraining and prompt tuning across hospitals on Flower."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from centerprompt import strategies as registry  # import-light: the registry names the choices
+
+
+def _job(args: argparse.Namespace, job: str) -> Any:
+    from centerprompt.federated.site import FederatedJob
+    from centerprompt.presets import get_preset
+
+    preset = get_preset(args.preset)
+    rounds = args.rounds or (preset.pretrain_epochs if job == "pretrain" else preset.adapt_epochs)
+    return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs,
+                        local_steps=args.local_steps, lr=args.lr or 0.0, mu=args.mu, seed=args.seed,
+                        base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
+                        strategy=getattr(args, "strategy", "deep"), prompts=getattr(args, "prompts", 10),
+                        shots=getattr(args, "shots", 8))  # fmt: skip
+
+
+def _centers(args: argparse.Namespace) -> list[str]:
+    from centerprompt.data.hecktor import find_cases
+
+    present = sorted({c.center for c in find_cases(args.data)})
+    if args.centers:
+        centers = [c.strip() for c in args.centers.split(",") if c.strip()]
+        unknown = [c for c in centers if c not in present]
+        if unknown:
+            raise ValueError(f"--centers: {args.data} has no case of {', '.join(unknown)} (it has {', '.join(present)}).")
+        return centers
+    exclude = getattr(args, "exclude_center", None)
+    if exclude is None:
+        raise ValueError("--centers: name the sites (centers of --data) that adapt together.")
+    return [c for c in present if c != exclude]
+
+
+def _run(args: argparse.Namespace, job_name: str) -> int:
+    from centerprompt.federated import require_flower
+
+    if not args.simulate:
+        raise ValueError("without --simulate the federation is deployed: write its app with `centerprompt federated "
+                         "app`, start flower-superlink and one flower-supernode per site, then `flwr run` "
+                         "(README, 'Several hospitals').")  # fmt: skip
+    require_flower(simulation=True)
+    from centerprompt.federated.flower import simulate
+
+    job = _job(args, job_name)
+    centers = _centers(args)
+    summary = simulate(job, args.data, centers, args.out, cpus=args.cpus)
+    print(json.dumps({k: summary[k] for k in ("job", "sites", "site_names", "rounds_run", "server_seconds",
+                                              "artifact", "artifact_bytes", "tensor_bytes_per_message",
+                                              "final_val_dsc_agg")}, indent=1))  # fmt: skip
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    return _run(args, "pretrain")
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    return _run(args, "adapt")
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    from centerprompt.federated.app import write_flower_app
+
+    folder = write_flower_app(args.app, _job(args, args.job), args.out, args.sites)
+    print(f"Flower App written to {folder}: start flower-superlink and {args.sites} flower-supernode(s) "
+          f"(--node-config 'data-dir=\"/site/data\" center=\"NAME\"'), then: flwr run {folder} CONNECTION")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = True) -> None:
+    p.add_argument("--preset", default="cpu", help="model and preprocessing preset (pretraining; default cpu)")
+    p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's pretraining or adaptation epochs)")
+    p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's cases per round (default 1)")
+    p.add_argument("--local-steps", type=int, default=0, help="stop a site's round after this many steps (0: no cap)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), cosine over rounds")
+    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
+    p.add_argument("--seed", type=int, default=0)
+    if adapt:
+        p.add_argument("--base", required=base_required, type=Path,
+                       help="base model.safetensors (adaptation; the same file at every site and on the server)")
+        p.add_argument("--strategy", default="deep", choices=[n for n in registry.strategy_names() if n != "none"])
+        p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set, P (default 10)")
+        p.add_argument("--shots", type=int, default=8, help="labelled cases per site (default 8)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fed = sub.add_parser("federated", help="train across hospitals that cannot share scans (Flower)")
+    actions = fed.add_subparsers(dest="federated_command", metavar="ACTION", required=True)
+    for name, adapt, text in (("pretrain", False, "pretrain the base model with FedAvg, one Flower client per center"),
+                              ("adapt", True, "several new centers tune one set of prompts, exchanging only those")):  # fmt: skip
+        p = actions.add_parser(name, help=text)
+        p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder holding every site's cases")
+        p.add_argument("--out", required=True, type=Path, help="folder for the model or adapter, metrics and summary")
+        p.add_argument("--simulate", action="store_true", help="run every site on this machine (Flower's Ray backend)")
+        p.add_argument("--centers", help="comma-separated sites (centers of --data)" +
+                       ("" if adapt else "; default: every center but --exclude-center"))  # fmt: skip
+        if not adapt:
+            p.add_argument("--exclude-center", help="the center kept out of pretraining (the new center)")
+        p.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all); one per site process")
+        _common(p, adapt=adapt)
+        p.set_defaults(func=_cmd_adapt if adapt else _cmd_pretrain, out_kind="folder")
+    p = actions.add_parser("app", help="write the Flower App folder for a deployed federation (flwr run)")
+    p.add_argument("--app", required=True, type=Path, help="folder to write the app into")
+    p.add_argument("--job", required=True, choices=("pretrain", "adapt"))
+    p.add_argument("--out", required=True, type=Path, help="where the ServerApp writes results (on the server)")
+    p.add_argument("--sites", type=int, default=2, help="SuperNodes that must connect before a round starts")
+    _common(p, adapt=True, base_required=False)
+    p.set_defaults(func=_cmd_app, out_kind="folder")

@@ -1,0 +1,64 @@
+"""The Flower App folder that ``flwr run`` ships to a deployed federation (SuperLink and SuperNodes).
+
+It holds only a pyproject.toml (the app's name, components and run config: the job, the server's
+output folder and the number of sites) and two one-line modules; the code is centerprompt, which
+every SuperLink and SuperNode machine has installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from centerprompt.federated.site import FederatedJob
+from centerprompt.files import atomic_path
+
+PACKAGE = "centerprompt_flower"
+
+_PYPROJECT = """\
+# A Flower App for `flwr run` (Flower >= 1.42), written by `centerprompt federated app`.
+[project]
+name = "centerprompt-federated"
+version = "1.0.0"
+description = "centerprompt {job}: FedAvg across hospitals; only model tensors leave a site"
+license = "Apache-2.0"
+dependencies = ["centerprompt[federated]"]
+
+[tool.flwr.app]
+publisher = "centerprompt"
+
+[tool.flwr.app.components]
+serverapp = "{package}.server_app:app"
+clientapp = "{package}.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def write_flower_app(folder: str | Path, job: FederatedJob, out: str | Path, sites: int) -> Path:
+    """Write the app folder; ``out`` (made absolute) is where the ServerApp writes its results."""
+    if sites < 1:
+        raise ValueError(f"--sites must be at least 1, got {sites}.")
+    folder = Path(folder)
+    settings = {**job.to_config(), "out": str(Path(out).resolve()), "sites": sites}
+    config = "\n".join(f"{key} = {_toml(value)}" for key, value in settings.items())
+    files = {
+        "pyproject.toml": _PYPROJECT.format(job=job.job, package=PACKAGE, config=config),
+        f"{PACKAGE}/__init__.py": '"""centerprompt\'s federated apps, as Flower loads them."""\n',
+        f"{PACKAGE}/server_app.py": "from centerprompt.federated.flower import make_server_app\n\napp = make_server_app()\n",
+        f"{PACKAGE}/client_app.py": "from centerprompt.federated.flower import make_client_app\n\napp = make_client_app()\n",
+    }
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(text)
+    return folder

@@ -1,0 +1,205 @@
+"""Federated pretraining and adaptation on Flower: FedAvg as computed by hand, what leaves a site,
+the adapter other commands accept, and a deployed SuperLink with two SuperNodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+from centerprompt.federated.site import FederatedJob  # noqa: E402
+
+TINY_JOB = dict(preset="tiny", rounds=1, local_steps=1, seed=0)
+
+
+def _replies(box: list[tuple[int, list[Any]]]):
+    def inspect(server_round: int, replies: list[Any]) -> None:
+        box.append((server_round, replies))
+
+    return inspect
+
+
+@pytest.fixture(scope="module")
+def federated_base(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One FedAvg round of one local step at CHUM and MDA (tiny preset), with every site reply kept."""
+    from centerprompt.federated.flower import simulate
+
+    out = tmp_path_factory.mktemp("fed") / "pretrain"
+    seen: list[tuple[int, list[Any]]] = []
+    summary = simulate(FederatedJob(job="pretrain", **TINY_JOB), two_centers, ["CHUM", "MDA"], out, cpus=2,
+                       inspect=_replies(seen))  # fmt: skip
+    return {"out": out, "summary": summary, "seen": seen}
+
+
+def test_one_round_one_step_is_fedavg_by_hand(federated_base: dict[str, Any], two_centers: Path) -> None:
+    from safetensors.torch import load_file
+
+    from centerprompt.federated.flower import server_model
+    from centerprompt.jobs import load_index
+
+    train = [r for _, replies in federated_base["seen"] for r in replies if "arrays" in r.content]
+    assert len(train) == 2
+    states = [r.content["arrays"].to_torch_state_dict() for r in train]
+    counts = [float(r.content["metrics"]["num-examples"]) for r in train]
+    _, splits = load_index(two_centers, seed=0)
+    assert sorted(counts) == sorted(float(len(splits[c]["train"])) for c in ("CHUM", "MDA"))
+    model = server_model(FederatedJob(job="pretrain", **TINY_JOB))
+    initial = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(states[0]) == set(initial)
+    saved = load_file(str(federated_base["out"] / "model.safetensors"))
+    moved = 0
+    for name, start in initial.items():
+        by_hand = sum(c * s[name] for c, s in zip(counts, states)) / sum(counts)
+        torch.testing.assert_close(saved[name], by_hand, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(states[0][name], states[1][name]) and not torch.equal(states[0][name], start))
+    assert moved > 10  # both sites stepped, differently: the average is not one site's tensors
+    rows = [json.loads(line) for line in (federated_base["out"] / "metrics.jsonl").read_text().splitlines()]
+    total = sum(t.numel() * 4 for t in initial.values())
+    assert rows[0]["round"] == 1 and all(total <= b < 1.01 * total for b in rows[0]["bytes_per_site"])
+
+
+def test_no_case_id_or_voxel_leaves_a_site(federated_base: dict[str, Any]) -> None:
+    """Every reply holds model tensors under the model's own names and scalar metrics, nothing else."""
+    from centerprompt.federated.flower import server_model
+
+    shapes = {n: tuple(p.shape) for n, p in server_model(FederatedJob(job="pretrain", **TINY_JOB)).named_parameters()}
+    kinds = set()
+    for _, replies in federated_base["seen"]:
+        for reply in replies:
+            content = reply.content
+            assert set(content.keys()) <= {"arrays", "metrics"}
+            metrics = dict(content["metrics"])
+            kinds.add(tuple(sorted(metrics)))
+            assert all(isinstance(v, (int, float)) for v in metrics.values())
+            if "arrays" in content:
+                for name, array in content["arrays"].items():
+                    assert name in shapes and tuple(array.shape) == shapes[name] and array.dtype == "float32"
+    assert kinds == {("num-examples", "train-loss"), ("num-examples", "val-dsc-agg")}
+
+
+def test_federated_adapter_is_an_ordinary_adapter(federated_base: dict[str, Any], two_centers: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
+    from centerprompt.federated.flower import simulate
+
+    base = federated_base["out"] / "model.safetensors"
+    job = FederatedJob(job="adapt", base=str(base), strategy="deep", prompts=2, shots=2, rounds=2, local_steps=1)
+    summary = simulate(job, two_centers, ["CHUM", "MDA"], tmp_path / "adapt", cpus=2)
+    adapter = Path(summary["artifact"])
+    meta = read_adapter_metadata(adapter)
+    assert meta["strategy"] == "deep" and meta["extra"]["center"] == "CHUM+MDA"
+    model = build_adapted_model(base, adapter)  # refuses an adapter of another backbone
+    assert model.num_prompts == 2
+    rows = [json.loads(line) for line in (tmp_path / "adapt" / "metrics.jsonl").read_text().splitlines()]
+    prompt_bytes = sum(t.numel() * 4 for n, t in model.named_parameters() if "prompt" in n)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(prompt_bytes <= b < prompt_bytes + 4096 for r in rows for b in r["bytes_per_site"])  # + names, shapes
+    assert summary["tensor_bytes_per_message"] < 0.05 * federated_base["summary"]["tensor_bytes_per_message"]
+
+
+def test_job_round_trips_through_a_flower_run_config() -> None:
+    job = FederatedJob(job="adapt", base="/b/model.safetensors", rounds=3, mu=0.01, lr=0.5)
+    assert FederatedJob.from_config(job.to_config() | {"out": "/x", "sites": 2}) == job
+    with pytest.raises(ValueError, match="base model"):
+        FederatedJob(job="adapt")
+    with pytest.raises(ValueError, match="trains nothing"):
+        FederatedJob(job="adapt", base="b", strategy="none")
+
+
+def test_without_flower_one_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    from centerprompt.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["federated", "pretrain", "--data", ".", "--out", "x", "--simulate"]) == 2
+    assert "pip install 'centerprompt[federated]'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_localhost(federated_base: dict[str, Any], two_centers: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """The deployment recipe of the README: a SuperLink, one SuperNode per site, `flwr run`."""
+    from centerprompt.cli import main
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "flower-superlink").exists():
+        pytest.skip("Flower's command-line tools are not beside this Python")
+    home = tmp_path / "flwr"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+    link = _free_port()
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\naddress = "127.0.0.1:{link}"\n'
+                                      "insecure = true\n")  # fmt: skip
+    app, out = tmp_path / "app", tmp_path / "server"
+    assert main(["federated", "app", "--app", str(app), "--job", "pretrain", "--out", str(out), "--sites", "2",
+                 "--preset", "tiny", "--rounds", "1", "--local-steps", "1"]) == 0  # fmt: skip
+    procs = []
+    log = (tmp_path / "daemons.log").open("w")
+    try:
+        procs.append(subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                                       "--disable-runtime-dependency-installation"], env=env, cwd=tmp_path,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        for center in ("CHUM", "MDA"):
+            procs.append(subprocess.Popen(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                           "--port", str(_free_port()),
+                                           "--node-config", f'data-dir="{two_centers}" center="{center}"'],
+                                          env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + 240
+        submitted = None
+        while submitted is None and time.monotonic() < deadline:
+            run = subprocess.run(["flwr", "run", str(app), "here", "--format", "json"], env=env, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+            if run.returncode == 0 and '"run-id"' in run.stdout:
+                submitted = json.loads(run.stdout).get("run-id")
+            else:
+                time.sleep(1)  # the SuperLink is still starting
+        assert submitted is not None, run.stdout + run.stderr
+        status = ""
+        while time.monotonic() < deadline:
+            ls = subprocess.run(["flwr", "ls", "here", "--run-id", str(submitted), "--format", "json"], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+            status = json.loads(ls.stdout)["runs"][0]["status"] if ls.returncode == 0 else status
+            if status.startswith("finished"):
+                break
+            time.sleep(2)
+        assert status == "finished:completed", (status, (tmp_path / "daemons.log").read_text()[-3000:])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["sites"] == 2 and summary["rounds_run"] == 1
+        assert (out / "model.safetensors").exists()
+    finally:
+        for proc in procs:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert all(p.poll() is not None for p in procs)
+    shutil.rmtree(home, ignore_errors=True)
