@@ -44,14 +44,14 @@ def _rounds(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run(data: Path, work: Path, central: Path, seed: int = 0) -> dict[str, Any]:
+def run(data: Path, work: Path, central: Path, seed: int = 0, adaptation: bool = True) -> dict[str, Any]:
     cases, splits = load_index(data, seed=seed)
     centers = sorted(splits)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=seed).old_test]
 
     # Pretraining: six clients against the centralised base.
     fed = simulate(FederatedJob(job="pretrain", rounds=ROUNDS, seed=seed), data, [c for c in centers if c != NEW],
-                            work / "pretrain6")  # fmt: skip
+                   work / "pretrain6")
     pre = {}
     for name, folder in (("centralised", central), ("federated", work / "pretrain6")):
         model = build_adapted_model(folder / "model.safetensors")
@@ -64,6 +64,13 @@ def run(data: Path, work: Path, central: Path, seed: int = 0) -> dict[str, Any]:
         "centralised_best_epoch": central_summary["best_epoch"], "old_dsc_agg": pre,
         "bytes_per_site_per_round": rounds[-1]["bytes_per_site"][0], "val_dsc_agg_by_round": [r["val_dsc_agg"] for r in rounds],
     }  # fmt: skip
+
+    result = {"date": date.today().isoformat(), "machine": machine_info(), "seed": seed, "data": str(data),
+              "command": f"python benchmarks/federated.py --data {data} --work {work} --central {central}"
+                         + ("" if adaptation else " --no-adaptation"),
+              "pretraining": pretraining, "adaptation": None}  # fmt: skip
+    if not adaptation:
+        return result
 
     # Adaptation: two new centers on a base that saw neither.
     simulate(FederatedJob(job="pretrain", rounds=ROUNDS, seed=seed), data, [c for c in centers if c not in PAIR], work / "pretrain5")
@@ -81,12 +88,10 @@ def run(data: Path, work: Path, central: Path, seed: int = 0) -> dict[str, Any]:
         model = build_adapted_model(base, adapter)
         scores[name] = {c: _dsc(model, [cases[i] for i in leave_one_center_out(splits, c, shots=8, seed=seed).new_test],
                                 preprocess) for c in PAIR}  # fmt: skip
-    adaptation = {"centers": list(PAIR), "rounds": joint["rounds_run"], "scores": scores,
-                  "bytes_per_site_per_round": _rounds(work / "adapt_joint")[-1]["bytes_per_site"][0],
-                  "federated_seconds": joint["server_seconds"]}  # fmt: skip
-    return {"date": date.today().isoformat(), "machine": machine_info(), "seed": seed, "data": str(data),
-            "command": f"python benchmarks/federated.py --data {data} --work {work} --central {central}",
-            "pretraining": pretraining, "adaptation": adaptation}  # fmt: skip
+    adapted = {"centers": list(PAIR), "rounds": joint["rounds_run"], "scores": scores,
+               "bytes_per_site_per_round": _rounds(work / "adapt_joint")[-1]["bytes_per_site"][0],
+               "federated_seconds": joint["server_seconds"]}  # fmt: skip
+    return {**result, "adaptation": adapted}
 
 
 def model_preprocess(folder: Path) -> Any:
@@ -101,9 +106,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/federated"))
     parser.add_argument("--central", type=Path, default=Path("runs/demo/full/pretrain"),
                         help="run folder of the centralised base without MDA (centerprompt pretrain or the demo's)")
+    parser.add_argument("--no-adaptation", action="store_true", help="the pretraining comparison only")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "federated")
     args = parser.parse_args()
-    result = run(args.data, args.work, args.central)
+    result = run(args.data, args.work, args.central, adaptation=not args.no_adaptation)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out / "federated.json")
     print(json.dumps(result, indent=1))

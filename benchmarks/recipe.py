@@ -23,6 +23,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "deep, prompt dropout 0.1": ("deep", {"prompt_dropout": 0.1}),
     "deep, P=50, AdamW 1e-1": ("deep", {"num_prompts": 50, "lr": 1e-1}),
     "deep+head (VPT's head)": ("deep+head", {}),
+    # At the GTVn-weighted preset deep prompts' validation Dice (one or two cases) fell while the
+    # training loss fell, and patience 10 stopped them at epoch 11 with epoch 1 the best.
+    "deep, no early stopping, 60 epochs": ("deep", {"epochs": 60, "patience": 0}),
+    "deep, AdamW 1e-1, no early stopping, 60 epochs": ("deep", {"lr": 1e-1, "epochs": 60, "patience": 0}),
 }
 
 

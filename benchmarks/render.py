@@ -261,6 +261,9 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
         d = pre["old_dsc_agg"][name]
         lines.append(f"| {name} | {d['gtvp']:.3f} | {d['gtvn']:.3f} | {d['mean']:.3f} | {seconds:.0f} | "
                      f"{'–' if sent is None else f'{sent / 1e6:.1f} MB'} |")  # fmt: skip
+    if ad is None:
+        return lines + ["", "Adaptation of two new centers, federated against alone: not measured yet (it needs a base "
+                        "pretrained without both centers, and federated pretraining at this budget is not yet one).", ""]
     centers = ad["centers"]
     lines += ["", f"Adaptation of two new centers ({' and '.join(centers)}) with deep prompts (P=10, 8 shots each) on a "
               f"base pretrained federated without both: trained together ({ad['rounds']} rounds, "

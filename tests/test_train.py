@@ -124,3 +124,18 @@ def test_sgd_is_vpts_optimizer_and_others_are_refused(tmp_path: Path) -> None:
     assert not torch.equal(model.prompts.tokens, before)
     with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
         TrainConfig(optimizer="lamb")
+
+
+def test_class_weights_weight_the_cross_entropy(tmp_path: Path) -> None:
+    """The same run with the foreground class weighted 10x has another loss from the first step on."""
+    losses = []
+    for weights in (None, [1, 10, 1]):  # a JSON list, as a run's config.json gives it back
+        cfg = TrainConfig(**{**CFG, "epochs": 1, "class_weights": weights})
+        torch.manual_seed(0)
+        model = tiny_model()
+        fit(model, apply_strategy(model, "full"), toy_data(), cfg, tmp_path / str(weights), progress=False)
+        losses.append(json.loads((tmp_path / str(weights) / "metrics.jsonl").read_text())["loss"])
+    assert TrainConfig(class_weights=[1, 10, 1]).class_weights == (1.0, 10.0, 1.0)
+    assert losses[1] > losses[0] + 0.1  # the background dominates the toy volumes: weighting class 1 raises the CE
+    with pytest.raises(ValueError, match="class_weights must be positive"):
+        TrainConfig(class_weights=(1.0, 0.0, 1.0))

@@ -2,9 +2,10 @@
 
 ``cpu`` is what the demo and the CPU benchmarks run: a small ViT (192 wide, 6 layers) with patch
 8 over one 48^3 window at 4 mm that holds the whole 192 mm head-and-neck crop, so the ViT sees the
-paper's 6x6x6 token grid and the decoder depends on it (transformer reliance 0.35 DSCagg; the
-former 32^3 windows at patch 16 gave 2x2x2 tokens and a decoder that ignored them). It was chosen
-among measured candidates (benchmarks/candidates.py, RESULTS.md). ``vit-b`` is the paper's
+paper's 6x6x6 token grid and the decoder depends on it (transformer reliance 0.65 DSCagg; the
+former 32^3 windows at patch 16 gave 2x2x2 tokens and a decoder that ignored them). Its geometry
+was chosen among measured candidates, its GTVn-weighted loss and 40 epochs among recipes
+(benchmarks/candidates.py, gpu_recipes.sh, RESULTS.md). ``vit-b`` is the paper's
 configuration (MONAI's default UNETR, 96^3 crops at 2 mm), meant for a GPU; ``tiny`` exists for
 tests.
 """
