@@ -2,10 +2,11 @@
 # The quality protocol of the cpu preset (3 held-out centers x 2 seeds with the in-domain oracle;
 # shots and prompt-count sweeps) on one GPU machine, bases, oracles and experiments in parallel
 # processes (benchmarks/run.py --jobs). The figures do not depend on the device (the same code,
-# the same data, the same seeds); 2 CPU cores would need about six hours. Writes $OUT/results.json,
+# the same data, the same seeds); 2 CPU cores would need hours (twelve 40-epoch pretrainings of
+# about 14 min each). Writes $OUT/results.json,
 # $OUT/RESULTS.md, $OUT/log.txt and $OUT/runs.tgz (every run folder's JSON, no weights).
 #
-#   bash benchmarks/gpu_quality.sh     # about 7 minutes on one H200 with 16 cores
+#   bash benchmarks/gpu_quality.sh     # 332 s on one H200 with 16 cores (2026-11-30)
 #
 # MONAI and nibabel wheels in .whl/ where the machine lacks them (see gpu_paper_scale.sh).
 # Rehearsal on a CPU: DEVICE=cpu PRESET=tiny JOBS=2 CENTERS=MDA,CHUM SWEEP=MDA EPOCHS="--pretrain-epochs 1 --adapt-epochs 1"

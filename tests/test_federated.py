@@ -203,3 +203,23 @@ def test_superlink_and_two_supernodes_on_localhost(federated_base: dict[str, Any
         log.close()
     assert all(p.poll() is not None for p in procs)
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None:
+    """The server keeps the global tensors after every round; a rerun of the same job starts from
+    there (and its metrics keep the finished rounds), a rerun of another job is refused."""
+    from centerprompt.federated.flower import _resume, _trainable, server_model
+
+    job = FederatedJob(job="pretrain", preset="tiny", rounds=3)
+    saved = {n: t + 1.0 for n, t in _trainable(server_model(job)).items()}
+    torch.save({"round": 2, "job": json.dumps(job.to_config(), sort_keys=True), "tensors": saved},
+               tmp_path / "last_round.pt")  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
+    model = server_model(job)
+    done, rows = _resume(tmp_path, job, model)
+    assert done == 2 and [r["round"] for r in rows] == [1, 2]  # round 3 was not checkpointed: it runs again
+    for name, tensor in _trainable(model).items():
+        torch.testing.assert_close(tensor, saved[name])
+    with pytest.raises(ValueError, match="another job"):
+        _resume(tmp_path, FederatedJob(job="pretrain", preset="tiny", rounds=4), server_model(job))
+    assert _resume(tmp_path / "fresh", job, server_model(job)) == (0, [])

@@ -175,9 +175,12 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names:
         summary = json.loads(finished.read_text())
         if {k: summary.get(k) for k in job.to_config()} == json.loads(json.dumps(job.to_config())) and \
                 Path(summary["artifact"]).exists():
+            logger.info("reusing the finished federated run %s", out)
             return summary
     model = server_model(job)
     done, rows = _resume(out, job, model)
+    if done:
+        logger.info("resuming %s after round %d of %d", out, done, job.rounds)
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))  # the finished rounds only
     strategy = _strategy(job, sites, done, out / METRICS_FILE, rows, inspect)
     started = time.perf_counter()

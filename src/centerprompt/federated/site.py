@@ -130,6 +130,8 @@ class Site:
         self.val_cases: list[Case] = [by_id[i] for i in val_ids if i in by_id]
         if not self.train_cases:
             raise ValueError(f"site {center} of {self.data_dir} has no training case.")
+        logger.info("site %s: %d training and %d validation cases (%s)", center, len(self.train_cases),
+                    len(self.val_cases), job.job)  # fmt: skip
         self.device = default_device()
         self.model, self.preprocess = self._build()
         self._train_data = None
