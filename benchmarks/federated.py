@@ -27,7 +27,7 @@ from centerprompt.experiment import machine_info
 from centerprompt.federated.flower import simulate
 from centerprompt.federated.site import FederatedJob
 from centerprompt.files import write_json
-from centerprompt.jobs import adapt, load_index
+from centerprompt.jobs import adapt, base_preprocess, load_index
 from centerprompt.presets import get_preset
 from centerprompt.scoring import Scorer
 
@@ -55,7 +55,7 @@ def run(data: Path, work: Path, central: Path, seed: int = 0, adaptation: bool =
     pre = {}
     for name, folder in (("centralised", central), ("federated", work / "pretrain6")):
         model = build_adapted_model(folder / "model.safetensors")
-        pre[name] = _dsc(model, old_test, model_preprocess(folder))
+        pre[name] = _dsc(model, old_test, base_preprocess(folder / "model.safetensors"))
     central_summary = json.loads((central / "summary.json").read_text())
     rounds = _rounds(work / "pretrain6")
     pretraining = {
@@ -82,7 +82,7 @@ def run(data: Path, work: Path, central: Path, seed: int = 0, adaptation: bool =
         alone = adapt(AdaptRun(data_dir=data, center=center, base=base, out=work / f"adapt_{center}", strategy="deep",
                                seed=seed, resume=True, progress=False))  # fmt: skip
         adapters[f"{center} alone"] = Path(alone["artifact"])
-    preprocess = model_preprocess(work / "pretrain5")
+    preprocess = base_preprocess(base)
     scores: dict[str, dict[str, Any]] = {}
     for name, adapter in adapters.items():
         model = build_adapted_model(base, adapter)
@@ -92,12 +92,6 @@ def run(data: Path, work: Path, central: Path, seed: int = 0, adaptation: bool =
                "bytes_per_site_per_round": _rounds(work / "adapt_joint")[-1]["bytes_per_site"][0],
                "federated_seconds": joint["server_seconds"]}  # fmt: skip
     return {**result, "adaptation": adapted}
-
-
-def model_preprocess(folder: Path) -> Any:
-    from centerprompt.jobs import base_preprocess
-
-    return base_preprocess(folder / "model.safetensors")
 
 
 def main() -> None:

@@ -16,7 +16,8 @@
 # augmentation in the main process), so the whole script fits a 10-minute call only just. Needs python3 with CUDA torch, peft, safetensors, einops, scipy and tqdm. MONAI and
 # nibabel are pure Python: where they are missing, put their wheels in .whl/ first
 # (pip download --no-deps monai==1.6.1 nibabel -d .whl) and carry that folder.
-# The same script rehearses on a CPU: DEVICE=cpu PRESET=tiny CASES=4 PRETRAIN_EPOCHS=1 ADAPT_EPOCHS=1 COST_S=0.
+# The same script rehearses on a CPU: DEVICE=cpu PRESET=tiny PRETRAIN_EPOCHS=1 ADAPT_EPOCHS=1 COST_S=0 (8 shots need
+# the default 16 cases per center).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/gpu}
@@ -28,23 +29,17 @@ DATA=${DATA:-/tmp/centerprompt-synth}
 WORK=${WORK:-/tmp/centerprompt-runs}
 COST_S=${COST_S:-100}
 QUALITY_S=${QUALITY_S:-470}
-if ! python3 -c "import monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
+source benchmarks/gpu_common.sh
+gpu_python_path
 # TF32 matrix products (cuDNN convolutions use TF32 by default already): what a user of this GPU runs.
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
+export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/log.txt"
-pack() { tar czf "$OUT/runs.tgz" -C "$WORK" $(cd "$WORK" && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) | sort) 2>/dev/null || true; }
-trap pack EXIT
+trap gpu_pack EXIT
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$LOG"
 
-# Synthetic data, one process per center (cases are independent), then one pass that writes dataset.json.
 started=$SECONDS
-synth() { python3 -c "import sys; from centerprompt.data.synthetic import generate_dataset as g; g(sys.argv[1], centers=sys.argv[2].split(',') if sys.argv[2] else None, cases_per_center=int(sys.argv[3]), progress=False)" "$DATA" "$1" "$CASES"; }
-for c in CHUM CHUP CHUS CHUV HGJ HMR MDA; do synth "$c" & done; wait
-synth "" 2>&1 | tee -a "$LOG"
+gpu_synth
 echo "synthetic data: $((SECONDS - started)) s" | tee -a "$LOG"
 
 if [ "$COST_S" -gt 0 ]; then

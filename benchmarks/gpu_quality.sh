@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_quality.sh     # 332 s on one H200 with 16 cores (2026-11-30)
 #
-# MONAI and nibabel wheels in .whl/ where the machine lacks them (see gpu_paper_scale.sh).
+# MONAI and nibabel wheels in .whl/ where the machine lacks them (benchmarks/gpu_common.sh).
 # Rehearsal on a CPU: DEVICE=cpu PRESET=tiny JOBS=2 CENTERS=MDA,CHUM SWEEP=MDA EPOCHS="--pretrain-epochs 1 --adapt-epochs 1"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,24 +21,16 @@ CASES=${CASES:-16}
 DATA=${DATA:-/tmp/centerprompt-synth}
 WORK=${WORK:-/tmp/centerprompt-quality}
 CAP_S=${CAP_S:-480}
-if ! python3 -c "import monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_common.sh
+gpu_python_path
 [ "${DEVICE:-cuda}" = cpu ] && export CUDA_VISIBLE_DEVICES=""
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/log.txt"
-pack() { tar czf "$OUT/runs.tgz" -C "$WORK" $(cd "$WORK" && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) | sort) 2>/dev/null || true; }
-trap pack EXIT
+trap gpu_pack EXIT
 { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; echo "cores: $(nproc)"; python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$LOG"
 
 started=$SECONDS
-if [ ! -f "$DATA/dataset.json" ]; then  # one process per center (cases are independent), then dataset.json
-  synth() { python3 -c "import sys; from centerprompt.data.synthetic import generate_dataset as g; g(sys.argv[1], centers=sys.argv[2].split(',') if sys.argv[2] else None, cases_per_center=int(sys.argv[3]), progress=False)" "$DATA" "$1" "$CASES"; }
-  for c in CHUM CHUP CHUS CHUV HGJ HMR MDA; do synth "$c" & done; wait
-  synth "" >/dev/null 2>&1
-fi
+gpu_synth
 echo "synthetic data: $((SECONDS - started)) s" | tee -a "$LOG"
 # shellcheck disable=SC2086
 timeout "$CAP_S" python3 benchmarks/run.py --part quality --preset "$PRESET" --data "$DATA" --work "$WORK" --out "$OUT" \

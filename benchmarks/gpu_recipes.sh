@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu_recipes.sh            # every recipe, about 6 minutes on one H200
 #
-# MONAI and nibabel wheels in .whl/ where the machine lacks them (see gpu_paper_scale.sh).
+# MONAI and nibabel wheels in .whl/ where the machine lacks them (benchmarks/gpu_common.sh).
 # Rehearsal on a CPU: DEVICE=cpu CASES=3 ONLY=cpu-w1-5-ep18 CAP_S=300 bash benchmarks/gpu_recipes.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +18,8 @@ DATA=${DATA:-/tmp/centerprompt-synth}
 WORK=${WORK:-/tmp/centerprompt-recipes}
 CAP_S=${CAP_S:-420}
 THREADS=${THREADS:-1}
-if ! python3 -c "import monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src:benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_common.sh
+gpu_python_path benchmarks
 [ "${DEVICE:-cuda}" = cpu ] && export CUDA_VISIBLE_DEVICES=""
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT" "$WORK"
@@ -30,11 +27,7 @@ LOG="$OUT/log.txt"
 { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; nproc; python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$LOG"
 
 started=$SECONDS
-if [ ! -f "$DATA/dataset.json" ]; then
-  synth() { python3 -c "import sys; from centerprompt.data.synthetic import generate_dataset as g; g(sys.argv[1], centers=sys.argv[2].split(',') if sys.argv[2] else None, cases_per_center=int(sys.argv[3]), progress=False)" "$DATA" "$1" "$CASES"; }
-  for c in CHUM CHUP CHUS CHUV HGJ HMR MDA; do synth "$c" & done; wait
-  synth "" 2>&1 | tee -a "$LOG"
-fi
+gpu_synth
 echo "synthetic data: $((SECONDS - started)) s" | tee -a "$LOG"
 # The split once, before the processes start, so that none of them races to write it.
 python3 -c "from pathlib import Path; from centerprompt.jobs import load_index; load_index(Path('$DATA'), seed=0)" >/dev/null 2>&1

@@ -46,7 +46,7 @@ def federated_base(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_one_round_one_step_is_fedavg_by_hand(federated_base: dict[str, Any], two_centers: Path) -> None:
     from safetensors.torch import load_file
 
-    from centerprompt.federated.flower import server_model
+    from centerprompt.federated.site import job_model
     from centerprompt.jobs import load_index
 
     train = [r for _, replies in federated_base["seen"] for r in replies if "arrays" in r.content]
@@ -55,7 +55,7 @@ def test_one_round_one_step_is_fedavg_by_hand(federated_base: dict[str, Any], tw
     counts = [float(r.content["metrics"]["num-examples"]) for r in train]
     _, splits = load_index(two_centers, seed=0)
     assert sorted(counts) == sorted(float(len(splits[c]["train"])) for c in ("CHUM", "MDA"))
-    model = server_model(FederatedJob(job="pretrain", **TINY_JOB))
+    model = job_model(FederatedJob(job="pretrain", **TINY_JOB))[0]
     initial = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert set(states[0]) == set(initial)
     saved = load_file(str(federated_base["out"] / "model.safetensors"))
@@ -72,9 +72,9 @@ def test_one_round_one_step_is_fedavg_by_hand(federated_base: dict[str, Any], tw
 
 def test_no_case_id_or_voxel_leaves_a_site(federated_base: dict[str, Any]) -> None:
     """Every reply holds model tensors under the model's own names and scalar metrics, nothing else."""
-    from centerprompt.federated.flower import server_model
+    from centerprompt.federated.site import job_model
 
-    shapes = {n: tuple(p.shape) for n, p in server_model(FederatedJob(job="pretrain", **TINY_JOB)).named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in job_model(FederatedJob(job="pretrain", **TINY_JOB))[0].named_parameters()}
     kinds = set()
     for _, replies in federated_base["seen"]:
         for reply in replies:
@@ -208,18 +208,19 @@ def test_superlink_and_two_supernodes_on_localhost(federated_base: dict[str, Any
 def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None:
     """The server keeps the global tensors after every round; a rerun of the same job starts from
     there (and its metrics keep the finished rounds), a rerun of another job is refused."""
-    from centerprompt.federated.flower import _resume, _trainable, server_model
+    from centerprompt.federated.flower import _resume
+    from centerprompt.federated.site import job_model, trainable_tensors
 
     job = FederatedJob(job="pretrain", preset="tiny", rounds=3)
-    saved = {n: t + 1.0 for n, t in _trainable(server_model(job)).items()}
+    saved = {n: t + 1.0 for n, t in trainable_tensors(job_model(job)[0]).items()}
     torch.save({"round": 2, "job": json.dumps(job.to_config(), sort_keys=True), "tensors": saved},
                tmp_path / "last_round.pt")  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
-    model = server_model(job)
+    model = job_model(job)[0]
     done, rows = _resume(tmp_path, job, model)
     assert done == 2 and [r["round"] for r in rows] == [1, 2]  # round 3 was not checkpointed: it runs again
-    for name, tensor in _trainable(model).items():
+    for name, tensor in trainable_tensors(model).items():
         torch.testing.assert_close(tensor, saved[name])
     with pytest.raises(ValueError, match="another job"):
-        _resume(tmp_path, FederatedJob(job="pretrain", preset="tiny", rounds=4), server_model(job))
-    assert _resume(tmp_path / "fresh", job, server_model(job)) == (0, [])
+        _resume(tmp_path, FederatedJob(job="pretrain", preset="tiny", rounds=4), job_model(job)[0])
+    assert _resume(tmp_path / "fresh", job, job_model(job)[0]) == (0, [])

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,11 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
 
 from centerprompt.artifacts import save_adapter, save_model  # noqa: E402
-from centerprompt.federated.site import FederatedJob, Site, round_lr  # noqa: E402
+from centerprompt.federated.site import FederatedJob, Site, job_model, round_lr, trainable_tensors  # noqa: E402
 from centerprompt.files import write_json  # noqa: E402
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, open_base  # noqa: E402
+from centerprompt.jobs import open_base  # noqa: E402
 from centerprompt.models.prompted_unetr import PromptedUNETR  # noqa: E402
 from centerprompt.presets import get_preset  # noqa: E402
-from centerprompt.strategies import FULL, apply_strategy, get_strategy  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +80,7 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
         config = msg.content["config"]
         state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), float(config["lr"]),
                                           int(config["server-round"]))  # fmt: skip
-        reply = RecordDict({"arrays": ArrayRecord(OrderedDict(state)), "metrics": MetricRecord(metrics)})
+        reply = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
         return Message(content=reply, reply_to=msg)
 
     @app.evaluate()
@@ -136,23 +134,6 @@ def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Pat
                     min_available_nodes=sites, **extra)  # fmt: skip
 
 
-def server_model(job: FederatedJob) -> PromptedUNETR:
-    """The model whose tensors the sites train, built as every site builds it (same seed)."""
-    torch.manual_seed(job.seed)
-    if job.job == "pretrain":
-        model = PromptedUNETR(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **get_preset(job.preset).model)
-        apply_strategy(model, FULL)
-        return model
-    base = open_base(job.base)
-    model = base.build(prompt_mode=get_strategy(job.strategy).prompt_mode, num_prompts=job.prompts)
-    apply_strategy(model, job.strategy)
-    return model
-
-
-def _trainable(model: PromptedUNETR) -> OrderedDict[str, torch.Tensor]:
-    return OrderedDict((n, p.detach().cpu().float().contiguous()) for n, p in model.named_parameters() if p.requires_grad)
-
-
 def _resume(out: Path, job: FederatedJob, model: PromptedUNETR) -> tuple[int, list[dict[str, Any]]]:
     """Rounds already done by an interrupted run of this very job (its last global tensors loaded)."""
     last, metrics = out / "last_round.pt", out / METRICS_FILE
@@ -177,7 +158,7 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names:
                 Path(summary["artifact"]).exists():
             logger.info("reusing the finished federated run %s", out)
             return summary
-    model = server_model(job)
+    model = job_model(job)[0]
     done, rows = _resume(out, job, model)
     if done:
         logger.info("resuming %s after round %d of %d", out, done, job.rounds)
@@ -198,13 +179,13 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names:
 
     remaining = job.rounds - done
     if remaining > 0:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(_trainable(model)), num_rounds=remaining,
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_tensors(model)), num_rounds=remaining,
                                 train_config=ConfigRecord({}), evaluate_fn=checkpoint, timeout=timeout)  # fmt: skip
         if len(result.arrays) == 0:
             raise RuntimeError("no federated round succeeded: every site failed (see the SuperNodes' logs).")
         model.load_state_dict(result.arrays.to_torch_state_dict(), strict=False)
     seconds = time.perf_counter() - started
-    tensors = _trainable(model)
+    tensors = trainable_tensors(model)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     extra = {"federated": {"rounds": job.rounds, "sites": sites, "site_names": list(site_names or []),
                            "strategy": "FedProx" if job.mu > 0 else "FedAvg", "mu": job.mu,

@@ -9,6 +9,7 @@ weights by), and :mod:`centerprompt.federated.flower` packs nothing else into a 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, re
 from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_transforms
 from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, open_base
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import get_preset
+from centerprompt.presets import Preset, get_preset
 from centerprompt.scoring import Scorer
 from centerprompt.evaluate import aggregate
 from centerprompt.strategies import FULL, apply_strategy, get_strategy
@@ -101,6 +102,27 @@ def round_lr(job: FederatedJob, server_round: int) -> float:
     return job.learning_rate() * 0.5 * (1 + np.cos(np.pi * progress))
 
 
+def job_model(job: FederatedJob) -> tuple[PromptedUNETR, PreprocessConfig, Preset]:
+    """The model whose tensors ``job`` trains, frozen as its strategy says and built the same way at
+    every site and on the server (same seed); with its preprocessing and the preset whose loss and
+    batch size it trains with (an adaptation: the base model's, as ``adapt`` does)."""
+    torch.manual_seed(job.seed)
+    if job.job == "pretrain":
+        preset = get_preset(job.preset)
+        model = PromptedUNETR(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **preset.model)
+        apply_strategy(model, FULL)
+        return model, preset.preprocess, preset
+    base: BaseCheckpoint = open_base(job.base)
+    model = base.build(prompt_mode=get_strategy(job.strategy).prompt_mode, num_prompts=job.prompts)
+    apply_strategy(model, job.strategy)
+    return model, base.preprocess, get_preset(base.extra.get("preset", "cpu"))
+
+
+def trainable_tensors(model: PromptedUNETR) -> OrderedDict[str, torch.Tensor]:
+    """What travels in a round: the tensors the job trains, by the model's own names, float32 on the CPU."""
+    return OrderedDict((n, p.detach().cpu().float().contiguous()) for n, p in model.named_parameters() if p.requires_grad)
+
+
 class Site:
     """One hospital's cases (its own folder, or its center's cases in a shared HECKTOR folder) and
     the model it trains. Only this site's images are read; the split of the whole folder (its
@@ -133,31 +155,11 @@ class Site:
         logger.info("site %s: %d training and %d validation cases (%s)", center, len(self.train_cases),
                     len(self.val_cases), job.job)  # fmt: skip
         self.device = default_device()
-        self.model, self.preprocess = self._build()
+        self.model, self.preprocess, preset = job_model(job)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.batch_size, self.class_weights = preset.batch_size, preset.class_weights
         self._train_data = None
         self._scorer: Scorer | None = None
-
-    def _build(self) -> tuple[PromptedUNETR, PreprocessConfig]:
-        job = self.job
-        if job.job == "pretrain":
-            preset = get_preset(job.preset)
-            self.batch_size, self.class_weights = preset.batch_size, preset.class_weights
-            torch.manual_seed(job.seed)
-            model = PromptedUNETR(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **preset.model)
-            self.params = apply_strategy(model, FULL)
-            return model, preset.preprocess
-        base: BaseCheckpoint = open_base(job.base)
-        preset = get_preset(base.extra.get("preset", "cpu"))  # the loss the base was trained with, as `adapt` does
-        self.batch_size, self.class_weights = preset.batch_size, preset.class_weights
-        strategy = get_strategy(job.strategy)
-        torch.manual_seed(job.seed)
-        model = base.build(prompt_mode=strategy.prompt_mode, num_prompts=job.prompts)
-        self.params = apply_strategy(model, job.strategy)
-        return model, base.preprocess
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What this site sends: the tensors the job trains, by the model's own names."""
-        return {n: p.detach().cpu().float().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         own = dict(self.model.named_parameters())
@@ -172,7 +174,7 @@ class Site:
                                      f"this site's model has {tuple(own[name].shape)}.")  # fmt: skip
                 own[name].copy_(tensor)
 
-    def train_round(self, state: Mapping[str, torch.Tensor], lr: float, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def train_round(self, state: Mapping[str, torch.Tensor], lr: float, server_round: int) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
         """Local epochs from ``state``; the trained tensors and {train-loss, num-examples}."""
         self.load(state)
         job = self.job
@@ -205,7 +207,7 @@ class Site:
                 break
         self.model.cpu()
         metrics = {"train-loss": float(np.mean(losses)), "num-examples": float(len(self.train_cases))}
-        return self.trainable_state(), metrics
+        return trainable_tensors(self.model), metrics
 
     def evaluate_round(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Mean aggregated Dice (GTVp, GTVn) of ``state`` on this site's validation cases."""
