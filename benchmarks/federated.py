@@ -1,14 +1,21 @@
-"""Federated against centralised training on the default synthetic data and preset (Flower simulation).
+"""Federated against centralised training on the synthetic data and the default preset (Flower simulation).
 
-Pretraining: the six centers other than MDA as six Flower clients (FedAvg, one local epoch per
-round, the preset's epochs as rounds, the same loss, optimiser and split), against the centralised
-base of ``centerprompt pretrain --exclude-center MDA`` (``--central``, e.g. the demo's); both scored
-on the old centers' test cases. Adaptation: a base pretrained federated without MDA and HGJ
-(five clients), then deep prompts for MDA and HGJ trained together (only prompts exchanged)
-against each center adapting alone (``centerprompt adapt``), scored on each center's test cases.
-Finished runs are reused. Writes ``OUT/federated.json``.
+``--part pretraining``: the six centers other than MDA as six Flower clients (FedAvg weighted by
+case count; ``--local-epochs`` per round, as many rounds as the preset has epochs divided by the
+local epochs, so every setting passes over the data as often as centralised training may), against
+the centralised base of ``centerprompt pretrain --exclude-center MDA`` (``--central``, e.g. the
+demo's); both scored on the old centers' test cases.
 
-    python benchmarks/federated.py --data data/synth --work runs/federated --central runs/demo/full/pretrain
+``--part adaptation``: two new centers, USZ and CHB (profiles in federated/new_centers.yaml, written
+to ``--new-data``, a folder of their own), join the centralised base, which saw neither. For deep
+prompts and deep+head: one adapter trained by the two sites together (Flower; only the trainable
+tensors travel), each center adapting alone (``centerprompt adapt``), and the two centers' cases
+pooled on one machine (``centerprompt adapt --center USZ,CHB``: the centralised result), each scored
+on each center's test cases. Every adaptation uses each center's same 8 shots and validation cases.
+
+Finished runs are reused. Writes the part into ``OUT/federated.json`` (the other part is kept).
+
+    python benchmarks/federated.py --part adaptation --central runs/base6
 """
 
 from __future__ import annotations
@@ -22,18 +29,21 @@ from typing import Any
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.config import AdaptRun
 from centerprompt.data.hecktor import leave_one_center_out
+from centerprompt.data.profiles import load_profiles
+from centerprompt.data.synthetic import generate_dataset
 from centerprompt.evaluate import aggregate
 from centerprompt.experiment import machine_info
 from centerprompt.federated.flower import simulate
 from centerprompt.federated.site import FederatedJob
 from centerprompt.files import write_json
-from centerprompt.jobs import adapt, base_preprocess, load_index
+from centerprompt.jobs import adapt, base_preprocess, load_index, open_base, split_defaults
 from centerprompt.presets import get_preset
 from centerprompt.scoring import Scorer
 
-NEW, PAIR = "MDA", ("MDA", "HGJ")
+HERE = Path(__file__).resolve().parent
+NEW, PAIR, SHOTS = "MDA", ("USZ", "CHB"), 8
+STRATEGIES = ("deep", "deep+head")
 PRESET = get_preset("cpu")
-ROUNDS = PRESET.pretrain_epochs  # one local epoch per round: the centralised run's epoch budget
 
 
 def _dsc(model: Any, cases: list[Any], preprocess: Any) -> dict[str, float]:
@@ -44,69 +54,96 @@ def _rounds(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run(data: Path, work: Path, central: Path, seed: int = 0, adaptation: bool = True) -> dict[str, Any]:
+def pretraining(data: Path, work: Path, central: Path, local_epochs: int, seed: int = 0) -> dict[str, Any]:
+    """Federated pretraining with ``local_epochs`` per round against the centralised base ``central``."""
     cases, splits = load_index(data, seed=seed)
-    centers = sorted(splits)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=seed).old_test]
-
-    # Pretraining: six clients against the centralised base.
-    fed = simulate(FederatedJob(job="pretrain", rounds=ROUNDS, seed=seed), data, [c for c in centers if c != NEW],
-                   work / "pretrain6")
-    pre = {}
-    for name, folder in (("centralised", central), ("federated", work / "pretrain6")):
-        model = build_adapted_model(folder / "model.safetensors")
-        pre[name] = _dsc(model, old_test, base_preprocess(folder / "model.safetensors"))
-    central_summary = json.loads((central / "summary.json").read_text())
-    rounds = _rounds(work / "pretrain6")
-    pretraining = {
-        "sites": fed["site_names"], "rounds": fed["rounds_run"], "federated_seconds": fed["server_seconds"],
-        "centralised_seconds": central_summary["train_seconds"], "centralised_epochs": central_summary["epochs_run"],
-        "centralised_best_epoch": central_summary["best_epoch"], "old_dsc_agg": pre,
-        "bytes_per_site_per_round": rounds[-1]["bytes_per_site"][0], "val_dsc_agg_by_round": [r["val_dsc_agg"] for r in rounds],
+    sites = [c for c in sorted(splits) if c != NEW]
+    out = work / ("pretrain6" if local_epochs == 1 else f"pretrain6_le{local_epochs}")
+    job = FederatedJob(job="pretrain", rounds=PRESET.pretrain_epochs // local_epochs, local_epochs=local_epochs, seed=seed)
+    fed = simulate(job, data, sites, out)
+    model_file = out / "model.safetensors"
+    summary = json.loads((central / "summary.json").read_text())
+    return {
+        "sites": fed["site_names"],
+        "centralised": {"seconds": summary["train_seconds"], "epochs": summary["epochs_run"],
+                        "best_epoch": summary["best_epoch"], "folder": str(central),
+                        "old_dsc_agg": _dsc(build_adapted_model(central / "model.safetensors"), old_test,
+                                            base_preprocess(central / "model.safetensors"))},
+        "federated": {"local_epochs": local_epochs, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
+                      "old_dsc_agg": _dsc(build_adapted_model(model_file), old_test, base_preprocess(model_file)),
+                      "bytes_per_site_per_round": _rounds(out)[-1]["bytes_per_site"][0],
+                      "val_dsc_agg_by_round": [r["val_dsc_agg"] for r in _rounds(out)]},
     }  # fmt: skip
 
-    result = {"date": date.today().isoformat(), "machine": machine_info(), "seed": seed, "data": str(data),
-              "command": f"python benchmarks/federated.py --data {data} --work {work} --central {central}"
-                         + ("" if adaptation else " --no-adaptation"),
-              "pretraining": pretraining, "adaptation": None}  # fmt: skip
-    if not adaptation:
-        return result
 
-    # Adaptation: two new centers on a base that saw neither.
-    simulate(FederatedJob(job="pretrain", rounds=ROUNDS, seed=seed), data, [c for c in centers if c not in PAIR], work / "pretrain5")
-    base = work / "pretrain5" / "model.safetensors"
-    joint_job = FederatedJob(job="adapt", base=str(base.resolve()), strategy="deep", rounds=PRESET.adapt_epochs, seed=seed)
-    joint = simulate(joint_job, data, list(PAIR), work / "adapt_joint")
-    adapters = {"base": None, "joint (federated)": Path(joint["artifact"])}
-    for center in PAIR:
-        alone = adapt(AdaptRun(data_dir=data, center=center, base=base, out=work / f"adapt_{center}", strategy="deep",
-                               seed=seed, resume=True, progress=False))  # fmt: skip
-        adapters[f"{center} alone"] = Path(alone["artifact"])
-    preprocess = base_preprocess(base)
-    scores: dict[str, dict[str, Any]] = {}
-    for name, adapter in adapters.items():
-        model = build_adapted_model(base, adapter)
-        scores[name] = {c: _dsc(model, [cases[i] for i in leave_one_center_out(splits, c, shots=8, seed=seed).new_test],
-                                preprocess) for c in PAIR}  # fmt: skip
-    adapted = {"centers": list(PAIR), "rounds": joint["rounds_run"], "scores": scores,
-               "bytes_per_site_per_round": _rounds(work / "adapt_joint")[-1]["bytes_per_site"][0],
-               "federated_seconds": joint["server_seconds"]}  # fmt: skip
-    return {**result, "adaptation": adapted}
+def new_centers(folder: Path, seed: int = 0) -> Path:
+    """USZ and CHB, 16 cases each, in a folder of their own (kept when already written)."""
+    profiles = load_profiles(HERE / "federated" / "new_centers.yaml")
+    return generate_dataset(folder, centers=list(PAIR), profiles=profiles, seed=seed, progress=False)
+
+
+def adaptation(new_data: Path, work: Path, central: Path, seed: int = 0) -> dict[str, Any]:
+    """Two new centers on ``central``: together over Flower, each alone, and pooled."""
+    base_file = (central / "model.safetensors").resolve()
+    base = open_base(base_file)
+    cases, splits = load_index(new_data, seed=seed, split_defaults=split_defaults(base, None))
+    test = {c: [cases[i] for i in leave_one_center_out(splits, c, shots=SHOTS, seed=seed).new_test] for c in PAIR}
+    preprocess = base_preprocess(base_file)
+    result: dict[str, Any] = {"centers": list(PAIR), "shots": SHOTS, "base": str(central),
+                              "test_cases": {c: len(test[c]) for c in PAIR}, "strategies": {}}  # fmt: skip
+    for strategy in STRATEGIES:
+        tag = strategy.replace("+", "_")
+        job = FederatedJob(job="adapt", base=str(base_file), strategy=strategy, rounds=PRESET.adapt_epochs,
+                           shots=SHOTS, seed=seed)  # fmt: skip
+        joint = simulate(job, new_data, list(PAIR), work / f"joint_{tag}")
+        runs = {"base": (None, 0.0), "joint (federated)": (Path(joint["artifact"]), joint["server_seconds"])}
+        for name, center in [*((f"{c} alone", c) for c in PAIR), ("pooled (centralised)", ",".join(PAIR))]:
+            folder = work / f"{name.split()[0]}_{tag}"
+            done = adapt(AdaptRun(data_dir=new_data, center=center, base=base_file, out=folder, strategy=strategy,
+                                  shots=SHOTS, seed=seed, resume=True, progress=False))  # fmt: skip
+            runs[name] = (Path(done["artifact"]), done["train_seconds"])
+        scores = {}
+        for name, (adapter, _) in runs.items():
+            model = build_adapted_model(base_file, adapter)
+            scores[name] = {c: _dsc(model, test[c], preprocess) for c in PAIR}
+        result["strategies"][strategy] = {
+            "rounds": joint["rounds_run"], "bytes_per_site_per_round": _rounds(work / f"joint_{tag}")[-1]["bytes_per_site"][0],
+            "seconds": {name: seconds for name, (_, seconds) in runs.items()}, "scores": scores,
+        }  # fmt: skip
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("pretraining", "adaptation"), required=True)
     parser.add_argument("--data", type=Path, default=Path("data/synth"))
+    parser.add_argument("--new-data", type=Path, default=Path("data/synth-new"), help="USZ and CHB (written if absent)")
     parser.add_argument("--work", type=Path, default=Path("runs/federated"))
     parser.add_argument("--central", type=Path, default=Path("runs/demo/full/pretrain"),
                         help="run folder of the centralised base without MDA (centerprompt pretrain or the demo's)")
-    parser.add_argument("--no-adaptation", action="store_true", help="the pretraining comparison only")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "federated")
+    parser.add_argument("--local-epochs", type=int, default=1, help="pretraining: local epochs per round")
+    parser.add_argument("--note", default="", help="how the machine was during the run (stored with the part)")
+    parser.add_argument("--out", type=Path, default=HERE / "federated")
     args = parser.parse_args()
-    result = run(args.data, args.work, args.central, adaptation=not args.no_adaptation)
+    command = f"python benchmarks/federated.py --part {args.part} --central {args.central} --work {args.work}"
+    if args.part == "pretraining":
+        part = pretraining(args.data, args.work, args.central, args.local_epochs)
+        command += f" --data {args.data} --local-epochs {args.local_epochs}"
+    else:
+        part = adaptation(new_centers(args.new_data), args.work, args.central)
+        command += f" --new-data {args.new_data}"
+    part.update(date=date.today().isoformat(), machine=machine_info(), seed=0, command=command, note=args.note)
+    path = args.out / "federated.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if args.part == "pretraining":  # one entry per local-epoch setting
+        runs = [r for r in stored.get("pretraining", []) if r["federated"]["local_epochs"] != args.local_epochs]
+        stored["pretraining"] = sorted([*runs, part], key=lambda r: r["federated"]["local_epochs"])
+    else:
+        stored["adaptation"] = part
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(result, args.out / "federated.json")
-    print(json.dumps(result, indent=1))
+    write_json(stored, path)
+    print(json.dumps(part, indent=1))
 
 
 if __name__ == "__main__":

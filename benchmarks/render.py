@@ -246,35 +246,59 @@ def _recipes_section(r: Mapping[str, Any]) -> list[str]:
 
 def _federated_section(f: Mapping[str, Any]) -> list[str]:
     """Federated against centralised pretraining and adaptation (benchmarks/federated.py)."""
-    m, pre, ad = f["machine"], f["pretraining"], f["adaptation"]
-    lines = ["## Several hospitals: federated against centralised (Flower simulation)", "",
-             f"`{f['command']}`, {f['date']} on {m['cpu']} ({m['cores']} cores, {m['device']}), torch {m['torch']}; "
-             f"seed {f['seed']}. {f.get('note', '')}".rstrip(), "",
-             f"Pretraining without MDA: {len(pre['sites'])} Flower clients ({', '.join(pre['sites'])}), FedAvg weighted by "
-             f"case count, one local epoch per round, {pre['rounds']} rounds; centralised: the same preset, "
-             f"{pre['centralised_epochs']} epochs (best {pre['centralised_best_epoch']}). Old-center test cases, "
-             "original CT grid.", "",
-             "| pretraining | old GTVp | old GTVn | old DSCagg | wall time (s) | bytes per site per round |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name, seconds, sent in (("centralised", pre["centralised_seconds"], None),
-                                ("federated", pre["federated_seconds"], pre["bytes_per_site_per_round"])):  # fmt: skip
-        d = pre["old_dsc_agg"][name]
-        lines.append(f"| {name} | {d['gtvp']:.3f} | {d['gtvn']:.3f} | {d['mean']:.3f} | {seconds:.0f} | "
-                     f"{'–' if sent is None else f'{sent / 1e6:.1f} MB'} |")  # fmt: skip
+    lines = ["## Several hospitals: federated against centralised (Flower simulation)", ""]
+    runs = f.get("pretraining", [])
+    if runs:
+        first = runs[0]
+        lines += [f"Pretraining without MDA: {len(first['sites'])} Flower clients ({', '.join(first['sites'])}), FedAvg "
+                  "weighted by case count, as many data passes as centralised training's epoch budget; centralised: "
+                  f"the same preset, {first['centralised']['epochs']} epochs (best {first['centralised']['best_epoch']}). "
+                  "Old-center test cases, original CT grid.", ""]  # fmt: skip
+        lines += [f"- {_run_line(r)}" for r in runs] + [""]
+        lines += ["| pretraining | rounds × local epochs | old GTVp | old GTVn | old DSCagg | wall time (s) | bytes per site per round |",
+                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        c = first["centralised"]["old_dsc_agg"]
+        lines.append(f"| centralised | – | {c['gtvp']:.3f} | {c['gtvn']:.3f} | {c['mean']:.3f} | "
+                     f"{first['centralised']['seconds']:.0f} | – |")  # fmt: skip
+        for r in runs:
+            fed, d = r["federated"], r["federated"]["old_dsc_agg"]
+            lines.append(f"| federated (FedAvg) | {fed['rounds']} × {fed['local_epochs']} | {d['gtvp']:.3f} | {d['gtvn']:.3f} | "
+                         f"{d['mean']:.3f} | {fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip
+        lines.append("")
+    ad = f.get("adaptation")
     if ad is None:
-        return lines + ["", "Adaptation of two new centers, federated against alone: not measured yet (it needs a base "
-                        "pretrained without both centers, and federated pretraining at this budget is not yet one).", ""]
+        return lines + ["Adaptation of two new centers, federated against alone and pooled: not measured yet.", ""]
     centers = ad["centers"]
-    lines += ["", f"Adaptation of two new centers ({' and '.join(centers)}) with deep prompts (P=10, 8 shots each) on a "
-              f"base pretrained federated without both: trained together ({ad['rounds']} rounds, "
-              f"{ad['bytes_per_site_per_round'] / 1e3:.1f} kB per site per round, {ad['federated_seconds']:.0f} s) "
-              "or each alone (`centerprompt adapt`, 20 epochs); new-center DSCagg (mean of GTVp and GTVn) on each "
-              "center's test cases.", "",
-              "| prompts | " + " | ".join(centers) + " | mean |", "|---|" + "---:|" * (len(centers) + 1)]  # fmt: skip
-    for name, by_center in ad["scores"].items():
-        values = [by_center[c]["mean"] for c in centers]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {sum(values) / len(values):.3f} |")
-    return lines + [""]
+    lines += [f"Adaptation of two new centers ({' and '.join(centers)}, a folder of their own; profiles in "
+              "[federated/new_centers.yaml](federated/new_centers.yaml)) on the centralised base, which saw neither; "
+              f"{ad['shots']} shots and the same validation cases per center in every row; DSCagg (mean of GTVp and "
+              f"GTVn) on each center's test cases ({', '.join(f'{c}: {n}' for c, n in ad['test_cases'].items())}). "
+              "*joint (federated)*: both sites over Flower (FedAvg, one local epoch a round, the adaptation's "
+              "epoch budget as rounds, the last round's tensors); *alone*: `centerprompt adapt` per center (best "
+              "validation epoch, early stopping), scored on both centers; *each alone, own adapter*: each center "
+              "with its own; *pooled (centralised)*: `centerprompt adapt --center " + ",".join(centers) + "`, both "
+              "centers' cases on one machine. Time: training seconds (federated: the server's wall time, the two "
+              "sites in parallel).", "", f"- {_run_line(ad)}", ""]  # fmt: skip
+    for strategy, s in ad["strategies"].items():
+        lines += [f"**{strategy}** ({s['rounds']} rounds, {s['bytes_per_site_per_round'] / 1e3:.1f} kB per site per round):", "",
+                  "| adapter | " + " | ".join(f"{c} DSCagg (GTVp / GTVn)" for c in centers) + " | mean | time (s) |",
+                  "|---|" + "---:|" * (len(centers) + 2)]  # fmt: skip
+        own = {c: s["scores"][f"{c} alone"][c] for c in centers}
+        rows = [*s["scores"].items(), ("each alone, own adapter", own)]
+        seconds = {**s["seconds"], "each alone, own adapter": sum(s["seconds"][f"{c} alone"] for c in centers)}
+        for name, by_center in rows:
+            values = [by_center[c]["mean"] for c in centers]
+            cells = [f"{d['mean']:.3f} ({d['gtvp']:.3f} / {d['gtvn']:.3f})" for d in (by_center[c] for c in centers)]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(values) / len(values):.3f} | {seconds[name]:.0f} |")
+        lines.append("")
+    return lines
+
+
+def _run_line(r: Mapping[str, Any]) -> str:
+    """Date, machine, command and note of one measured part."""
+    m = r["machine"]
+    return (f"{r['date']} on {m['cpu']} ({m['cores']} cores, {m['device']}), torch {m['torch']}, seed {r['seed']}: "
+            f"`{r['command']}`" + (f". {r['note']}" if r.get("note") else ""))
 
 
 def _provenance_lines(results: Mapping[str, Any], parts: Sequence[str]) -> list[str]:

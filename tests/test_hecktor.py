@@ -12,6 +12,7 @@ from conftest import write_case
 
 from centerprompt.data.hecktor import (
     DataError,
+    Splits,
     find_cases,
     leave_one_center_out,
     make_splits,
@@ -145,6 +146,18 @@ def test_split_file_written_once_and_reused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"splits\.json lists 1 case.*HMR-000.*--skip-bad-cases") as err:
         resolve_splits(data, [c for c in cases if c.case_id != "HMR-000"])
     assert "delete" not in str(err.value)
+
+
+def test_a_recorded_split_is_kept_for_its_centers_and_made_for_new_ones(tmp_path: Path) -> None:
+    cases, data = _many_cases(tmp_path), tmp_path / "many"
+    recorded = make_splits([c for c in cases if c.center in ("CHUM", "HMR", "MDA")], seed=7)  # a base's, without CHUV
+    recorded = Splits({**recorded, "CHUP": {"train": ["CHUP-000"], "val": [], "test": []}}, source="base", seed=7)
+    got = resolve_splits(data, cases, defaults=[recorded], seed=0)
+    assert {c: got[c] for c in ("CHUM", "HMR", "MDA")} == {c: recorded[c] for c in ("CHUM", "HMR", "MDA")}
+    assert got["CHUV"] == make_splits(cases, seed=0)["CHUV"]  # the new site: as a split of the folder gives it
+    assert "CHUP" not in got and "CHUP" in got.assignment  # listed, absent from this folder: left out, still recorded
+    with pytest.raises(DataError, match=r"lists 1 case.*MDA-000"):  # a center present in part is still an error
+        resolve_splits(data, [c for c in cases if c.case_id != "MDA-000"], defaults=[recorded], seed=0)
 
 
 def test_leave_one_center_out_disjoint(tmp_path: Path) -> None:

@@ -164,3 +164,27 @@ def test_a_splits_file_is_honoured_and_shared(data: tuple[Path, dict], base: Pat
     assert main(["evaluate", "--data", str(root), "--base", str(base), "--centers", NEW, "--splits", str(fresh),
                  "--score-at", "preprocessed", "--out", str(out)]) == 0  # fmt: skip
     assert _split(fresh) == _split(base.parent / "splits.json")
+
+
+def test_a_new_sites_own_folder_is_adapted_to_with_the_bases_split(data: tuple[Path, dict], base: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Two new hospitals' folder (no case of the base's centers), no --splits: the base's recorded split
+    lists neither, so each gets a split of its own cases; one adapter is trained on both pooled."""
+    hospital = tmp_path / "hospital"
+    for part in ("imagesTr", "labelsTr"):
+        (hospital / part).mkdir(parents=True)
+        for path in sorted((data[0] / part).glob(f"{NEW}-*")):
+            for site in (NEW, "SITE2"):
+                shutil.copy(path, hospital / part / path.name.replace(NEW, site))
+    run = tmp_path / "adapt"
+    # Before: "the split in <base> lists 6 case(s) that are not usable labelled cases" (exit 2).
+    assert main(["adapt", "--data", str(hospital), "--center", f"{NEW},SITE2", "--base", str(base), "--strategy", "deep",
+                 "--prompts", "2", "--shots", "1", *TINY[2:], "--out", str(run)]) == 0  # fmt: skip
+    own = make_splits(find_cases(hospital), seed=0)
+    kept = _split(run / "splits.json")
+    assert {c: kept[c] for c in (NEW, "SITE2")} == own  # what a split of the folder alone gives
+    assert {c: kept[c] for c in ("CHUM", "MDA")} == {c: _split(base.parent / "splits.json")[c] for c in ("CHUM", "MDA")}
+    config = json.loads((run / "config.json").read_text())
+    assert sorted(i.split("-")[0] for i in config["adapt_train"]) == [NEW, "SITE2"]  # one shot of each, pooled
+    assert not set(config["adapt_train"] + config["adapt_val"]) & set(own[NEW]["test"] + own["SITE2"]["test"])
+    assert not any("another split" in r.getMessage() for r in caplog.records)

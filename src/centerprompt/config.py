@@ -128,6 +128,8 @@ class PretrainRun(_Training):
 @dataclass(frozen=True, kw_only=True)
 class AdaptRun(_Training, _OwnBase):
     """Adapt the frozen base model to ``center`` with ``shots`` labelled cases and one strategy.
+    ``center`` may name several centers (``USZ,CHB``): one adapter trained on their cases pooled,
+    ``shots`` of each (what ``centerprompt federated adapt`` trains without pooling the scans).
 
     ``base``: any source :func:`centerprompt.checkpoints.resolve_base` reads (centerprompt
     checkpoint, MONAI state dict or checkpoint, bundle folder), with ``model_config`` and
@@ -152,6 +154,8 @@ class AdaptRun(_Training, _OwnBase):
         object.__setattr__(self, "options", strategy.resolve_options(self.options))
         _positive("--prompts", self.num_prompts)
         _positive("--shots", self.shots)
+        if not all(self.centers) or len(set(self.centers)) != len(self.centers):
+            raise ValueError(f"--center: a center, or several separated by commas, each once; got {self.center!r}.")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}.")
         if self.optimizer not in OPTIMIZER_NAMES:
@@ -162,6 +166,11 @@ class AdaptRun(_Training, _OwnBase):
     def base_spec(self) -> BaseSpec:
         """The base model with what the user said about it."""
         return self._spec_for(self.base)
+
+    @property
+    def centers(self) -> list[str]:
+        """The centers whose cases train the adapter (one, or several pooled)."""
+        return [c.strip() for c in self.center.split(",")]
 
     def provenance(self) -> dict[str, Any]:
         # The base file's bytes identify it (its hash is added by the job), not its path; a strategy

@@ -33,6 +33,7 @@ from centerprompt.data.hecktor import (
     leave_one_center_out,
     read_splits,
     resolve_splits,
+    split_hash,
     splits_from_json,
     write_splits,
 )
@@ -120,9 +121,12 @@ def split_defaults(base: BaseCheckpoint | None, run_dir: Path | None) -> list[Pa
 
 def check_base_split(base: BaseCheckpoint, splits: Splits) -> None:
     """Warn when a split is not the one ``base`` was pretrained with: its test cases may be some of
-    the base's training cases."""
+    the base's training cases. Only the centers both list count (a new site's split is its own)."""
     own = base_splits(base)
-    if own is not None and own.sha256 != splits.sha256:
+    if own is None:
+        return
+    common = set(own.assignment) & set(splits.assignment)
+    if split_hash({c: own.assignment[c] for c in common}) != split_hash({c: splits.assignment[c] for c in common}):
         logger.warning("%s was pretrained with another split than the one in %s: its pretraining cases may be among "
                        "this command's test cases; give --splits with the split its run folder kept (splits.json)",
                        base.path, splits.source)  # fmt: skip
@@ -327,13 +331,20 @@ def adapt_config(run: AdaptRun, splits: Splits, base: BaseCheckpoint | None = No
     base = open_base(base or run.base_spec)
     preset = get_preset(base.extra.get("preset", "cpu"))
     strategy = get_strategy(run.strategy)
-    loco = leave_one_center_out(splits, run.center, shots=run.shots, seed=run.seed)
+    adapt_train, adapt_val = adaptation_case_ids(splits, run.centers, shots=run.shots, seed=run.seed)
     cfg = TrainConfig(epochs=run.epochs or preset.adapt_epochs, lr=run.lr or strategy.lr,
                       batch_size=run.batch_size or preset.batch_size, patience=run.patience, seed=run.seed,
                       weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
                       optimizer=run.optimizer, class_weights=preset.class_weights)  # fmt: skip
     return {"job": "adapt", **run.provenance(), **base_provenance(base), "train": cfg.__dict__,
-            "splits_sha256": splits.sha256, "adapt_train": loco.adapt_train, "adapt_val": loco.adapt_val}  # fmt: skip
+            "splits_sha256": splits.sha256, "adapt_train": adapt_train, "adapt_val": adapt_val}  # fmt: skip
+
+
+def adaptation_case_ids(splits: Splits, centers: Sequence[str], *, shots: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) case IDs of an adaptation: each center's ``shots`` cases and validation
+    cases as :func:`leave_one_center_out` picks them (so they never overlap its test cases), pooled."""
+    parts = [leave_one_center_out(splits, c, shots=shots, seed=seed) for c in centers]
+    return sorted(i for p in parts for i in p.adapt_train), sorted(i for p in parts for i in p.adapt_val)
 
 
 def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | None = None) -> dict[str, Any]:
@@ -357,8 +368,8 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
         if finished is not None:
             return finished
         keep_splits(splits, run_dir)
-        if run.center in base.extra.get("train_centers", []):
-            logger.warning("center %s was part of the base model's pretraining data", run.center)
+        for center in set(run.centers) & set(base.extra.get("train_centers", [])):
+            logger.warning("center %s was part of the base model's pretraining data", center)
         preprocess = base.preprocess
         torch.manual_seed(run.seed)
         model = base.build(prompt_mode=strategy.prompt_mode, num_prompts=run.num_prompts,
@@ -376,7 +387,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
                          resume=run.resume, progress=run.progress)  # fmt: skip
             summary.update(result.__dict__)
             if rank() == 0:
-                extra = {"center": run.center, "shots": run.shots, "base": str(run.base),
+                extra = {"center": "+".join(run.centers), "shots": run.shots, "base": str(run.base),
                          "preprocess": preprocess.to_dict(), "splits_sha256": splits.sha256}  # fmt: skip
                 artifact = save_adapter(model, run_dir / "adapter.safetensors", run.strategy, run.options, extra=extra)
                 summary.update(artifact=str(artifact), artifact_bytes=artifact.stat().st_size)

@@ -288,7 +288,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("adapt", help="adapt the frozen base model to a new center with one strategy")
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--center", required=True, help="the new center")
+    p.add_argument("--center", required=True,
+                   help="the new center; or several, comma-separated (USZ,CHB): one adapter on their cases pooled")
     base_arguments(p)
     p.add_argument("--strategy", default=registry.DEFAULT_STRATEGY, choices=registry.strategy_names())
     p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P)")

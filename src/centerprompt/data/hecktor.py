@@ -285,10 +285,12 @@ def resolve_splits(
     ``defaults`` (a split file that exists, or a split already read, e.g. the one a base model was
     pretrained with), or :func:`make_splits` of the labelled ``cases`` with ``seed``.
 
+    A labelled center the chosen split does not list (a new site) gets a split made with ``seed``;
+    listed centers with no case in ``DIR`` (another site's folder) are left out.
     A ``path`` that does not exist yet is written with the split chosen, so the runs given it share
-    one split; nothing else is written, and never ``DIR``. Listed cases that are not usable
-    labelled ``cases`` (failed their checks, removed) are an error naming them, or with
-    ``skip_bad_cases`` left out with a WARNING while every other case keeps its split.
+    one split; nothing else is written, and never ``DIR``. Listed cases of the centers present that
+    are not usable labelled ``cases`` (failed their checks, removed) are an error naming them, or
+    with ``skip_bad_cases`` left out with a WARNING while every other case keeps its split.
     """
     cases = list(cases)
     chosen = None
@@ -303,10 +305,14 @@ def resolve_splits(
         chosen = make_splits(cases, seed=seed)
     if chosen.seed is not None and chosen.seed != seed:
         logger.info("using the split in %s (made with seed %s)", chosen.source, chosen.seed)
+    chosen = _with_new_centers(chosen, cases, seed)
     if path is not None and not Path(path).exists():
         write_splits(chosen, path)
     usable = {c.case_id for c in cases if c.labelled}
-    listed = {i for parts in chosen.assignment.values() for ids in parts.values() for i in ids}
+    present = {c.center for c in cases}
+    if absent := sorted(set(chosen.assignment) - present):
+        logger.info("the split in %s also lists %s, which %s holds no case of", chosen.source, ", ".join(absent), data_dir)
+    listed = {i for c, parts in chosen.assignment.items() if c in present for ids in parts.values() for i in ids}
     if missing := sorted(listed - usable):
         if not skip_bad_cases:
             raise DataError(
@@ -318,8 +324,23 @@ def resolve_splits(
                        len(missing), chosen.source, ", ".join(missing))  # fmt: skip
     if unlisted := usable - listed:
         logger.warning("%d labelled case(s) are not in the split in %s and are unused", len(unlisted), chosen.source)
-    kept = {c: {k: [i for i in ids if i in usable] for k, ids in parts.items()} for c, parts in chosen.assignment.items()}
+    kept = {c: {k: [i for i in ids if i in usable] for k, ids in parts.items()}
+            for c, parts in chosen.assignment.items() if c in present}  # fmt: skip
     return Splits(kept, source=chosen.source, seed=chosen.seed, assignment=chosen.assignment, skipped=missing)
+
+
+def _with_new_centers(chosen: Splits, cases: Sequence[Case], seed: int) -> Splits:
+    """``chosen`` plus a split made with ``seed`` for each labelled center it does not list (a new
+    site, e.g. a new center's folder adapted with a base model whose recorded split predates it).
+    Splits are made per center, so that center's part is what a split of its own folder would be."""
+    new = sorted({c.center for c in cases if c.labelled} - set(chosen.assignment))
+    if not new:
+        return chosen
+    made = make_splits([c for c in cases if c.center in new], seed=seed)
+    logger.info("%s %s not in the split in %s: split with seed %d", ", ".join(new), "is" if len(new) == 1 else "are",
+                chosen.source, seed)  # fmt: skip
+    return Splits({**chosen.assignment, **made}, source=f"{chosen.source}, and for {', '.join(new)} made with seed {seed}",
+                  seed=seed if chosen.seed == seed else None)  # fmt: skip
 
 
 @dataclass(frozen=True)
