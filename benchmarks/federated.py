@@ -1,8 +1,8 @@
 """Federated against centralised training on the synthetic data and the default preset (Flower simulation).
 
 ``--part pretraining``: the six centers other than MDA as six Flower clients (FedAvg weighted by
-case count; ``--local-epochs`` per round, as many rounds as the preset has epochs divided by the
-local epochs, so every setting passes over the data as often as centralised training may), against
+case count; ``--local-epochs`` per round, by default as many rounds as the preset has epochs divided
+by the local epochs, so that it passes over the data as often as centralised training may), against
 the centralised base of ``centerprompt pretrain --exclude-center MDA`` (``--central``, e.g. the
 demo's); both scored on the old centers' test cases.
 
@@ -54,13 +54,13 @@ def _rounds(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def pretraining(data: Path, work: Path, central: Path, local_epochs: int, seed: int = 0) -> dict[str, Any]:
-    """Federated pretraining with ``local_epochs`` per round against the centralised base ``central``."""
+def pretraining(data: Path, work: Path, central: Path, local_epochs: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    """Federated pretraining, ``rounds`` of ``local_epochs``, against the centralised base ``central``."""
     cases, splits = load_index(data, seed=seed)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=seed).old_test]
     sites = [c for c in sorted(splits) if c != NEW]
-    out = work / ("pretrain6" if local_epochs == 1 else f"pretrain6_le{local_epochs}")
-    job = FederatedJob(job="pretrain", rounds=PRESET.pretrain_epochs // local_epochs, local_epochs=local_epochs, seed=seed)
+    out = work / ("pretrain6" if local_epochs == 1 else f"pretrain6_{rounds}x{local_epochs}")
+    job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=local_epochs, seed=seed)
     fed = simulate(job, data, sites, out)
     model_file = out / "model.safetensors"
     summary = json.loads((central / "summary.json").read_text())
@@ -114,6 +114,10 @@ def adaptation(new_data: Path, work: Path, central: Path, seed: int = 0) -> dict
     return result
 
 
+def _setting(entry: dict[str, Any]) -> tuple[int, int]:
+    return entry["federated"]["local_epochs"], entry["federated"]["rounds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("pretraining", "adaptation"), required=True)
@@ -123,22 +127,24 @@ def main() -> None:
     parser.add_argument("--central", type=Path, default=Path("runs/demo/full/pretrain"),
                         help="run folder of the centralised base without MDA (centerprompt pretrain or the demo's)")
     parser.add_argument("--local-epochs", type=int, default=1, help="pretraining: local epochs per round")
+    parser.add_argument("--rounds", type=int, help="pretraining: rounds (default: the preset's epochs / local epochs)")
     parser.add_argument("--note", default="", help="how the machine was during the run (stored with the part)")
     parser.add_argument("--out", type=Path, default=HERE / "federated")
     args = parser.parse_args()
     command = f"python benchmarks/federated.py --part {args.part} --central {args.central} --work {args.work}"
     if args.part == "pretraining":
-        part = pretraining(args.data, args.work, args.central, args.local_epochs)
-        command += f" --data {args.data} --local-epochs {args.local_epochs}"
+        rounds = args.rounds or PRESET.pretrain_epochs // args.local_epochs
+        part = pretraining(args.data, args.work, args.central, args.local_epochs, rounds)
+        command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
     else:
         part = adaptation(new_centers(args.new_data), args.work, args.central)
         command += f" --new-data {args.new_data}"
     part.update(date=date.today().isoformat(), machine=machine_info(), seed=0, command=command, note=args.note)
     path = args.out / "federated.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    if args.part == "pretraining":  # one entry per local-epoch setting
-        runs = [r for r in stored.get("pretraining", []) if r["federated"]["local_epochs"] != args.local_epochs]
-        stored["pretraining"] = sorted([*runs, part], key=lambda r: r["federated"]["local_epochs"])
+    if args.part == "pretraining":  # one entry per (local epochs, rounds)
+        runs = [r for r in stored.get("pretraining", []) if _setting(r) != _setting(part)]
+        stored["pretraining"] = sorted([*runs, part], key=_setting)
     else:
         stored["adaptation"] = part
     args.out.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,9 @@ def test_a_splits_file_is_honoured_and_shared(data: tuple[Path, dict], base: Pat
 
 def test_a_new_sites_own_folder_is_adapted_to_with_the_bases_split(data: tuple[Path, dict], base: Path, tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    """Two new hospitals' folder (no case of the base's centers), no --splits: the base's recorded split
-    lists neither, so each gets a split of its own cases; one adapter is trained on both pooled."""
+    """Two new hospitals' folder, no --splits: the base's recorded split lists CHUM and MDA, absent here
+    (left out, not missing cases), and SITE1 but not SITE2, which gets a split of its own; one adapter
+    is trained on both sites' cases pooled."""
     hospital = tmp_path / "hospital"
     for part in ("imagesTr", "labelsTr"):
         (hospital / part).mkdir(parents=True)

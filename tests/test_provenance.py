@@ -109,3 +109,11 @@ def test_zero_budgets_are_refused_not_replaced_by_defaults(data: Path, tmp_path:
         assert f"{flag} must be at least 1" in capsys.readouterr().err
     assert main(["experiment", *common, "--new-center", "MDA", "--shots", "0"]) == 2
     assert "--shots must be at least 1" in capsys.readouterr().err
+
+
+def test_pooled_centers_are_named_each_once(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", str(data), "--out", str(tmp_path / "r"), "--base", str(tmp_path / "missing.safetensors")]
+    for bad in ("MDA,,CHUM", "MDA,MDA", ","):
+        assert main(["adapt", *common, "--center", bad]) == 2
+        assert "--center: a center, or several separated by commas, each once" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

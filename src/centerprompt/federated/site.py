@@ -24,7 +24,7 @@ from centerprompt.checkpoints import BaseCheckpoint
 from centerprompt.data.checks import validate_cases
 from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, resolve_splits
 from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_transforms
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, open_base
+from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, base_splits, open_base
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import Preset, get_preset
 from centerprompt.scoring import Scorer
@@ -126,8 +126,9 @@ def trainable_tensors(model: PromptedUNETR) -> OrderedDict[str, torch.Tensor]:
 class Site:
     """One hospital's cases (its own folder, or its center's cases in a shared HECKTOR folder) and
     the model it trains. Only this site's images are read; the split of the whole folder (its
-    ``splits.json``, or made with the seed from the file names) decides which are training cases,
-    so a simulated federation trains on the cases centralised pretraining would."""
+    ``splits.json``; for an adaptation the split the base was pretrained with; else made with the
+    seed from the file names, per center) decides which are training cases, so a simulated
+    federation trains on the cases centralised pretraining or ``adapt`` would."""
 
     def __init__(self, data_dir: str | Path, job: FederatedJob, center: str | None = None) -> None:
         self.data_dir, self.job = Path(data_dir), job
@@ -141,7 +142,9 @@ class Site:
             raise ValueError(f"{self.data_dir} holds no case of center {center!r} (it has {', '.join(centers)}).")
         self.center = center
         own = validate_cases([c for c in index if c.center == center])
-        splits = resolve_splits(self.data_dir, index, seed=job.seed)
+        # An adaptation tests on what the base never trained on: the base's recorded split comes first.
+        defaults = [base_splits(open_base(job.base))] if job.job == "adapt" else []
+        splits = resolve_splits(self.data_dir, index, seed=job.seed, defaults=defaults)
         by_id = {c.case_id: c for c in own}
         if job.job == "pretrain":
             train_ids, val_ids = splits[center]["train"], splits[center]["val"]
