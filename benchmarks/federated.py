@@ -59,7 +59,8 @@ def pretraining(data: Path, work: Path, central: Path, local_epochs: int, rounds
     cases, splits = load_index(data, seed=seed)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=seed).old_test]
     sites = [c for c in sorted(splits) if c != NEW]
-    out = work / ("pretrain6" if local_epochs == 1 else f"pretrain6_{rounds}x{local_epochs}")
+    default = (rounds, local_epochs) == (PRESET.pretrain_epochs, 1)  # the first measured setting's folder
+    out = work / ("pretrain6" if default else f"pretrain6_{rounds}x{local_epochs}")
     job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=local_epochs, seed=seed)
     fed = simulate(job, data, sites, out)
     model_file = out / "model.safetensors"
