@@ -253,7 +253,7 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
         lines += [f"Pretraining without MDA: {len(first['sites'])} Flower clients ({', '.join(first['sites'])}), FedAvg "
                   "weighted by case count; rounds × local epochs is the number of passes over each site's data "
                   f"(centralised: the same preset, {first['centralised']['epochs']} epochs, best "
-                  f"{first['centralised']['best_epoch']}, of a 40-epoch budget). Old-center test cases, original CT grid.",
+                  f"{first['centralised']['best_epoch']}, of the preset's epoch budget). Old-center test cases, original CT grid.",
                   ""]  # fmt: skip
         lines += [f"- {_run_line(r)}" for r in runs] + [""]
         lines += ["| pretraining | rounds × local epochs | old GTVp | old GTVn | old DSCagg | wall time (s) | bytes per site per round |",

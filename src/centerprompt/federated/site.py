@@ -22,9 +22,9 @@ from monai.data import DataLoader  # list_data_collate: several crops of a case 
 
 from centerprompt.checkpoints import BaseCheckpoint
 from centerprompt.data.checks import validate_cases
-from centerprompt.data.hecktor import Case, find_cases, leave_one_center_out, resolve_splits
+from centerprompt.data.hecktor import Case, find_cases, resolve_splits
 from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_transforms
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, base_splits, open_base
+from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, adaptation_case_ids, base_splits, open_base
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import Preset, get_preset
 from centerprompt.scoring import Scorer
@@ -149,8 +149,7 @@ class Site:
         if job.job == "pretrain":
             train_ids, val_ids = splits[center]["train"], splits[center]["val"]
         else:
-            loco = leave_one_center_out(splits, center, shots=job.shots, seed=job.seed)
-            train_ids, val_ids = loco.adapt_train, loco.adapt_val
+            train_ids, val_ids = adaptation_case_ids(splits, [center], shots=job.shots, seed=job.seed)
         self.train_cases: list[Case] = [by_id[i] for i in train_ids if i in by_id]
         self.val_cases: list[Case] = [by_id[i] for i in val_ids if i in by_id]
         if not self.train_cases:
