@@ -179,10 +179,11 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_cli_synth_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from centerprompt.cli import main
 
-    assert main(["synth", "--out", str(tmp_path), "--cases-per-center", "1", "--centers", "CHUM,MDA"]) == 0
-    assert len(list((tmp_path / "labelsTr").glob("*.nii.gz"))) == 2
+    out = tmp_path / "data"
+    assert main(["synth", "--out", str(out), "--cases-per-center", "1", "--centers", "CHUM,MDA"]) == 0
+    assert len(list((out / "labelsTr").glob("*.nii.gz"))) == 2
     assert "2 cases" in capsys.readouterr().out
     profile_file = tmp_path / "p.yaml"
     profile_file.write_text("NEW:\n  base: CHUM\n  bogus: 1\n")
-    assert main(["synth", "--out", str(tmp_path), "--centers", "NEW", "--profiles", str(profile_file)]) == 2
+    assert main(["synth", "--out", str(out), "--centers", "NEW", "--profiles", str(profile_file)]) == 2
     assert "bogus" in capsys.readouterr().err

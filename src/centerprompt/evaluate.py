@@ -26,6 +26,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 from centerprompt.data.labels import CLASSES, LABEL_VALUES, NUM_LABELS
+from centerprompt.models.cpu_conv import onednn_conv3d
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def sliding_window_predict(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), onednn_conv3d():  # a window is one volume: keep 3D convolutions on oneDNN
             logits = sliding_window_inference(
                 image, roi, sw_batch_size, model, overlap=overlap, mode="constant", **model_kwargs
             )
@@ -109,6 +110,8 @@ def case_metrics(
     pred: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    distances: bool = True,
 ) -> dict[str, dict[str, float | int]]:
     """Per-class scores of one case, keyed by class name ("gtvp", "gtvn").
 
@@ -125,6 +128,8 @@ def case_metrics(
         pred: predicted label map (D, H, W), torch or numpy, values in 0..2.
         label: ground-truth label map of the same shape.
         spacing: voxel size in mm along (D, H, W), for HD95. Default (1, 1, 1).
+        distances: compute HD95 (the costly part); False leaves it NaN, for validation that needs
+            only the overlaps. Default True.
     """
     p, g = _as_label_map(pred, "pred"), _as_label_map(label, "label")
     if p.shape != g.shape:
@@ -140,7 +145,7 @@ def case_metrics(
         pc, gc = p1h[:, c : c + 1], g1h[:, c : c + 1]
         n_pred, n_label = int(pc.sum()), int(gc.sum())
         hd95 = math.nan
-        if n_pred and n_label:
+        if n_pred and n_label and distances:
             with warnings.catch_warnings():  # MONAI 1.6 calls its own deprecated argument internally
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
                 box = _bounding_box(pc[0, 0] + gc[0, 0])  # the distance maps are the costly part: crop first

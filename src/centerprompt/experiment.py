@@ -13,6 +13,9 @@ import logging
 import os
 import platform
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
+from centerprompt.files import write_json
 from centerprompt.config import ExperimentRun, file_sha256
 from centerprompt.jobs import adapt, check_base_split, keep_splits, load_index, open_base, pretrain, split_defaults
 from centerprompt.reliance import transformer_reliance
@@ -52,6 +56,35 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "monai": monai.__version__}  # fmt: skip
 
 
+class PhaseClock:
+    """Wall time of each phase of an experiment, in order, with what the run folders recorded of it
+    (caching, training steps, validation, data waiting, checkpoints) for a stage trained now."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[dict[str, Any]]:
+        row: dict[str, Any] = {"phase": phase, "seconds": 0.0, "detail": {}}
+        started = time.perf_counter()
+        try:
+            yield row
+        finally:
+            row["seconds"] = time.perf_counter() - started
+            self.rows.append(row)
+
+    @staticmethod
+    def trained(row: dict[str, Any], summary: dict[str, Any]) -> None:
+        """After a training stage's phase: its own record (caching, steps, validation, data waiting,
+        checkpoints) in the row, or that it was reused (a finished run folder: no training now)."""
+        if summary.get("train_seconds", 0.0) > row["seconds"]:
+            row["detail"] = {"reused": True}
+            return
+        parts = {"caching": summary.get("cache_seconds"),
+                 **{k.removesuffix("_s"): v for k, v in (summary.get("phase_seconds") or {}).items()}}  # fmt: skip
+        row["detail"] = {k: round(v, 1) for k, v in parts.items() if v is not None}
+
+
 def _summaries(results: list[dict[str, Any]]) -> dict[str, Any]:
     agg = aggregate(results)
     return {**agg["overall"], "per_center": agg["per_center"], "per_case": results}
@@ -71,6 +104,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     disagree on which cases are test cases.
     """
     out, new_center = Path(run.out), run.new_center
+    clock = PhaseClock()
     spec = run.base_spec
     given = open_base(spec) if spec is not None else None  # read once for every stage: assumptions logged once
     cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=out,
@@ -81,7 +115,9 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
 
     if given is None:
         pre = run.pretrain_run()
-        summary = pretrain(pre, on_change=run.on_change)
+        with clock("pretraining") as row:
+            summary = pretrain(pre, on_change=run.on_change)
+        clock.trained(row, summary)
         stages["pretrain"] = {"dir": str(pre.out), "config_hash": summary["config_hash"]}
         ckpt = open_base(Path(pre.out) / "model.safetensors")
     else:
@@ -92,14 +128,17 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     # The oracle copies the base model's architecture and budget (a foreign checkpoint: the preset asked for).
     base_preset = ckpt.extra.get("preset", run.preset)
     device = default_device()
-    new_scorer = Scorer([cases[i] for i in loco.new_test], preprocess, score_at=run.score_at)
-    old_scorer = Scorer([cases[i] for i in loco.old_test], preprocess, score_at=run.score_at)
+    with clock("caching the test cases"):
+        new_scorer = Scorer([cases[i] for i in loco.new_test], preprocess, score_at=run.score_at)
+        old_scorer = Scorer([cases[i] for i in loco.old_test], preprocess, score_at=run.score_at)
 
     progress = run.progress
     base_model = build_adapted_model(ckpt).to(device)
-    base_new = _summaries(new_scorer.score(base_model, desc="base: new center", progress=progress))
-    base_old = _summaries(old_scorer.score(base_model, desc="base: old centers", progress=progress))
-    reliance = transformer_reliance(base_model, old_scorer, intact_cases=base_old["per_case"], progress=progress)
+    with clock("scoring none"):
+        base_new = _summaries(new_scorer.score(base_model, desc="base: new center", progress=progress))
+        base_old = _summaries(old_scorer.score(base_model, desc="base: old centers", progress=progress))
+    with clock("transformer reliance"):
+        reliance = transformer_reliance(base_model, old_scorer, intact_cases=base_old["per_case"], progress=progress)
     logger.info("transformer reliance of the base model: DSCagg %.3f intact, %.3f with mean tokens (drop %.3f)",
                 reliance["intact_dsc_agg"], reliance["ablated_dsc_agg"], reliance["drop"])  # fmt: skip
     slice_case = int(np.argmax([_label_volume(r) for r in base_new["per_case"]]))  # the largest tumour burden
@@ -117,13 +156,17 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     for name in run.strategies:
         if name == ORACLE:
             oracle = run.pretrain_run(preset=base_preset, oracle=True)
-            summary = pretrain(oracle, on_change=run.on_change)
+            with clock(f"training {name}") as row:
+                summary = pretrain(oracle, on_change=run.on_change)
+            clock.trained(row, summary)
             artifact = Path(oracle.out) / "model.safetensors"
             summary = {**summary, "artifact": str(artifact), "artifact_bytes": artifact.stat().st_size}
             stage_dir = oracle.out
         elif get_strategy(name).trains:
             stage = run.adapt_run(name, base)
-            summary = adapt(stage, on_change=run.on_change, base=ckpt)
+            with clock(f"training {name}") as row:
+                summary = adapt(stage, on_change=run.on_change, base=ckpt)
+            clock.trained(row, summary)
             stage_dir = stage.out
         else:  # the base model itself: nothing trained
             summary = {**parameter_report(base_model), "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
@@ -135,10 +178,11 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             new, old = base_new, base_old
         else:  # the oracle's own model, or the base with an adapter
             parts = (summary["artifact"], None) if name == ORACLE else (ckpt, summary["artifact"])
-            model = build_adapted_model(*parts).to(device)
-            new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
-            old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))
-            previews[name] = new_scorer.predict(model, slice_case)[0].numpy()
+            with clock(f"scoring {name}"):
+                model = build_adapted_model(*parts).to(device)
+                new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
+                old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))
+                previews[name] = new_scorer.predict(model, slice_case)[0].numpy()
         results["strategies"][name] = {
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "trainable_fraction": summary["trainable_fraction"], "artifact_bytes": summary["artifact_bytes"],
@@ -149,10 +193,13 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         }  # fmt: skip
     add_gap_closed(results)
 
-    paths = write_report(results, out)
-    item = new_scorer.dataset[slice_case]
-    image, label = item["image"].as_tensor().numpy(), item["label"].as_tensor()[0].numpy()
-    plot_case_slices(image[0], image[1], label, previews, out / "case_slices.png", axis=2)
+    results["phase_seconds"] = clock.rows
+    with clock("report and figures"):
+        item = new_scorer.dataset[slice_case]
+        image, label = item["image"].as_tensor().numpy(), item["label"].as_tensor()[0].numpy()
+        plot_case_slices(image[0], image[1], label, previews, out / "case_slices.png", axis=2)
+        paths = write_report(results, out)
+    write_json(results, paths["json"])  # with the report's own time, which results.md cannot hold
     logger.info("report written to %s", paths["markdown"])
     return results
 

@@ -90,6 +90,25 @@ def check_output(path: str | Path, kind: str) -> Path:
     return path
 
 
+def check_not_input(out: str | Path, inputs: Mapping[str, str | Path]) -> Path:
+    """Refuse an output that is an input, holds one, or lies inside an input folder (``inputs``:
+    the argument that names it, e.g. ``"--data"``, to its path). A run clears and rewrites its
+    output, so any of these would overwrite or delete what the command reads (a base model, the
+    labels of the data folder). Paths are compared resolved, so links and ``..`` do not hide it."""
+    target = Path(out).resolve()
+    for arg, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source:
+            raise ValueError(f"{out}: is the input given as {arg}; write the output somewhere else.")
+        if target in source.parents:
+            raise ValueError(f"{out}: holds the input given as {arg} ({path}), which this command would overwrite "
+                             "or delete; give a new folder.")  # fmt: skip
+        if source in target.parents and source.is_dir():
+            raise ValueError(f"{out}: lies inside the input folder given as {arg} ({path}); nothing is written "
+                             "into an input, give a folder outside it.")  # fmt: skip
+    return Path(out)
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON values, as :func:`write_json` writes them: NaN/inf -> None, numpy -> Python,
     tuples -> lists, paths -> str (so a value compares equal to what was read back from its file)."""

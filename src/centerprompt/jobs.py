@@ -242,14 +242,17 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
         torch.manual_seed(run.seed)
         model = PromptedUNETR(**config["model"])
         params = apply_strategy(model, FULL)
+        started = time.perf_counter()
         train_ds = make_dataset([cases[i] for i in train_ids], train_transforms(p.preprocess))
         scorer = Scorer([cases[i] for i in val_ids], p.preprocess, score_at="preprocessed")
-        logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids),
-                    run.exclude_center)  # fmt: skip
+        cache_seconds = time.perf_counter() - started
+        logger.info("pretraining on %d cases (%d for validation), excluding %s; %.1f s to preprocess and cache them",
+                    len(train_ids), len(val_ids), run.exclude_center, cache_seconds)  # fmt: skip
         cfg = TrainConfig(**config["train"])
         result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=run.resume, progress=run.progress)
-        summary = {"job": "pretrain", **result.__dict__, **parameter_report(model), "config_hash": config_hash(config),
-                   "splits": splits.record()}  # fmt: skip
+        logger.info("pretraining took %.0f s: %s", result.train_seconds, result.phase_seconds)
+        summary = {"job": "pretrain", **result.__dict__, "cache_seconds": cache_seconds, **parameter_report(model),
+                   "config_hash": config_hash(config), "splits": splits.record()}  # fmt: skip
         if rank() == 0:
             train_centers = sorted({cases[i].center for i in train_ids})
             extra = {"preprocess": p.preprocess.to_dict(), "preset": p.name, "train_centers": train_centers,
@@ -380,12 +383,15 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
                                    "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config),
                                    "splits": splits.record()}  # fmt: skip
         if strategy.trains:
+            started = time.perf_counter()
             train_ds = make_dataset([cases[i] for i in config["adapt_train"]], train_transforms(preprocess))
             scorer = Scorer([cases[i] for i in config["adapt_val"]], preprocess, score_at="preprocessed")
+            cache_seconds = time.perf_counter() - started
             logger.info("adapting to %s with %s on %d cases", run.center, run.strategy, len(config["adapt_train"]))
             result = fit(model, params, train_ds, TrainConfig(**config["train"]), run_dir, validator(scorer),
                          resume=run.resume, progress=run.progress)  # fmt: skip
-            summary.update(result.__dict__)
+            logger.info("adaptation took %.0f s: %s", result.train_seconds, result.phase_seconds)
+            summary.update(result.__dict__, cache_seconds=cache_seconds)
             if rank() == 0:
                 extra = {"center": "+".join(run.centers), "shots": run.shots, "base": str(run.base),
                          "preprocess": preprocess.to_dict(), "splits_sha256": splits.sha256}  # fmt: skip
@@ -450,6 +456,23 @@ def check_prediction_out(path: str | Path, *, folder: bool = False) -> Path:
     return check_output(path, "folder" if folder else "file")
 
 
+def check_prediction_outputs(pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *, overwrite: bool = False) -> None:
+    """Before any work: every output of ``pairs`` (CT, PET, output) can be written
+    (:func:`check_prediction_out`), none is an input image, and none exists unless ``overwrite``
+    (a prediction never silently replaces a file: a label map, another run's predictions)."""
+    images = {Path(p).resolve() for ct, pet, _ in pairs for p in (ct, pet)}
+    existing = []
+    for _, _, out in pairs:
+        check_prediction_out(out)
+        if Path(out).resolve() in images:
+            raise ValueError(f"{out}: is an input image of this command; write the prediction to another file.")
+        if Path(out).exists():
+            existing.append(out)
+    if existing and not overwrite:
+        many = f" ({len(existing)} of the {len(pairs)} outputs exist)" if len(pairs) > 1 else ""
+        raise ValueError(f"{existing[0]}: exists{many}; give --overwrite to replace it, or another --out.")
+
+
 def _prediction_item(ct: Path, pet: Path, out: Path, transform: Any) -> dict[str, Any]:
     """The preprocessed item of a pair that passes :func:`check_pair`; DataError (one line naming the files) if not."""
     problems = check_pair(ct, pet)
@@ -493,15 +516,16 @@ def prediction_inputs(
 def predict(
     base: BaseLike, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     adapter: str | Path | None = None, progress: bool = True, on_bad_case: Callable[[str], Any] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:  # fmt: skip
     """Segment each (CT, PET) pair and write the label map to its output path on the CT grid.
 
-    Output paths are checked before the model is read (:func:`check_prediction_out`), inputs pair
-    by pair (:func:`prediction_inputs`): a bad pair raises DataError and writes nothing for it, or
-    with ``on_bad_case`` (e.g. a list's ``append``) is reported there and the next pair goes on.
+    Output paths are checked before the model is read (:func:`check_prediction_outputs`: an
+    existing file is replaced only with ``overwrite``), inputs pair by pair
+    (:func:`prediction_inputs`): a bad pair raises DataError and writes nothing for it, or with
+    ``on_bad_case`` (e.g. a list's ``append``) is reported there and the next pair goes on.
     """
-    for _, _, out in pairs:
-        check_prediction_out(out)
+    check_prediction_outputs(pairs, overwrite=overwrite)
     base = open_base(base, adapter)
     _check_adapter_preprocess(base, adapter)
     model = build_adapted_model(base, adapter).to(default_device())

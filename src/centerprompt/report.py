@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,23 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         for name, s in strategies.items():
             values = [_fmt(_num(_get(s, "old_centers", "per_center", c, "dsc_agg", "mean"))) for c in centers]
             lines.append(f"| {name} | " + " | ".join(values) + " |")
+    if results.get("phase_seconds"):
+        lines += ["", "Where the time went (wall time of this command; the report's own time is in results.json):", "",
+                  *phase_table(results["phase_seconds"])]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def phase_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown rows of an experiment's phases (``PhaseClock.rows``): seconds, share, and what a
+    training stage's time was spent on (caching, steps, validation, data waiting, checkpoints)."""
+    total = sum(r["seconds"] for r in rows) or 1.0
+    lines = ["| Phase | Seconds | Share | Of which |", "|---|---:|---:|---|"]
+    for r in rows:
+        detail = r.get("detail") or {}
+        text = "reused (trained earlier)" if detail.get("reused") else ", ".join(f"{k} {v:.0f} s" for k, v in detail.items())
+        lines.append(f"| {r['phase']} | {r['seconds']:.0f} | {r['seconds'] / total:.0%} | {text} |")
+    lines.append(f"| total | {total:.0f} | 100% | |")
+    return lines
 
 
 def plot_dice_per_strategy(results: Mapping[str, Any], path: str | Path) -> Path:

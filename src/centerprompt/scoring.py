@@ -66,31 +66,35 @@ class Scorer:
             self._ct_labels[case.case_id] = (load_label_on_ct_grid(case), spacing)
         return self._ct_labels[case.case_id]
 
-    def score_predictions(self, predict: Predictor, desc: str = "score", progress: bool = True) -> list[dict[str, Any]]:
-        """Per-case metrics of ``predict(index)`` for every case, in list order."""
+    def score_predictions(
+        self, predict: Predictor, desc: str = "score", progress: bool = True, distances: bool = True
+    ) -> list[dict[str, Any]]:
+        """Per-case metrics of ``predict(index)`` for every case, in list order (``distances=False``: no HD95)."""
         results = []
         for i in tqdm(range(len(self.cases)), desc=desc, unit="case", disable=not progress, leave=False):
             case, pred = self.cases[i], predict(i)
             if self.score_at == "ct":
                 pred_ct = invert_prediction(pred, self.dataset[i], self.transform)[0].numpy().round()
                 label, spacing = self._reference(i)
-                metrics = case_metrics(pred_ct.astype(np.int64), label.astype(np.int64), spacing)
+                metrics = case_metrics(pred_ct.astype(np.int64), label.astype(np.int64), spacing, distances=distances)
             else:
                 label = self.dataset[i]["label"][0].as_tensor().round().long()
-                metrics = case_metrics(pred[0], label, self.preprocess.spacing)
+                metrics = case_metrics(pred[0], label, self.preprocess.spacing, distances=distances)
             results.append({"case_id": case.case_id, "center": case.center, **metrics})
         return results
 
-    def score(self, model: torch.nn.Module, desc: str = "score", progress: bool = True) -> list[dict[str, Any]]:
+    def score(
+        self, model: torch.nn.Module, desc: str = "score", progress: bool = True, distances: bool = True
+    ) -> list[dict[str, Any]]:
         """Per-case metrics of one model's sliding-window predictions."""
-        return self.score_predictions(lambda i: self.predict(model, i), desc=desc, progress=progress)
+        return self.score_predictions(lambda i: self.predict(model, i), desc=desc, progress=progress, distances=distances)
 
 
 def validator(scorer: Scorer) -> Callable[[torch.nn.Module], float]:
-    """Validation metric for early stopping: mean of the GTVp and GTVn aggregated Dice."""
+    """Validation metric for early stopping: mean of the GTVp and GTVn aggregated Dice (no HD95: not needed)."""
 
     def validate(model: torch.nn.Module) -> float:
-        value = aggregate(scorer.score(model, progress=False))["overall"]["dsc_agg"]["mean"]
+        value = aggregate(scorer.score(model, progress=False, distances=False))["overall"]["dsc_agg"]["mean"]
         return 0.0 if np.isnan(value) else float(value)
 
     return validate

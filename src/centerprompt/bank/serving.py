@@ -21,7 +21,7 @@ from centerprompt.bank.storage import LoadedBank, PromptBank
 from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import save_prediction
 from centerprompt.evaluate import sliding_window_predict
-from centerprompt.jobs import check_prediction_out, open_base, prediction_inputs
+from centerprompt.jobs import check_prediction_outputs, open_base, prediction_inputs
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.scoring import SW_BATCH
 from centerprompt.train import default_device
@@ -113,16 +113,15 @@ def load_bank_model(base: BaseLike, bank: str | Path, device: torch.device | Non
 def predict_with_bank(
     base: BaseLike, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
     center: str = "auto", false_fallback: float = FALSE_FALLBACK, progress: bool = True,
-    on_bad_case: Callable[[str], Any] | None = None,
+    on_bad_case: Callable[[str], Any] | None = None, overwrite: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
     center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
     scan: input, output path, the center used and, when routed, the distances (and why it fell
     back, if it did), at most ``false_fallback`` of a banked center's scans falling back. Outputs and inputs
-    are checked as ``jobs.predict`` checks them; ``on_bad_case`` as there (skip and report a bad pair).
+    are checked as ``jobs.predict`` checks them; ``on_bad_case`` and ``overwrite`` as there.
     """
-    for _, _, out in pairs:
-        check_prediction_out(out)
+    check_prediction_outputs(pairs, overwrite=overwrite)
     base = open_base(base)
     model = load_bank_model(base, bank, default_device())
     if center not in ("auto", FALLBACK):

@@ -125,6 +125,10 @@ class PromptBank:
         for i, e in enumerate(index.get("entries", [])):
             if not isinstance(e, dict) or set(e) != _ENTRY_FIELDS:
                 raise ValueError(f"{self.index_path}: entry {i} does not have the fields {sorted(_ENTRY_FIELDS)}.")
+            try:  # as strict as on `bank add`: a name becomes a folder or file name (bank export's out/CENTER)
+                validate_center(e["center"])
+            except ValueError as err:
+                raise ValueError(f"{self.index_path}: entry {i}: {err}") from None
             self._file(e["center"], e["file"])
             if e["key_file"] is not None:
                 self._file(e["center"], e["key_file"])

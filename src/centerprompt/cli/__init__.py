@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 # Modules that register sub-commands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -21,6 +22,26 @@ COMMAND_MODULES = (
     "centerprompt.cli.export",
     "centerprompt.cli.federated",
 )
+
+
+# Arguments that name what a command reads; its --out may not be, hold or lie inside any of them.
+INPUT_ARGUMENTS = ("data", "base", "adapter", "bank", "ct", "pet", "input", "splits", "model_config", "preprocess",
+                   "profiles")  # fmt: skip
+IMAGE_FOLDERS = ("imagesTr", "imagesTs", "labelsTr")  # HECKTOR layout: such a folder's parent is the data folder
+
+
+def command_inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """What ``args`` name as inputs, by flag; a HECKTOR ``imagesTr`` folder brings its data folder
+    (so that ``predict --input DATA/imagesTr --out DATA/labelsTr`` is refused)."""
+    found = {}
+    for name in INPUT_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, (str, Path)) and str(value):
+            flag = "--" + name.replace("_", "-")
+            found[flag] = Path(value)
+            if Path(value).name in IMAGE_FOLDERS:
+                found[f"{flag} (its data folder)"] = Path(value).resolve().parent
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "out_kind", None) and getattr(args, "out", None) is not None:
-            from centerprompt.files import check_output
+        if getattr(args, "out", None) is not None:  # before any work: an output it may not write is known now
+            from centerprompt.files import check_not_input, check_output
 
-            check_output(args.out, args.out_kind)  # before any work: an output it cannot write is known now
+            check_not_input(args.out, command_inputs(args))
+            if getattr(args, "out_kind", None):
+                check_output(args.out, args.out_kind)
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:
         # Bad user input or a file system refusal (permissions, a file where a folder should be, a

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centerprompt.cli.paths import out_path
+
 from centerprompt.cli.export import add_format_arguments
 from centerprompt.cli.runs import (  # import-light, like the registry
     base_arguments,
@@ -123,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         splits_argument(p)
         if name == "evaluate":
             p.add_argument("--single-center", help="also score every scan with this bank center's prompts")
-        p.add_argument("--out", required=True, type=Path, help="folder for bank_eval.json, bank_eval.md, confusion.png")
+        p.add_argument("--out", required=True, type=out_path, help="folder for bank_eval.json, bank_eval.md, confusion.png")
         p.set_defaults(func=_cmd_route, command_name=name, out_kind="folder")
 
     p = actions.add_parser("export", help="one MONAI Bundle per banked center (OUT/CENTER), runs without centerprompt")
@@ -131,5 +133,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     base_arguments(p, text="the base model the bank was built on (as given to bank add)")
     p.add_argument("--centers", help="comma-separated centers to export (default: all)")
     add_format_arguments(p)
-    p.add_argument("--out", required=True, type=Path, help="new (or empty) folder; one bundle per center inside")
+    p.add_argument("--out", required=True, type=out_path, help="new (or empty) folder; one bundle per center inside")
     p.set_defaults(func=_cmd_export)

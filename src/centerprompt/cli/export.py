@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centerprompt.cli.paths import out_path
+
 from centerprompt.cli.runs import base_arguments, base_spec  # import-light, like the registry
 
 FORMATS = ("torchscript", "onnx")  # centerprompt.bundle.FORMATS, named here to keep --help instant
@@ -40,5 +42,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bank", type=Path, help="prompt bank folder: take the center's prompts from it (with --center)")
     p.add_argument("--center", help="with --bank: the banked center to export")
     add_format_arguments(p)
-    p.add_argument("--out", required=True, type=Path, help="new (or empty) folder for the bundle")
+    p.add_argument("--out", required=True, type=out_path, help="new (or empty) folder for the bundle")
     p.set_defaults(func=_cmd_export)

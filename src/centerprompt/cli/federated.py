@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from centerprompt.cli.paths import out_path
 from typing import Any
 
 from centerprompt import strategies as registry  # import-light: the registry names the choices
@@ -98,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               ("adapt", True, "several new centers tune one set of prompts, exchanging only those")):  # fmt: skip
         p = actions.add_parser(name, help=text)
         p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder holding every site's cases")
-        p.add_argument("--out", required=True, type=Path, help="folder for the model or adapter, metrics and summary")
+        p.add_argument("--out", required=True, type=out_path, help="folder for the model or adapter, metrics and summary")
         p.add_argument("--simulate", action="store_true", help="run every site on this machine (Flower's Ray backend)")
         p.add_argument("--centers", help="comma-separated sites (centers of --data)" +
                        ("" if adapt else "; default: every center but --exclude-center"))  # fmt: skip
@@ -110,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("app", help="write the Flower App folder for a deployed federation (flwr run)")
     p.add_argument("--app", required=True, type=Path, help="folder to write the app into")
     p.add_argument("--job", required=True, choices=("pretrain", "adapt"))
-    p.add_argument("--out", required=True, type=Path, help="where the ServerApp writes results (on the server)")
+    p.add_argument("--out", required=True, type=out_path, help="where the ServerApp writes results (on the server)")
     p.add_argument("--sites", type=int, default=2, help="SuperNodes that must connect before a round starts")
     _common(p, adapt=True, base_required=False)
     p.set_defaults(func=_cmd_app, out_kind="folder")

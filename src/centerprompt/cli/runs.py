@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+from centerprompt.cli.paths import out_path
 from typing import Any
 
 from centerprompt import strategies as registry  # import-light: no torch until a command runs
 
 PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.presets.PRESETS, named here to keep --help instant
 DEMO_DATA = Path("data/synth")
+PHASE_HEADING = "\nWhere the time went"  # results.md's phase table, which the demo prints whole with data generation
 DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
 
 
@@ -216,13 +220,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from centerprompt.bank import predict_with_bank
 
         records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto",
-                                    on_bad_case=on_bad_case, **false_fallback_option(args))  # fmt: skip
+                                    on_bad_case=on_bad_case, overwrite=args.overwrite, **false_fallback_option(args))  # fmt: skip
         for r in records:
             route = r.get("route") or {}
             print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
         written = [r["out"] for r in records]
     else:
-        written = predict(base_spec(args), pairs, adapter=args.adapter, on_bad_case=on_bad_case)
+        written = predict(base_spec(args), pairs, adapter=args.adapter, on_bad_case=on_bad_case, overwrite=args.overwrite)
     print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
     if skipped:
         print(f"skipped {len(skipped)} of {len(pairs)} case(s) that failed the input checks:", file=sys.stderr)
@@ -257,23 +261,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from centerprompt.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
+    started = time.perf_counter()
     data = Path(args.data)
+    generation = {"phase": "data generation", "seconds": 0.0, "detail": {"reused": True}}
     if not (data / "imagesTr").is_dir():
         from centerprompt.data.synthetic import generate_dataset
 
         print(f"generating the synthetic multi-center dataset in {data} ...")
         generate_dataset(data, cases_per_center=args.cases_per_center)
+        generation = {"phase": "data generation", "seconds": time.perf_counter() - started, "detail": {}}
     out = Path(args.out) / ("quick" if args.quick else "full")
     quick = dict(pretrain_epochs=3, adapt_epochs=2, shots=4, patience=0)
     full = dict(pretrain_epochs=None, adapt_epochs=None, shots=8, patience=10)
     settings: dict[str, Any] = quick if args.quick else full
     names = registry.strategy_names(registry.QUICK if args.quick else registry.STANDARD)
     settings["strategies"] = (*names, registry.ORACLE) if args.oracle else tuple(names)
-    run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu", seed=args.seed,
-                                 command="centerprompt demo" + (" --quick" if args.quick else ""),
-                                 splits=args.splits, **settings))  # fmt: skip
-    print((out / "results.md").read_text())
-    print(f"report: {out / 'results.md'}, figures: {out}/*.png")
+    results = run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu",
+                                           seed=args.seed, command="centerprompt demo" + (" --quick" if args.quick else ""),
+                                           splits=args.splits, **settings))  # fmt: skip
+    from centerprompt.report import phase_table
+
+    print((out / "results.md").read_text().split(PHASE_HEADING)[0])
+    print(f"report: {out / 'results.md'}, figures: {out}/*.png\n")
+    print(f"Where the demo's {time.perf_counter() - started:.0f} s went:\n")
+    print("\n".join(phase_table([generation, *results["phase_seconds"]])))
     return 0
 
 
@@ -281,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train the base model on every center but one")
     p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder")
     p.add_argument("--exclude-center", help="center left out of pretraining (the future new center)")
-    p.add_argument("--out", required=True, type=Path, help="run folder (model.safetensors is written there)")
+    p.add_argument("--out", required=True, type=out_path, help="run folder (model.safetensors is written there)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES, help="model size and preprocessing")
     _common_training(p)
     p.set_defaults(func=_cmd_pretrain, out_kind="folder")
@@ -297,7 +308,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
                    help="sgd: VPT's recipe for prompts (momentum 0.9; give a large --lr)")
-    p.add_argument("--out", required=True, type=Path, help="run folder (adapter.safetensors is written there)")
+    p.add_argument("--out", required=True, type=out_path, help="run folder (adapter.safetensors is written there)")
     _common_training(p)
     _add_strategy_options(p)
     p.set_defaults(func=_cmd_adapt, out_kind="folder")
@@ -312,7 +323,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
     splits_argument(p)
     _bank_options(p)
-    p.add_argument("--out", required=True, type=Path, help="JSON file")
+    p.add_argument("--out", required=True, type=out_path, help="JSON file")
     p.set_defaults(func=_cmd_evaluate, out_kind="file")
 
     p = sub.add_parser("inspect", help="transformer reliance of a base model: Dice intact vs ViT tokens ablated")
@@ -323,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
     p.add_argument("--skip-bad-cases", action="store_true")
     splits_argument(p)
-    p.add_argument("--out", type=Path, help="also write the result as JSON")
+    p.add_argument("--out", type=out_path, help="also write the result as JSON")
     p.set_defaults(func=_cmd_inspect, out_kind="file")
 
     p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid",
@@ -337,8 +348,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pet", type=Path, help="PET NIfTI of the same case (SUV)")
     p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
     _bank_options(p)
-    p.add_argument("--out", required=True, type=Path,
-                   help="output file ending in .nii.gz or .nii (one case), or folder (--input)")  # fmt: skip
+    p.add_argument("--out", required=True, type=out_path,
+                   help="output file ending in .nii.gz or .nii (one case), or folder (--input); never an input, "
+                        "never inside the data folder")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace predictions that already exist (refused without)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("experiment", help="leave-one-center-out comparison of strategies")
@@ -362,7 +375,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-cases", action="store_true",
                    help="skip (with a warning) cases that fail the checks; every other case keeps its split")
     splits_argument(p)
-    p.add_argument("--out", required=True, type=Path, help="run folder: one split (OUT/splits.json) for every stage")
+    p.add_argument("--out", required=True, type=out_path, help="run folder: one split (OUT/splits.json) for every stage")
     p.set_defaults(func=_cmd_experiment, out_kind="folder")
 
     p = sub.add_parser("demo", help="synthetic data, then the experiment for one held-out center, on a CPU")
@@ -370,7 +383,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle", action="store_true",
                    help="also train the in-domain oracle (a second pretraining) and report each gain as a "
                         "fraction of its gap; rerun with it after a demo to add it to the finished runs")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=out_path, default=Path("runs/demo"))
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="generated here if absent")
     p.add_argument("--new-center", default=DEMO_CENTER)
     p.add_argument("--cases-per-center", type=int, default=16)

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from centerprompt.cli.paths import out_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate synthetic head-and-neck PET/CT cases, one acquisition profile per center, "
         "in the HECKTOR 2022 layout (imagesTr/, labelsTr/, dataset.json, profiles.json).",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder (created; finished cases are kept)")
+    p.add_argument("--out", required=True, type=out_path, help="output folder (created; finished cases are kept)")
     p.add_argument("--cases-per-center", type=int, default=16, help="patients per center (default 16)")
     p.add_argument("--centers", default=None, help="comma-separated centers (default: all profiles)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")

@@ -27,8 +27,7 @@ from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_t
 from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, adaptation_case_ids, base_splits, open_base
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import Preset, get_preset
-from centerprompt.scoring import Scorer
-from centerprompt.evaluate import aggregate
+from centerprompt.scoring import Scorer, validator
 from centerprompt.strategies import FULL, apply_strategy, get_strategy
 from centerprompt.train import default_device, seed_everything
 
@@ -219,6 +218,6 @@ class Site:
         if self._scorer is None:
             self._scorer = Scorer(self.val_cases, self.preprocess, score_at="preprocessed")
         self.model.to(self.device).eval()
-        value = aggregate(self._scorer.score(self.model, progress=False))["overall"]["dsc_agg"]["mean"]
+        value = validator(self._scorer)(self.model)
         self.model.cpu()
-        return {"val-dsc-agg": 0.0 if np.isnan(value) else float(value), "num-examples": float(len(self.val_cases))}
+        return {"val-dsc-agg": value, "num-examples": float(len(self.val_cases))}
