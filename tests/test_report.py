@@ -147,3 +147,23 @@ def test_write_report_round_trips_json_with_nan_as_null(tmp_path):
     _assert_png(paths["dice_per_strategy"])
     _assert_png(paths["params_vs_dice"])
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_phase_table_shares_details_and_reuse() -> None:
+    from centerprompt.experiment import PhaseClock
+    from centerprompt.report import phase_table
+
+    clock = PhaseClock()
+    with clock("pretraining") as trained:
+        pass
+    trained["seconds"] = 30.0  # as if it had run 30 s, of which the run folder recorded this much
+    clock.trained(trained, {"train_seconds": 25.0, "cache_seconds": 4.0,
+                            "phase_seconds": {"data_s": 1.0, "step_s": 20.0, "val_s": 3.5, "save_s": 0.5}})
+    with clock("training deep") as reused:
+        pass
+    clock.trained(reused, {"train_seconds": 40.0, "phase_seconds": {"step_s": 39.0}})  # a finished folder: no time now
+    reused["seconds"] = 10.0
+    lines = phase_table(clock.rows)
+    assert lines[2] == "| pretraining | 30 | 75% | caching 4 s, data 1 s, step 20 s, val 4 s, save 0 s |"
+    assert lines[3] == "| training deep | 10 | 25% | reused: a finished run of the same configuration |"
+    assert lines[-1] == "| total | 40 | 100% | |"

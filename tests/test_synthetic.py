@@ -94,6 +94,14 @@ def test_same_seed_same_bytes_other_seed_differs_and_reruns_skip(tmp_path: Path)
     assert not [p for p in a.rglob(".*") if p.is_file()]  # no temp files left behind
 
 
+def test_cases_written_by_several_processes_equal_those_written_by_one(tmp_path: Path) -> None:
+    kw = dict(centers=["HMR", "MDA"], cases_per_center=2, seed=3, progress=False)
+    one, two = generate_dataset(tmp_path / "one", workers=1, **kw), generate_dataset(tmp_path / "two", workers=2, **kw)
+    files = sorted(p.relative_to(one) for p in one.rglob("*.nii.gz"))
+    assert len(files) == 12 and files == sorted(p.relative_to(two) for p in two.rglob("*.nii.gz"))
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+
+
 def test_case_depends_only_on_seed_center_index() -> None:
     one, again = make_case(DEFAULT_PROFILES["HMR"], 0, 2), make_case(DEFAULT_PROFILES["HMR"], 0, 2)
     assert np.array_equal(one.ct, again.ct) and np.array_equal(one.pet, again.pet)

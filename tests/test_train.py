@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from tiny import tiny_model
 
 from centerprompt import apply_strategy
-from centerprompt.train import TrainConfig, fit
+from centerprompt.train import PHASES, TrainConfig, fit
 
 
 def toy_data(n: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -47,6 +47,13 @@ def test_fit_writes_run_files_and_reduces_loss(tmp_path: Path) -> None:
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
     assert result.epochs_run == 4 and result.train_seconds > 0
+    # Where the time went: every epoch's phases, summed in the result, within the epoch's own time.
+    assert all(r[k] >= 0 for r in rows for k in PHASES) and all(r["step_s"] > 0 for r in rows)
+    assert result.phase_seconds.keys() == {k for k in PHASES}
+    assert result.phase_seconds["step_s"] == pytest.approx(sum(r["step_s"] for r in rows), abs=0.05)
+    assert sum(result.phase_seconds.values()) <= result.train_seconds + 0.05
+    # Trained channels-last on the CPU, handed back contiguous (safetensors refuses strided tensors).
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:

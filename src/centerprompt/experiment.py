@@ -78,7 +78,7 @@ class PhaseClock:
         """After a training stage's phase: its own record (caching, steps, validation, data waiting,
         checkpoints) in the row, or that it was reused (a finished run folder: no training now)."""
         if summary.get("train_seconds", 0.0) > row["seconds"]:
-            row["detail"] = {"reused": True}
+            row["detail"] = {"reused": "a finished run of the same configuration"}
             return
         parts = {"caching": summary.get("cache_seconds"),
                  **{k.removesuffix("_s"): v for k, v in (summary.get("phase_seconds") or {}).items()}}  # fmt: skip

@@ -181,7 +181,7 @@ def phase_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["| Phase | Seconds | Share | Of which |", "|---|---:|---:|---|"]
     for r in rows:
         detail = r.get("detail") or {}
-        text = "reused (trained earlier)" if detail.get("reused") else ", ".join(f"{k} {v:.0f} s" for k, v in detail.items())
+        text = f"reused: {detail['reused']}" if "reused" in detail else ", ".join(f"{k} {v:.0f} s" for k, v in detail.items())
         lines.append(f"| {r['phase']} | {r['seconds']:.0f} | {r['seconds'] / total:.0%} | {text} |")
     lines.append(f"| total | {total:.0f} | 100% | |")
     return lines

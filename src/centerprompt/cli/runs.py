@@ -263,7 +263,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     data = Path(args.data)
-    generation = {"phase": "data generation", "seconds": 0.0, "detail": {"reused": True}}
+    generation = {"phase": "data generation", "seconds": 0.0, "detail": {"reused": f"{data} was there"}}
     if not (data / "imagesTr").is_dir():
         from centerprompt.data.synthetic import generate_dataset
 
