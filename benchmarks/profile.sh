@@ -20,4 +20,5 @@ run adapt-deep adapt --data "$DATA" --center MDA --base "$WORK/base/model.safete
     --out "$WORK/deep"
 end=$(date +%s)
 echo "pretrain (1 epoch, with caching and checks): $((mid - start)) s; adapt deep: $((end - mid)) s" | tee "$OUT/wall.txt"
-python benchmarks/profile_stacks.py "$OUT"/pretrain-1-epoch.txt "$OUT"/adapt-deep.txt | tee "$OUT/phases.md"
+gzip -9f "$OUT"/pretrain-1-epoch.txt "$OUT"/adapt-deep.txt  # raw stacks: 5 MB each as text
+python benchmarks/profile_stacks.py "$OUT"/pretrain-1-epoch.txt.gz "$OUT"/adapt-deep.txt.gz | tee "$OUT/phases.md"

@@ -2,11 +2,12 @@
 
 Each sample is charged to the first phase whose marker appears in its stack, in the order below, so
 a validation pass inside the epoch loop counts as validation, not as training.
-Usage: python benchmarks/profile_stacks.py STACKS.txt [...]  -> a markdown table per file.
+Usage: python benchmarks/profile_stacks.py STACKS.txt[.gz] [...]  -> a markdown table per file.
 """
 
 from __future__ import annotations
 
+import gzip
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,11 @@ PHASES = (
 )
 
 
+# Helper threads that sleep beside the work (tqdm's monitor, the peak-memory sampler, a pool's
+# result handlers): py-spy samples them too, but they use no CPU, so they are left out of the totals.
+IDLE = ("Event.wait", "Condition.wait", "_handle_results", "_handle_tasks", "_wait_for_updates")
+
+
 def phase_of(stack: str) -> str:
     for name, markers in PHASES:
         if any(m in stack for m in markers):
@@ -34,13 +40,15 @@ def phase_of(stack: str) -> str:
 
 def table(path: Path) -> str:
     counts: Counter[str] = Counter()
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack and n.isdigit():
+        if stack and n.isdigit() and not any(marker in stack for marker in IDLE):
             counts[phase_of(stack)] += int(n)
     total = sum(counts.values()) or 1
     rows = [f"| {name} | {n} | {n / total:.1%} |" for name, n in counts.most_common()]
-    return "\n".join([f"{path.name} ({total} samples)", "", "| phase | samples | share |", "|---|---:|---:|", *rows])
+    head = f"{path.name} ({total} samples of the main thread's work at 100 Hz: {total / 100:.0f} s)"
+    return "\n".join([head, "", "| phase | samples | share |", "|---|---:|---:|", *rows])
 
 
 if __name__ == "__main__":

@@ -353,9 +353,38 @@ def _bank_section(bank: Mapping[str, Any], timing: Mapping[str, Any] | None) -> 
     return lines + [f"- ROC AUC of the distance for \"center not in the bank\": {routing['abstention_auc']:.3f}", ""]
 
 
+def _phase_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    total = sum(r["seconds"] for r in rows) or 1.0
+    out = ["| phase | seconds | share | of which |", "|---|---:|---:|---|"]
+    for r in rows:
+        detail = ", ".join(f"{k} {v:.0f} s" for k, v in (r.get("detail") or {}).items() if isinstance(v, (int, float)))
+        out.append(f"| {r['phase']} | {r['seconds']:.0f} | {r['seconds'] / total:.0%} | {detail} |")
+    return out + [f"| total | {total:.0f} | 100% | |"]
+
+
+def _profile_section(p: Mapping[str, Any]) -> list[str]:
+    """Where the demo's time goes (benchmarks/profile/profile.json): unit costs before and after, the
+    py-spy phase shares of one pretraining epoch and one adaptation, the demo's phases, the recipes tried."""
+    lines = ["## Where the demo's time goes (issue 25)", "", p["provenance"], ""]
+    lines += ["| unit (cpu preset) | before | after | how measured |", "|---|---:|---:|---|"]
+    lines += [f"| {u['what']} | {u['before']} | {u['after']} | {u['how']} |" for u in p["units"]]
+    lines += ["", p["pyspy"]["text"], "", "| phase | " + " | ".join(p["pyspy"]["columns"]) + " |",
+              "|---|" + "---:|" * len(p["pyspy"]["columns"])]  # fmt: skip
+    lines += [f"| {row[0]} | " + " | ".join(row[1:]) + " |" for row in p["pyspy"]["rows"]]
+    for demo in p["demos"]:
+        lines += ["", demo["text"], "", *_phase_rows(demo["phases"])]
+    lines += ["", p["recipes"]["text"], "", "| recipe | epochs (best) | best validation | old-center DSCagg | reliance | note |",
+              "|---|---|---:|---:|---:|---|"]  # fmt: skip
+    lines += [f"| {r['recipe']} | {r['epochs']} | {r['val']} | {r['old']} | {r['reliance']} | {r['note']} |"
+              for r in p["recipes"]["rows"]]  # fmt: skip
+    lines += ["", p["conclusion"], ""]
+    return lines
+
+
 def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
            bank: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
-           recipes: Mapping[str, Any] | None = None, federated: Mapping[str, Any] | None = None) -> str:
+           recipes: Mapping[str, Any] | None = None, federated: Mapping[str, Any] | None = None,
+           profile: Mapping[str, Any] | None = None) -> str:
     """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
     the paper-scale GPU run, summarised in a last section."""
     parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
@@ -370,6 +399,8 @@ def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
                   "## Targets", ""]  # fmt: skip
         lines += [_target_line(row) for row in target_rows(results)] + [""]
         lines += _cost_sections(results["cost"])
+    if profile:
+        lines += _profile_section(profile)
     if "presets" in results:
         lines += _preset_section(results["presets"])
     if recipes:
@@ -409,7 +440,8 @@ def write_markdown(
     here = Path(__file__).resolve().parent
     out_path.write_text(render(_read(results_path), _read(gpu_path), (bank, timing) if bank else None,
                                _read(here / "gpu" / "recipes" / "recipes.json") if gpu_path else None,
-                               _read(here / "federated" / "federated.json") if gpu_path else None))  # fmt: skip
+                               _read(here / "federated" / "federated.json") if gpu_path else None,
+                               _read(here / "profile" / "profile.json") if gpu_path else None))  # fmt: skip
     return out_path
 
 

@@ -93,3 +93,43 @@ def two_centers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=6, seed=1, progress=False)
     return out
+
+
+# ----------------------------------------------------------------------------- hostile-input tests
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``root``: what a refused command must leave as it was."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str]]:
+    """Exit status of one command and its error lines on stderr."""
+    from centerprompt.cli import main
+
+    status = main(list(args))
+    return status, [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Path:
+    """A data folder with two labelled cases and a tiny base run folder (config and checkpoints beside the model)."""
+    import torch
+    from tiny import TINY, tiny_model
+
+    from centerprompt.artifacts import save_model
+    from centerprompt.presets import PRESETS
+
+    for case in ("MDA-001", "MDA-002"):
+        write_case(tmp_path / "data", case)
+    torch.manual_seed(0)
+    preset = PRESETS["tiny"]
+    model = tiny_model(**{**preset.model, **{k: TINY[k] for k in ("in_channels", "out_channels")}})
+    run = tmp_path / "runs" / "b"
+    save_model(model, run / "model.safetensors", extra={"preprocess": preset.preprocess.to_dict(), "preset": "tiny"})
+    for name in ("config.json", "summary.json", "best.pt", "last.pt"):
+        (run / name).write_text("{}")
+    return tmp_path

@@ -174,3 +174,19 @@ def test_render_bank_targets_from_a_bank_evaluation():
     assert "- **not met**: largest per-center DSCagg gap, automatic vs oracle routing: 0.020" in text
     assert "- **met**: time routing adds to a prediction: 4.0%" in text
     assert "not measured" in render.render(_fake_results(0.5), bank=(bank, None))
+
+
+def test_render_profile_section_sums_each_demos_phases():
+    phases = [{"phase": "pretraining", "seconds": 90.0, "detail": {"step": 80.0, "val": 6.0}},
+              {"phase": "scoring none", "seconds": 10.0, "detail": {}}]  # fmt: skip
+    profile = {"provenance": "measured here", "units": [{"what": "step", "before": "0.85 s", "after": "0.77 s", "how": "x"}],
+               "pyspy": {"text": "py-spy", "columns": ["before", "after"], "rows": [["backward", "26 s", "22 s"]]},
+               "demos": [{"text": "the demo", "phases": phases}],
+               "recipes": {"text": "recipes", "rows": [{"recipe": "lr 2e-3", "epochs": "20 (11)", "val": "0.746",
+                                                        "old": "0.649", "reliance": "0.436", "note": "below 0.70"}]},
+               "conclusion": "not met"}  # fmt: skip
+    text = render.render(_fake_results(0.5), profile=profile)
+    assert "## Where the demo's time goes" in text
+    assert "| pretraining | 90 | 90% | step 80 s, val 6 s |" in text and "| total | 100 | 100% | |" in text
+    assert "| step | 0.85 s | 0.77 s | x |" in text and "| backward | 26 s | 22 s |" in text
+    assert "| lr 2e-3 | 20 (11) | 0.746 | 0.649 | 0.436 | below 0.70 |" in text

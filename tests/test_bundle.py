@@ -235,7 +235,7 @@ def test_bad_input_is_refused_in_one_line(
     elif problem == "other backbone":
         args += ["--adapter", str(_other_backbone(models, tmp_path))]
     elif problem == "bank alone":
-        args += ["--bank", str(tmp_path)]
+        args += ["--bank", str(tmp_path / "bank")]
     else:
         PromptBank(tmp_path / "bank").add("MDA", models["MDA"])
         args += ["--bank", str(tmp_path / "bank"), "--center", "CHUM"]

@@ -206,7 +206,7 @@ def test_after_adapt_the_adapter_supplies_what_the_state_dict_does_not_store(
     assert main(args) == 0
     assert nib.load(tmp_path / "p.nii.gz").shape == nib.load(ct).shape
     (tmp_path / "heads.json").write_text(json.dumps({"num_heads": 12}))
-    assert main([*args, "--model-config", str(tmp_path / "heads.json")]) == 2
+    assert main([*args, "--overwrite", "--model-config", str(tmp_path / "heads.json")]) == 2
     assert "num_heads=4 (model: 12)" in capsys.readouterr().err
 
 

@@ -118,14 +118,16 @@ def test_job_round_trips_through_a_flower_run_config() -> None:
         FederatedJob(job="adapt", base="b", strategy="none")
 
 
-def test_without_flower_one_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_without_flower_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:  # fmt: skip
     import importlib.util
 
     from centerprompt.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    assert main(["federated", "pretrain", "--data", ".", "--out", "x", "--simulate"]) == 2
+    assert main(["federated", "pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--simulate"]) == 2
     assert "pip install 'centerprompt[federated]'" in capsys.readouterr().err
 
 

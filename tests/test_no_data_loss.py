@@ -3,43 +3,14 @@ before any work, and every file outside the output is left as it was (hashes bef
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import write_case
-from tiny import TINY, tiny_model
+from conftest import file_hashes as _hashes
+from conftest import run_cli as _run
 
-from centerprompt.artifacts import save_model
 from centerprompt.cli import main
-from centerprompt.presets import PRESETS
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
-
-
-def _run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str]]:
-    status = main(list(args))
-    return status, [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Path:
-    """A data folder with two labelled cases and a tiny base run folder (config and checkpoints beside the model)."""
-    for case in ("MDA-001", "MDA-002"):
-        write_case(tmp_path / "data", case)
-    torch.manual_seed(0)
-    preset = PRESETS["tiny"]
-    model = tiny_model(**{**preset.model, **{k: TINY[k] for k in ("in_channels", "out_channels")}})
-    run = tmp_path / "runs" / "b"
-    save_model(model, run / "model.safetensors", extra={"preprocess": preset.preprocess.to_dict(), "preset": "tiny"})
-    for name in ("config.json", "summary.json", "best.pt", "last.pt"):
-        (run / name).write_text("{}")
-    return tmp_path
 
 
 def test_predict_refuses_to_write_onto_its_input_ct(world: Path, capsys: pytest.CaptureFixture) -> None:

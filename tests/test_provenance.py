@@ -26,8 +26,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _experiment(data: Path, out: Path, *extra: str, strategies: str = "none,deep") -> int:
+    # Scored in the preprocessed crop: what is retrained is the question here, not the CT-grid metrics
+    # (test_cli.py scores an experiment on the CT grid).
     return main(["experiment", "--data", str(data), "--new-center", "MDA", "--preset", "tiny", "--pretrain-epochs", "1",
-                 "--adapt-epochs", "1", "--strategies", strategies, "--out", str(out), *extra])  # fmt: skip
+                 "--adapt-epochs", "1", "--strategies", strategies, "--score-at", "preprocessed", "--out", str(out),
+                 *extra])  # fmt: skip
 
 
 def _deep_adapter(out: Path) -> tuple[dict, dict, dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,21 @@ EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "o
 BASE_FIELDS = ("model_config", "preprocess")  # in a run's provenance only when given
 
 
-def _positive(name: str, value: int | float | None, minimum: float = 1) -> None:
-    if value is not None and value < minimum:
+MAX_SEED = 2**32 - 1  # numpy's seed range; every random source is seeded from it
+MAX_PROMPTS = 1000  # prompt tokens per set: beyond this a window is mostly prompts (the cpu preset has 216 tokens)
+
+
+def _positive(name: str, value: int | float | None, minimum: float = 1, maximum: float | None = None) -> None:
+    """Refuse a value below ``minimum``, above ``maximum``, or not a finite number (``--lr inf`` would
+    train to NaN weights and save them)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    if value < minimum:
         raise ValueError(f"{name} must be at least {minimum:g}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g}, got {value}.")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -93,6 +106,7 @@ class _Training(_Run):
         _positive("--batch-size", self.batch_size)
         _positive("--lr", self.lr, 1e-12)
         _positive("--patience", self.patience, 0)
+        _positive("--seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,7 +166,7 @@ class AdaptRun(_Training, _OwnBase):
         super().__post_init__()
         strategy = get_strategy(self.strategy)
         object.__setattr__(self, "options", strategy.resolve_options(self.options))
-        _positive("--prompts", self.num_prompts)
+        _positive("--prompts", self.num_prompts, maximum=MAX_PROMPTS)
         _positive("--shots", self.shots)
         if not all(self.centers) or len(set(self.centers)) != len(self.centers):
             raise ValueError(f"--center: a center, or several separated by commas, each once; got {self.center!r}.")
@@ -219,7 +233,8 @@ class ExperimentRun(_Run, _OwnBase):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         _positive("--shots", self.shots)
-        _positive("--prompts", self.num_prompts)
+        _positive("--prompts", self.num_prompts, maximum=MAX_PROMPTS)
+        _positive("--seed", self.seed, 0, MAX_SEED)
         _positive("--pretrain-epochs", self.pretrain_epochs)
         _positive("--adapt-epochs", self.adapt_epochs)
         _positive("--patience", self.patience, 0)

@@ -70,6 +70,37 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+LOCK_FILE = ".lock"  # in a run folder: holds the writing process's pid while a job runs
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder/.lock`` (``flock``, exclusive) while a job writes the folder.
+
+    A second writer is refused at once, naming the holder's pid (two runs into one folder would
+    interleave their logs and metrics and leave one's model under the other's summary). The lock
+    goes with the descriptor, also when the process is killed; the small file stays. Local file
+    systems only (flock).
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{folder}: another centerprompt process (pid {holder}) is writing this folder; wait "
+                             "for it to finish, or give another --out.") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)
+
+
 def check_output(path: str | Path, kind: str) -> Path:
     """Refuse, before any work, an output a command could not write: ``kind="folder"`` that exists
     as a file, ``kind="file"`` that exists as a folder, or a place whose nearest existing folder is

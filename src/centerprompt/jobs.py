@@ -49,7 +49,7 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.config import AdaptRun, PretrainRun, config_hash, file_sha256
 from centerprompt.presets import get_preset
 from centerprompt.strategies import FULL, apply_strategy, get_strategy, parameter_report
-from centerprompt.files import check_output, jsonable, remove_stale_temporaries, write_json
+from centerprompt.files import check_output, folder_lock, jsonable, remove_stale_temporaries, write_json
 from centerprompt.scoring import SW_BATCH, Scorer, validator
 from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig, default_device, fit, rank
 
@@ -61,11 +61,17 @@ IN_CHANNELS, OUT_CHANNELS = 2, NUM_LABELS  # CT + PET in; background, GTVp, GTVn
 
 @contextlib.contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
-    """Copy the package's log records into ``run_dir/log.txt`` while a job runs (rank 0 only)."""
+    """While a job runs (rank 0 only): hold the run folder's lock (a second writer is refused,
+    :func:`folder_lock`) and copy the package's log records into ``run_dir/log.txt``."""
     if rank() != 0:
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir), _logged(run_dir):
+        yield
+
+
+@contextlib.contextmanager
+def _logged(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("centerprompt")
@@ -97,12 +103,16 @@ def load_index(
     path, size and mtime; with ``cache_dir`` (a run folder, never the data folder) the results are
     also kept in ``cache_dir/data_checks.json`` for later processes of the same run.
     """
-    cases = find_cases(data_dir, skip_bad_cases=skip_bad_cases)
+    found = find_cases(data_dir, skip_bad_cases=skip_bad_cases)
+    cases = found
     if check:
         cache_file = Path(cache_dir) / CHECKS_FILE if cache_dir is not None else None
-        cases = validate_cases(cases, skip_bad_cases=skip_bad_cases, cache_file=cache_file)
+        cases = validate_cases(found, skip_bad_cases=skip_bad_cases, cache_file=cache_file)
     splits = resolve_splits(data_dir, cases, path=splits_file, defaults=split_defaults, seed=seed,
                             skip_bad_cases=skip_bad_cases)  # fmt: skip
+    # Recorded in summary.json: the cases the checks left out, whether or not a split listed them.
+    failed = {c.case_id for c in found} - {c.case_id for c in cases}
+    splits.skipped = tuple(sorted(set(splits.skipped) | failed))
     return {c.case_id: c for c in cases}, splits
 
 

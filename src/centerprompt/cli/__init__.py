@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "out_kind", None):
                 check_output(args.out, args.out_kind)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Every file is written by rename, so nothing is half-written; training keeps last.pt per epoch.
+        hint = "; run the same command with --resume to continue from the last finished epoch" if hasattr(args, "resume") else ""
+        print(f"centerprompt {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as err:
         # Bad user input or a file system refusal (permissions, a file where a folder should be, a
         # full disk): one clear line naming the path; the traceback only with -v, to find where it was raised.

@@ -25,6 +25,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
     base = base_spec(args)
     bank, key = PromptBank(args.bank), None
     bank.check(args.center, args.adapter)  # refuse before the slow key computation
+    if args.base is not None:  # the backbone check predict and evaluate run: the adapter must fit this base
+        from centerprompt.artifacts import build_adapted_model
+        from centerprompt.jobs import open_base
+
+        build_adapted_model(open_base(base, args.adapter), args.adapter)
     if args.data is not None:
         key = routing_key_from_data(args.data, args.center, base, skip_bad_cases=args.skip_bad_cases,
                                     splits_file=args.splits)  # fmt: skip

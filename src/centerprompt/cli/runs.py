@@ -303,7 +303,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the new center; or several, comma-separated (USZ,CHB): one adapter on their cases pooled")
     base_arguments(p)
     p.add_argument("--strategy", default=registry.DEFAULT_STRATEGY, choices=registry.strategy_names())
-    p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P)")
+    p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P, 1 to 1000)")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),

@@ -257,7 +257,24 @@ def splits_from_json(stored: Any, source: str) -> Splits:
     except (KeyError, TypeError, AttributeError) as err:
         raise DataError(f"{source} is not a valid splits JSON (missing or malformed {err}); fix it, or give "
                         "another --splits FILE (every run folder keeps the split it used in splits.json)") from err  # fmt: skip
+    _check_split(centers, source)
     return Splits(centers, source=source, seed=seed if isinstance(seed, int) else None)
+
+
+def _check_split(centers: Mapping[str, Mapping[str, Sequence[str]]], source: str) -> None:
+    """A split read back must be one: every case under its own center, in one part only (a case both
+    in train and test would score a model on what it trained on)."""
+    seen: dict[str, str] = {}
+    for center, parts in centers.items():
+        for part in _PARTS:
+            for case_id in parts[part]:
+                if case_id.split("-", 1)[0] != center:
+                    raise DataError(f"{source}: case {case_id} is listed under center {center}; each case belongs "
+                                    "under its own center (the prefix of its ID)")  # fmt: skip
+                if case_id in seen:
+                    raise DataError(f"{source}: case {case_id} is in both {seen[case_id]} and {center} {part}; "
+                                    "train, val and test must not share a case")  # fmt: skip
+                seen[case_id] = f"{center} {part}"
 
 
 def read_splits(path: str | Path) -> Splits:

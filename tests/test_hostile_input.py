@@ -1,0 +1,133 @@
+"""Nothing broken passes silently: non-finite arguments and losses, splits that are not splits, an
+adapter for another base, a second writer in a run folder, Ctrl-C (issue 29). Each case asserts
+what the user sees: the exit status, one line naming the argument or file, and untouched files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CT_AFFINE, file_hashes, phantom_arrays, run_cli, write_case, write_nifti
+from tiny import tiny_model
+
+from centerprompt import apply_strategy
+from centerprompt.artifacts import save_adapter
+from centerprompt.checkpoints import resolve_base
+from centerprompt.cli import main
+from centerprompt.data.hecktor import DataError, read_splits
+from centerprompt.files import folder_lock
+from centerprompt.train import LAST_CHECKPOINT, NonFiniteLoss, TrainConfig, fit
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--lr", "inf", "--lr must be a finite number"), ("--lr", "nan", "--lr must be a finite number"),
+    ("--prompts", "100000", "--prompts must be at most 1000"),
+    ("--seed", "99999999999999999999999", "--seed must be at most"),
+])  # fmt: skip
+def test_unusable_numbers_are_refused_before_any_work(
+    world: Path, capsys: pytest.CaptureFixture, flag: str, value: str, says: str
+) -> None:  # fmt: skip
+    before = file_hashes(world)
+    status, errors = run_cli(capsys, "adapt", "--data", str(world / "data"), "--center", "MDA", "--base",
+                             str(world / "runs/b/model.safetensors"), "--out", str(world / "runs/a"), flag, value)  # fmt: skip
+    assert status == 2 and len(errors) == 1 and says in errors[0]
+    assert file_hashes(world) == before and not (world / "runs/a").exists()
+
+
+class _Poisoned(torch.utils.data.Dataset):
+    """Learnable cubes; once ``poisoned`` is set, images hold inf (the loss becomes NaN)."""
+
+    def __init__(self) -> None:
+        self.poisoned = False
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, label = torch.zeros(2, 32, 32, 32), torch.zeros(1, 32, 32, 32)
+        image[:, 8:16, 8:16, 8:16], label[:, 8:16, 8:16, 8:16] = 1.0, 1
+        if self.poisoned:
+            image[0, 0, 0, 0] = float("inf")
+        return {"image": image, "label": label}
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, data = tiny_model(), _Poisoned()
+    params = apply_strategy(model, "full")
+
+    def poison(epoch: int) -> None:
+        data.poisoned = epoch == 1
+
+    cfg = TrainConfig(epochs=3, lr=1e-3, batch_size=2, warmup_epochs=0, patience=0)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at epoch 2, step 1.*keeps epoch 1.*lower --lr"):
+        fit(model, params, data, cfg, tmp_path, progress=False, on_epoch_end=poison)
+    kept = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert kept["state"]["epoch"] == 1 and all(torch.isfinite(t).all() for t in kept["trainable"].values())
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_skipped_case_is_recorded_in_the_summary(world: Path) -> None:
+    ct = phantom_arrays()[0].astype(np.float32)
+    ct[5:10, 5:10, 5:10] = np.nan
+    write_case(world / "data", "MDA-003")
+    write_nifti(world / "data/imagesTr/MDA-003__CT.nii.gz", ct, CT_AFFINE)
+    for case in ("CHUM-001", "CHUM-002", "CHUM-003"):
+        write_case(world / "data", case)
+    out = world / "runs/p"
+    assert main(["pretrain", "--data", str(world / "data"), "--preset", "tiny", "--epochs", "1", "--skip-bad-cases",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["splits"]["skipped_cases"] == ["MDA-003"]
+
+
+@pytest.mark.parametrize(("centers", "says"), [
+    ({"MDA": {"train": ["MDA-001"], "val": [], "test": ["MDA-001"]}}, "MDA-001 is in both MDA train and MDA test"),
+    ({"MDA": {"train": ["MDA-001", "CHUM-002"], "val": [], "test": []}}, "CHUM-002 is listed under center MDA"),
+])  # fmt: skip
+def test_a_split_file_that_is_not_a_split_is_refused(tmp_path: Path, centers: dict, says: str) -> None:
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"seed": 0, "centers": centers}))
+    with pytest.raises(DataError, match=says) as err:
+        read_splits(path)
+    assert str(path) in str(err.value)
+
+
+def test_bank_add_checks_the_adapter_against_the_given_base(world: Path, capsys: pytest.CaptureFixture) -> None:
+    base = world / "runs/b/model.safetensors"
+    model = resolve_base(base).build(prompt_mode="deep", num_prompts=2)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("vit.")).add_(1.0)  # another backbone
+    apply_strategy(model, "deep")
+    adapter = save_adapter(model, world / "other.safetensors", "deep")
+    status, errors = run_cli(capsys, "bank", "add", "--bank", str(world / "bank"), "--center", "MDA", "--adapter",
+                             str(adapter), "--base", str(base), "--data", str(world / "data"))  # fmt: skip
+    assert status == 2 and len(errors) == 1 and "backbone" in errors[0]
+    assert not (world / "bank" / "bank.json").exists()
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_with_the_holders_pid(world: Path, capsys: pytest.CaptureFixture) -> None:
+    out = world / "runs/p"
+    with folder_lock(out):
+        before = file_hashes(world)
+        status, errors = run_cli(capsys, "pretrain", "--data", str(world / "data"), "--preset", "tiny", "--out", str(out))
+        assert status == 2 and len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and str(out) in errors[0]
+        assert file_hashes(world) == before
+    with folder_lock(out):  # released by the first holder
+        pass
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(world: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import centerprompt.jobs
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(centerprompt.jobs, "pretrain", interrupted)
+    status = main(["pretrain", "--data", str(world / "data"), "--preset", "tiny", "--out", str(world / "runs/p")])
+    err = capsys.readouterr().err.strip()
+    assert status == 130 and "\n" not in err and "interrupted" in err and "--resume" in err
