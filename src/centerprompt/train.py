@@ -323,7 +323,8 @@ def fit(
     on_cpu = device.type == "cpu" and not cfg.compile
     # Channels-last pays where 3D convolution weights train (their gradients are what it speeds up).
     channels_last = on_cpu and any(p.dim() == 5 and p.shape[2:].numel() > 1 for p in params)
-    with peak_memory(device) as mem, cpu_layout(model, channels_last), onednn_conv3d() if on_cpu else contextlib.nullcontext():
+    conv3d = onednn_conv3d() if on_cpu else contextlib.nullcontext()
+    with peak_memory(device) as mem, cpu_layout(model, channels_last), conv3d:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             started = time.perf_counter()
@@ -341,7 +342,7 @@ def fit(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     loss = loss_fn(net(image), label)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(_diverged(run_dir, float(loss), epoch, len(losses), state["epoch"], cfg.lr))
+                    raise NonFiniteLoss(_diverged(run_dir, loss.item(), epoch, len(losses), state["epoch"], cfg.lr))
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
