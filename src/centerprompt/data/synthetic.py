@@ -542,6 +542,9 @@ def _is_done(paths: list[Path], descrip: str) -> bool:
         return False
 
 
+PARALLEL_FROM = 12  # cases per worker process below which generate_dataset writes in its own process
+
+
 def _write_case(job: tuple[Path, CenterProfile, int, int]) -> bool:
     """Write one case of :func:`generate_dataset` unless it is already there; True if it was."""
     out, profile, seed, index = job
@@ -571,7 +574,8 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
         seed: dataset seed, default 0; case ``i`` of center ``C`` depends only on (seed, C, i).
         profiles: center profiles, default :data:`DEFAULT_PROFILES`.
         progress: show a progress bar.
-        workers: processes writing cases, default one per CPU core (1: in this process).
+        workers: processes writing cases; default one per CPU core when there are at least 12 cases
+            for each (1: in this process).
     """
     from tqdm.auto import tqdm
 
@@ -592,9 +596,10 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     jobs = [(out, profiles[c], seed, i) for c in centers for i in range(1, cases_per_center + 1)]
     case_ids = [f"{p.name}-{i:03d}" for _, p, _, i in jobs]
-    workers = max(1, min(os.cpu_count() or 1, len(jobs))) if workers is None else workers
+    if workers is None:  # a started process costs about a second (imports): worth it from a dozen cases
+        workers = min(os.cpu_count() or 1, len(jobs) // PARALLEL_FROM) or 1
     # Cases are independent (each depends on (seed, center, index) only) and generation is one core's
-    # numpy and gzip work, so a process per core divides the time (2 cores: 52 s -> about 28 s).
+    # numpy and gzip work, so a process per core divides the time (2 cores, 112 cases: 52 s -> 33 s).
     # spawn, not fork: the caller may hold torch's OpenMP threads, which a forked child can deadlock on.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else contextlib.nullcontext() as pool:
