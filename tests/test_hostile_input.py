@@ -131,3 +131,16 @@ def test_ctrl_c_ends_with_one_line_and_status_130(world: Path, capsys: pytest.Ca
     status = main(["pretrain", "--data", str(world / "data"), "--preset", "tiny", "--out", str(world / "runs/p")])
     err = capsys.readouterr().err.strip()
     assert status == 130 and "\n" not in err and "interrupted" in err and "--resume" in err
+
+
+@pytest.mark.parametrize("flag", ["--splits", "--profiles", "--preprocess"])
+def test_a_binary_file_where_text_belongs_is_named(world: Path, capsys: pytest.CaptureFixture, flag: str) -> None:
+    blob = world / "blob.json"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    if flag == "--profiles":
+        args = ["synth", "--out", str(world / "new"), "--centers", "NEW", "--profiles", str(blob)]
+    else:
+        args = ["evaluate", "--data", str(world / "data"), "--base", str(world / "runs/b/model.safetensors"), flag,
+                str(blob), "--out", str(world / "eval.json")]  # fmt: skip
+    status, errors = run_cli(capsys, *args)
+    assert status == 2 and len(errors) == 1 and f"{blob}: not a text file" in errors[0]

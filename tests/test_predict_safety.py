@@ -70,6 +70,14 @@ def _flat(p: dict[str, Path]) -> tuple[Path, Path]:
     return p["ct"], p["pet"]
 
 
+def _pet_constant(value: float) -> Callable[[dict[str, Path]], tuple[Path, Path]]:
+    def damage(p: dict[str, Path]) -> tuple[Path, Path]:
+        write_nifti(p["pet"], np.full_like(phantom_arrays()[1], value), PET_AFFINE)
+        return p["ct"], p["pet"]
+
+    return damage
+
+
 def _four_d(p: dict[str, Path]) -> tuple[Path, Path]:
     write_nifti(p["ct"], np.stack([phantom_arrays()[0]] * 2, axis=-1), CT_AFFINE)
     return p["ct"], p["pet"]
@@ -84,8 +92,10 @@ def _four_d(p: dict[str, Path]) -> tuple[Path, Path]:
         (_truncated, ["cannot read CT file", "CT"]),
         (_flat, ["is not 3D", "CT"]),
         (_four_d, ["is not 3D", "CT"]),
+        (_pet_constant(0.0), ["has no uptake", "PET"]),
+        (_pet_constant(1.3), ["has no uptake", "PET"]),
     ],
-    ids=["nan-block", "pet-5m-away", "swapped", "truncated", "2d", "4d"],
+    ids=["nan-block", "pet-5m-away", "swapped", "truncated", "2d", "4d", "pet-all-zero", "pet-constant"],
 )
 def test_a_bad_pair_is_refused_in_one_line_and_nothing_is_written(
     base: Path, pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -216,3 +226,11 @@ def test_check_data_names_swapped_modalities_too(hecktor_dir: Path) -> None:
     problems = check_case(case)
     assert any("look swapped" in p for p in problems), problems
     assert nib.load(case.label).shape != nib.load(case.ct).shape  # the label check still runs beside it
+
+
+def test_check_data_names_a_pet_without_uptake(hecktor_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    case = next(c for c in find_cases(hecktor_dir) if c.case_id == "CHUM-001")
+    write_nifti(case.pet, np.zeros_like(phantom_arrays()[1]), PET_AFFINE)
+    assert main(["check-data", str(hecktor_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"CHUM-001: PET file {case.pet} has no uptake" in out and "no problems found" not in out

@@ -45,6 +45,7 @@ from typing import Any, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
+from centerprompt.files import read_text
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.models.prompted_unetr import PromptedUNETR
 
@@ -182,7 +183,7 @@ def read_config_file(path: str | Path, what: str = "configuration") -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file ({what}).")
-    text = path.read_text()
+    text = read_text(path, what)
     try:
         if path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)

@@ -140,6 +140,15 @@ def check_not_input(out: str | Path, inputs: Mapping[str, str | Path]) -> Path:
     return Path(out)
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of ``path``, or ValueError naming the file and ``what`` it should be (a binary
+    or otherwise undecodable file would otherwise surface as a bare codec error)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file ({what}): byte {err.start} is not UTF-8.") from None
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON values, as :func:`write_json` writes them: NaN/inf -> None, numpy -> Python,
     tuples -> lists, paths -> str (so a value compares equal to what was read back from its file)."""

@@ -35,10 +35,13 @@ CT_AIR_HU = -500.0
 # A PET in SUV stays within this range (tumours reach tens, reconstruction noise a little below 0);
 # Bq/ml reach thousands and a CT goes down to -1000, so either is named.
 PET_SUV_RANGE = (-50.0, 1000.0)
+# A PET spans at least this many SUV between its coldest and hottest voxel (air ~0, body ~1, brain
+# 5-10); an all-zero or constant PET (a failed reconstruction or export) segments as background.
+PET_MIN_SPREAD = 0.5
 _PROGRESS_MIN_CASES = 5
 #: Name of the file in a run folder that keeps check results across processes.
 CHECKS_FILE = "data_checks.json"
-_CHECKS_FORMAT = "centerprompt-checks/2"  # /2: CT and PET intensity ranges
+_CHECKS_FORMAT = "centerprompt-checks/3"  # /2: CT and PET intensity ranges; /3: a PET without uptake
 # A file changed within the file system's timestamp granularity of its check may keep its (size,
 # mtime) although its content changed; such a result is not reused (git's "racy clean" rule).
 _RACY_NS = 2_000_000_000
@@ -176,6 +179,9 @@ def _intensity_problems(case_id: str, files: dict[str, Path], ranges: dict[str, 
     if pet is not None and not _looks_suv(pet):
         problems.append(f"{case_id}: PET file {files['PET']} has values {pet[0]:.4g} to {pet[1]:.4g}, outside "
                         f"{PET_SUV_RANGE[0]:g} to {PET_SUV_RANGE[1]:g}: not a PET in SUV")  # fmt: skip
+    elif pet is not None and pet[1] - pet[0] < PET_MIN_SPREAD:
+        problems.append(f"{case_id}: PET file {files['PET']} has no uptake (values {pet[0]:.4g} to {pet[1]:.4g}, "
+                        f"less than {PET_MIN_SPREAD:g} SUV apart): an empty or failed reconstruction")  # fmt: skip
     return problems
 
 

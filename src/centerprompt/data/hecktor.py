@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from centerprompt.files import write_json
+from centerprompt.files import read_text, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ def _check_split(centers: Mapping[str, Mapping[str, Sequence[str]]], source: str
 def read_splits(path: str | Path) -> Splits:
     """The split in a splits file."""
     try:
-        stored = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        stored = json.loads(read_text(path, "a splits JSON"))
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8 (named by read_text), not JSON
         raise DataError(f"split file {path} cannot be read ({err}); fix it, or give another --splits FILE") from err
     return splits_from_json(stored, str(path))
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from centerprompt.files import read_text
+
 CT_KERNELS = ("smooth", "sharp")
 # A center name becomes the prefix of case ids (CHUM-001), so no '-' or '_'.
 _NAME_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
@@ -178,15 +180,18 @@ def load_profiles(path: str | Path) -> dict[str, CenterProfile]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"profile file {path} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        raw = json.loads(text)
-    elif path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    text = read_text(path, "center profiles in JSON or YAML")
+    import yaml
 
-        raw = yaml.safe_load(text)
-    else:
-        raise ValueError(f"{path}: profile file must end in .json, .yaml or .yml")
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            raw = yaml.safe_load(text)
+        else:
+            raise ValueError(f"{path}: profile file must end in .json, .yaml or .yml")
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({str(err).splitlines()[0]}).") from None
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a mapping from center name to its parameters")
     known = {f.name for f in dataclasses.fields(CenterProfile)} - {"name"}
