@@ -144,3 +144,35 @@ def test_a_binary_file_where_text_belongs_is_named(world: Path, capsys: pytest.C
                 str(blob), "--out", str(world / "eval.json")]  # fmt: skip
     status, errors = run_cli(capsys, *args)
     assert status == 2 and len(errors) == 1 and f"{blob}: not a text file" in errors[0]
+
+
+def test_weights_with_nan_are_refused_on_save_and_on_load(world: Path, capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from centerprompt.artifacts import save_model
+
+    base = world / "runs/b/model.safetensors"
+    model = resolve_base(base).build()
+    with torch.no_grad():
+        model.out.conv.conv.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):
+        save_model(model, world / "nan.safetensors")
+    assert not (world / "nan.safetensors").exists()
+    # A file written by another tool (no content hash): refused when read, naming it.
+    tensors = load_file(str(base))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, str(world / "inf.safetensors"))
+    ct, pet = world / "data/imagesTr/MDA-001__CT.nii.gz", world / "data/imagesTr/MDA-001__PT.nii.gz"
+    status, errors = run_cli(capsys, "predict", "--base", str(world / "inf.safetensors"), "--ct", str(ct), "--pet",
+                             str(pet), "--out", str(world / "p.nii.gz"))  # fmt: skip
+    assert status == 2 and len(errors) == 1 and "inf.safetensors" in errors[0] and "NaN or infinite" in errors[0]
+    assert not (world / "p.nii.gz").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("suv_max", float("nan")), ("spacing", "abc"), ("ct_window", [0, None])])
+def test_preprocessing_fields_must_be_finite_numbers(field: str, value: object) -> None:
+    from centerprompt.data.transforms import PreprocessConfig
+
+    with pytest.raises(ValueError, match=f"preprocessing field {field} must be finite numbers"):
+        PreprocessConfig.from_dict({field: value})

@@ -25,6 +25,7 @@ from centerprompt.checkpoints import (
     MODEL_FORMAT,
     PROMPT_FIELDS,
     BaseLike,
+    check_finite,
     content_hash,
     read_safetensors,
     resolve_base,
@@ -56,7 +57,9 @@ def backbone_fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = 
 
 
 def _save(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> None:
-    """Write a safetensors file atomically, its content hash added to ``meta`` (checked on every read)."""
+    """Write a safetensors file atomically, its content hash added to ``meta`` (checked on every read);
+    NaN or infinite weights are refused before anything is written."""
+    check_finite(tensors, Path(path))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={**meta, CONTENT_HASH_KEY: content_hash(meta, tensors)})
 

@@ -246,7 +246,17 @@ def read_safetensors(
                          f"({CONTENT_HASH_KEY}); copy the file again or retrain it.")  # fmt: skip
     if expected_format is not None and meta.get("format") != expected_format:
         raise ValueError(f"{path}: not a {expected_format} file (format is {meta.get('format')!r}).")
+    check_finite(tensors, path)
     return meta, tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinite values: such a model predicts background everywhere
+    (or garbage) without any error, so it is named here instead."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}): training "
+                         "diverged or the file was written wrongly; retrain it (with a lower --lr).")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- weights
@@ -314,6 +324,7 @@ def _read_weights(path: Path) -> tuple[dict[str, str] | None, dict[str, torch.Te
     torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save's zip, or a legacy pickle
     if path.suffix != ".safetensors" and (torch_file or path.suffix in TORCH_SUFFIXES):
         state, key = _network_state(_torch_load(path), path)
+        check_finite(state, path)
         return None, state, "MONAI state dict" if key is None else f"checkpoint (network under {key!r})"
     meta, tensors = read_safetensors(path, None)
     fmt = meta.get("format")

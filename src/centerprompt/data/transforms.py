@@ -101,6 +101,15 @@ class PreprocessConfig:
     intensity: float = 0.1
 
     def __post_init__(self) -> None:
+        # Every field is numbers (a --preprocess file may say anything): NaN would crop and scale to
+        # nothing without an error, a string would fail far from here.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            if value is None and f.name == "crop_mm":
+                continue
+            if not items or not all(_finite_number(v) for v in items):
+                raise ValueError(f"preprocessing field {f.name} must be finite numbers, got {value!r}")
         # JSON gives lists; store tuples so the config stays hashable and comparable.
         for name in ("spacing", "ct_window", "crop_mm", "roi_size"):
             value = getattr(self, name)
@@ -137,6 +146,10 @@ class PreprocessConfig:
         if unknown:
             raise ValueError(f"unknown preprocessing option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def head_neck_mask(img: torch.Tensor, threshold: float, depth: int | None) -> torch.Tensor:
