@@ -200,7 +200,12 @@ def cpu_layout(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.to(memory_format=torch.contiguous_format)
 
 
-def _to_layout(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def trains_3d_kernels(params: list[nn.Parameter]) -> bool:
+    """Whether 3D convolution kernels wider than 1 train: where channels-last pays (:func:`cpu_layout`)."""
+    return any(p.dim() == 5 and p.shape[2:].numel() > 1 for p in params)
+
+
+def to_layout(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     image = image.to(device)
     return image.contiguous(memory_format=torch.channels_last_3d) if channels_last and image.dim() == 5 else image
 
@@ -245,6 +250,32 @@ def _reseed_epoch(cfg: TrainConfig, epoch: int, dataset: Dataset, loader_gen: to
 
 class NonFiniteLoss(ValueError):
     """Training diverged: the loss is NaN or infinite. Nothing of the diverged epoch is saved."""
+
+    def __init__(self, message: str, loss: float = math.nan) -> None:
+        super().__init__(message)
+        self.loss = loss
+
+
+def train_step(
+    net: nn.Module, loss_fn: Callable[..., torch.Tensor], image: torch.Tensor, label: torch.Tensor,
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, grad_clip: float = 1.0, amp: bool = False,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> float:  # fmt: skip
+    """One optimiser step, the same for ``fit`` and a federated site's round: forward and loss (plus
+    ``penalty``, e.g. FedProx's proximal term), a stop on a non-finite loss before anything is
+    updated, backward, gradient clipping, step. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = loss_fn(net(image), label)
+    if penalty is not None:
+        loss = loss + penalty()
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss.item()}", loss.item())
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def _diverged(run_dir: Path, loss: float, epoch: int, step: int, finished: int, lr: float) -> str:
@@ -321,8 +352,7 @@ def fit(
                disable=not (progress and writer), leave=False)  # fmt: skip
     stopped_early = False
     on_cpu = device.type == "cpu" and not cfg.compile
-    # Channels-last pays where 3D convolution weights train (their gradients are what it speeds up).
-    channels_last = on_cpu and any(p.dim() == 5 and p.shape[2:].numel() > 1 for p in params)
+    channels_last = on_cpu and trains_3d_kernels(params)
     conv3d = onednn_conv3d() if on_cpu else contextlib.nullcontext()
     with peak_memory(device) as mem, cpu_layout(model, channels_last), conv3d:
         while state["epoch"] < cfg.epochs:
@@ -336,19 +366,14 @@ def fit(
             losses = []
             mark = time.perf_counter()
             for batch in loader:
-                image, label = _to_layout(batch["image"], device, channels_last), batch["label"].to(device)
+                image, label = to_layout(batch["image"], device, channels_last), batch["label"].to(device)
                 phases["data_s"] += (now := time.perf_counter()) - mark
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    loss = loss_fn(net(image), label)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(_diverged(run_dir, loss.item(), epoch, len(losses), state["epoch"], cfg.lr))
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
+                try:
+                    losses.append(train_step(net, loss_fn, image, label, optimizer, params, grad_clip=cfg.grad_clip,
+                                             amp=cfg.amp))  # fmt: skip
+                except NonFiniteLoss as err:
+                    raise NonFiniteLoss(_diverged(run_dir, err.loss, epoch, len(losses), state["epoch"], cfg.lr)) from None
                 scheduler.step()
-                losses.append(loss.item())
                 phases["step_s"] += (mark := time.perf_counter()) - now
             state["epoch"] = epoch + 1
             row: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),

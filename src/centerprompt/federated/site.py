@@ -8,6 +8,7 @@ weights by), and :mod:`centerprompt.federated.flower` packs nothing else into a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,7 +30,15 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import Preset, get_preset
 from centerprompt.scoring import Scorer, validator
 from centerprompt.strategies import FULL, apply_strategy, get_strategy
-from centerprompt.train import default_device, seed_everything
+from centerprompt.models.cpu_conv import onednn_conv3d
+from centerprompt.train import (
+    cpu_layout,
+    default_device,
+    seed_everything,
+    to_layout,
+    train_step,
+    trains_3d_kernels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,23 +198,24 @@ class Site:
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
         self.model.to(self.device).train()
         anchor = [p.detach().clone() for p in self.params] if job.mu > 0 else None
+
+        def proximal() -> torch.Tensor:  # FedProx: stay near the round's global tensors
+            return job.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchor))
+
         optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-5)
         losses: list[float] = []
-        for _ in range(job.local_epochs):
-            for item in loader:
-                image, label = item["image"].to(self.device), item["label"].to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(self.model(image), label)
-                if anchor is not None:  # FedProx: stay near the round's global tensors
-                    loss = loss + job.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchor))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                optimizer.step()
-                losses.append(float(loss.item()))
+        on_cpu = self.device.type == "cpu"  # the CPU layout and kernels fit uses (train.py)
+        channels_last = on_cpu and trains_3d_kernels(self.params)
+        with cpu_layout(self.model, channels_last), onednn_conv3d() if on_cpu else contextlib.nullcontext():
+            for _ in range(job.local_epochs):
+                for item in loader:
+                    image, label = to_layout(item["image"], self.device, channels_last), item["label"].to(self.device)
+                    losses.append(train_step(self.model, loss_fn, image, label, optimizer, self.params,
+                                             penalty=proximal if anchor is not None else None))  # fmt: skip
+                    if job.local_steps and len(losses) >= job.local_steps:
+                        break
                 if job.local_steps and len(losses) >= job.local_steps:
                     break
-            if job.local_steps and len(losses) >= job.local_steps:
-                break
         self.model.cpu()
         metrics = {"train-loss": float(np.mean(losses)), "num-examples": float(len(self.train_cases))}
         return trainable_tensors(self.model), metrics
