@@ -176,3 +176,12 @@ def test_preprocessing_fields_must_be_finite_numbers(field: str, value: object) 
 
     with pytest.raises(ValueError, match=f"preprocessing field {field} must be finite numbers"):
         PreprocessConfig.from_dict({field: value})
+
+
+@pytest.mark.parametrize("name", ["-x", "_x", "BASE", "Auto", "Oracle"])
+def test_center_names_that_read_as_options_or_modes_are_refused(name: str) -> None:
+    from centerprompt.bank.storage import validate_center
+
+    with pytest.raises(ValueError, match=f"center name {name!r}"):
+        validate_center(name)
+    assert validate_center("USZ") == "USZ" and validate_center("site_1") == "site_1"

@@ -53,7 +53,7 @@ KEY_TENSORS = ("mean", "var", "scale")  # all a key file holds: (F,), (F,), (1,)
 BANK_FILE = "bank.json"
 PROMPT_TENSOR = "prompts.tokens"  # the one tensor a bankable adapter file holds
 # Always fullmatch: with match, "$" also matches before a final newline ("X\n" would pass).
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")  # not "-x": it would read as an option
 _ENTRY_FILE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.key)?\.safetensors")
 _TMP_FILE_RE = re.compile(r"\..+\.tmp")  # files.atomic_path's temporary names
 
@@ -61,8 +61,9 @@ _TMP_FILE_RE = re.compile(r"\..+\.tmp")  # files.atomic_path's temporary names
 def validate_center(name: str) -> str:
     """A center name is 1-32 letters, digits, '-' or '_', so no name can write outside the bank."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"center name {name!r} must be 1-32 letters, digits, '-' or '_'.")
-    if name in RESERVED:
+        raise ValueError(f"center name {name!r} must be 1-32 letters, digits, '-' or '_', starting with a letter "
+                         "or digit.")  # fmt: skip
+    if name.lower() in RESERVED:  # "Auto" or "BASE" would be told apart from the modes by case alone
         raise ValueError(f"center name {name!r} is reserved ({', '.join(RESERVED)} name routing modes).")
     return name
 
