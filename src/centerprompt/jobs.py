@@ -104,10 +104,8 @@ def load_index(
     also kept in ``cache_dir/data_checks.json`` for later processes of the same run.
     """
     found = find_cases(data_dir, skip_bad_cases=skip_bad_cases)
-    cases = found
-    if check:
-        cache_file = Path(cache_dir) / CHECKS_FILE if cache_dir is not None else None
-        cases = validate_cases(found, skip_bad_cases=skip_bad_cases, cache_file=cache_file)
+    cache_file = Path(cache_dir) / CHECKS_FILE if cache_dir is not None else None
+    cases = validate_cases(found, skip_bad_cases=skip_bad_cases, cache_file=cache_file) if check else found
     splits = resolve_splits(data_dir, cases, path=splits_file, defaults=split_defaults, seed=seed,
                             skip_bad_cases=skip_bad_cases)  # fmt: skip
     # Recorded in summary.json: the cases the checks left out, whether or not a split listed them.
@@ -231,6 +229,22 @@ def pretrain_config(run: PretrainRun, splits: Splits) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _train(
+    model: PromptedUNETR, params: list[torch.nn.Parameter], train: Sequence[Case], val: Sequence[Case],
+    preprocess: PreprocessConfig, cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Cache ``train`` and ``val`` (timed), then :func:`fit` with the validation DSCagg; the result's
+    fields and ``cache_seconds`` for summary.json (pretraining and adaptation alike)."""
+    started = time.perf_counter()
+    train_ds = make_dataset(list(train), train_transforms(preprocess))
+    scorer = Scorer(list(val), preprocess, score_at="preprocessed")
+    cache_seconds = time.perf_counter() - started
+    result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
+    logger.info("%.0f s to cache the cases, %.0f s to train: %s", cache_seconds, result.train_seconds,
+                result.phase_seconds)  # fmt: skip
+    return {**result.__dict__, "cache_seconds": cache_seconds}
+
+
 def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
     """Train the base model with every weight on all centers but ``run.exclude_center``.
 
@@ -252,17 +266,12 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
         torch.manual_seed(run.seed)
         model = PromptedUNETR(**config["model"])
         params = apply_strategy(model, FULL)
-        started = time.perf_counter()
-        train_ds = make_dataset([cases[i] for i in train_ids], train_transforms(p.preprocess))
-        scorer = Scorer([cases[i] for i in val_ids], p.preprocess, score_at="preprocessed")
-        cache_seconds = time.perf_counter() - started
-        logger.info("pretraining on %d cases (%d for validation), excluding %s; %.1f s to preprocess and cache them",
-                    len(train_ids), len(val_ids), run.exclude_center, cache_seconds)  # fmt: skip
-        cfg = TrainConfig(**config["train"])
-        result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=run.resume, progress=run.progress)
-        logger.info("pretraining took %.0f s: %s", result.train_seconds, result.phase_seconds)
-        summary = {"job": "pretrain", **result.__dict__, "cache_seconds": cache_seconds, **parameter_report(model),
-                   "config_hash": config_hash(config), "splits": splits.record()}  # fmt: skip
+        logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids),
+                    run.exclude_center)  # fmt: skip
+        timing = _train(model, params, [cases[i] for i in train_ids], [cases[i] for i in val_ids], p.preprocess,
+                        TrainConfig(**config["train"]), run_dir, resume=run.resume, progress=run.progress)  # fmt: skip
+        summary = {"job": "pretrain", **timing, **parameter_report(model), "config_hash": config_hash(config),
+                   "splits": splits.record()}  # fmt: skip
         if rank() == 0:
             train_centers = sorted({cases[i].center for i in train_ids})
             extra = {"preprocess": p.preprocess.to_dict(), "preset": p.name, "train_centers": train_centers,
@@ -393,15 +402,10 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
                                    "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config),
                                    "splits": splits.record()}  # fmt: skip
         if strategy.trains:
-            started = time.perf_counter()
-            train_ds = make_dataset([cases[i] for i in config["adapt_train"]], train_transforms(preprocess))
-            scorer = Scorer([cases[i] for i in config["adapt_val"]], preprocess, score_at="preprocessed")
-            cache_seconds = time.perf_counter() - started
             logger.info("adapting to %s with %s on %d cases", run.center, run.strategy, len(config["adapt_train"]))
-            result = fit(model, params, train_ds, TrainConfig(**config["train"]), run_dir, validator(scorer),
-                         resume=run.resume, progress=run.progress)  # fmt: skip
-            logger.info("adaptation took %.0f s: %s", result.train_seconds, result.phase_seconds)
-            summary.update(result.__dict__, cache_seconds=cache_seconds)
+            summary.update(_train(model, params, [cases[i] for i in config["adapt_train"]],
+                                  [cases[i] for i in config["adapt_val"]], preprocess, TrainConfig(**config["train"]),
+                                  run_dir, resume=run.resume, progress=run.progress))  # fmt: skip
             if rank() == 0:
                 extra = {"center": "+".join(run.centers), "shots": run.shots, "base": str(run.base),
                          "preprocess": preprocess.to_dict(), "splits_sha256": splits.sha256}  # fmt: skip
