@@ -127,13 +127,13 @@ def test_the_prompts_are_folded_into_the_torchscript_network(bundle: Path, model
     assert set(state) == set(network.state_dict()) and torch.equal(state["prompts.tokens"], adapted.prompts.tokens)
 
 
-@pytest.mark.parametrize("strategy", ["deep+head", "lora"])
+@pytest.mark.parametrize("strategy", ["deep+head", "lora", "deep+norm", "image"])
 def test_fold_keeps_what_any_strategy_trained(strategy: str, models: dict[str, Path]) -> None:
     from centerprompt.bundle import fold
     from centerprompt.checkpoints import resolve_base
     from centerprompt.strategies import STRATEGIES, apply_strategy
 
-    model = resolve_base(models["base"]).build(prompt_mode=STRATEGIES[strategy].prompt_mode, num_prompts=4)
+    model = resolve_base(models["base"]).build(**STRATEGIES[strategy].model_fields(4))
     trained = apply_strategy(model, strategy)
     with torch.no_grad():
         for p in trained:

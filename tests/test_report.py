@@ -136,7 +136,7 @@ def test_write_report_round_trips_json_with_nan_as_null(tmp_path):
     results = fake_results()
     results["strategies"]["none"]["peak_memory_mb"] = np.float32(123.5)
     paths = write_report(results, tmp_path / "report")
-    assert set(paths) == {"json", "markdown", "dice_per_strategy", "params_vs_dice"}
+    assert set(paths) == {"json", "markdown", "dice_per_strategy", "params_vs_dice", "gains"}
     loaded = json.loads(paths["json"].read_text())
     assert loaded["strategies"]["bitfit"]["new_center"]["dsc_agg"]["gtvn"] is None
     assert loaded["strategies"]["deep"]["new_center"]["hd95_median"]["gtvn"] is None

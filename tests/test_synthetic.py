@@ -191,6 +191,15 @@ def test_cli_synth_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["synth", "--out", str(out), "--cases-per-center", "1", "--centers", "CHUM,MDA"]) == 0
     assert len(list((out / "labelsTr").glob("*.nii.gz"))) == 2
     assert "2 cases" in capsys.readouterr().out
+    # A new center with more patients than the others (its test set needs them), from the factorial benchmark's file.
+    factorial = Path(__file__).resolve().parents[1] / "benchmarks" / "factorial_centers.yaml"
+    assert main(["synth", "--out", str(out), "--cases-per-center", "1", "--centers", "CHUM,POL",
+                 "--profiles", str(factorial), "--cases", "POL=2"]) == 0  # fmt: skip
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["num_cases"] == {"CHUM": 1, "POL": 2} and (out / "labelsTr" / "POL-002.nii.gz").exists()
+    assert main(["synth", "--out", str(out), "--cases", "MDA=2", "--centers", "CHUM"]) == 2  # not generated
+    assert main(["synth", "--out", str(out), "--cases", "CHUM:2"]) == 2
+    assert "NAME=N" in capsys.readouterr().err
     profile_file = tmp_path / "p.yaml"
     profile_file.write_text("NEW:\n  base: CHUM\n  bogus: 1\n")
     assert main(["synth", "--out", str(out), "--centers", "NEW", "--profiles", str(profile_file)]) == 2

@@ -21,9 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from centerprompt.checkpoints import (
+    ADAPTER_SHAPE_FIELDS,
     CONTENT_HASH_KEY,
     MODEL_FORMAT,
     PROMPT_FIELDS,
+    adapter_fields,
     BaseLike,
     check_finite,
     content_hash,
@@ -151,11 +153,10 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
     if diff:
         shown = ", ".join(f"{k}={config[k]} (model: {model.config.get(k)})" for k in diff)
         raise ValueError(f"{path}: adapter was trained for another backbone configuration: {shown}.")
-    for k in PROMPT_FIELDS[:2]:
-        if model.config[k] != config[k]:
-            raise ValueError(
-                f"{path}: adapter needs a model with {k}={config[k]!r}, this model has {model.config[k]!r}."
-            )
+    needs, has = adapter_fields(config), adapter_fields(model.config)
+    for k in ADAPTER_SHAPE_FIELDS:
+        if has[k] != needs[k]:
+            raise ValueError(f"{path}: adapter needs a model with {k}={needs[k]!r}, this model has {has[k]!r}.")
     strategy = meta["strategy"]
     replaced = {_base_name(n) for n in tensors if not is_added_tensor(n)}
     expected, found = meta["backbone_fingerprint"], backbone_fingerprint(model, exclude=replaced)
@@ -176,16 +177,26 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
     return read_adapter_metadata(path)
 
 
-def build_adapted_model(base: BaseLike, adapter: str | Path | None = None) -> PromptedUNETR:
-    """The base checkpoint (any source :func:`load_model` reads) with an adapter applied (or alone), for inference."""
+def build_adapted_model(base: BaseLike, adapter: str | Path | None = None, *,
+                        without_prompts: bool = False) -> PromptedUNETR:  # fmt: skip
+    """The base checkpoint (any source :func:`load_model` reads) with an adapter applied (or alone), for inference.
+
+    ``without_prompts``: the adapter's other tensors (head, norm steering) without its prompt tokens,
+    to credit a gain to the part that makes it (an adapter without prompts is an error).
+    """
     base = resolve_base(base)
     if adapter is None:
         model = load_model(base)
         apply_strategy(model, BASE)
         return model.eval()
     meta = read_adapter_metadata(adapter)
-    prompt_fields = {k: meta["config"][k] for k in PROMPT_FIELDS}
-    model = load_model(base, **prompt_fields)
+    model = load_model(base, **adapter_fields(meta["config"]))
     load_adapter(model, adapter)
+    if without_prompts:
+        if model.prompts is None:
+            raise ValueError(f"{adapter}: adapter has no prompt tokens to remove.")
+        plain = PromptedUNETR(**{**model.config, "prompt_mode": "none"})
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prompts.")})
+        model = plain
     apply_strategy(model, BASE)
     return model.eval()

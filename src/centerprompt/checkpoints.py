@@ -55,8 +55,18 @@ MODEL_FORMAT = "centerprompt-model/1"
 # Metadata key of the SHA-256 over a file's content (:func:`content_hash`); files without it load unverified.
 CONTENT_HASH_KEY = "content_sha256"
 CENTERPROMPT = "centerprompt model"  # BaseCheckpoint.kind of our own files
-# Config fields that describe prompts, not the backbone: set by the strategy (an adapter may change them), never by a base.
-PROMPT_FIELDS = ("prompt_mode", "num_prompts", "prompt_dropout")
+# Config fields that describe what an adapter adds (prompts, norm steering, image prompt), not the backbone:
+# set by the strategy (an adapter may change them), never by a base; with the values of a model that adds nothing.
+ADAPTER_DEFAULTS = {"prompt_mode": "none", "num_prompts": 10, "prompt_dropout": 0.0, "steer_norms": False,
+                    "image_prompt": 0}  # fmt: skip
+PROMPT_FIELDS = tuple(ADAPTER_DEFAULTS)
+# Those that shape the adapter's tensors: an adapter loads only onto a model built with the same.
+ADAPTER_SHAPE_FIELDS = ("prompt_mode", "num_prompts", "steer_norms", "image_prompt")
+
+
+def adapter_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter fields of a model configuration; those an older file lacks take the values that add nothing."""
+    return {k: config.get(k, default) for k, default in ADAPTER_DEFAULTS.items()}
 NETWORK_KEYS = ("net", "network", "model", "state_dict", "model_state_dict", "module")  # searched first, in order
 POSITION_KEY = "vit.patch_embedding.position_embeddings"  # (1, N, C): every UNETR state dict has it
 ARG_ALIASES = {"pos_embed": "proj_type"}  # MONAI < 1.3 names

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from centerprompt.artifacts import build_adapted_model
+from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.files import write_json
+from centerprompt.intervals import add_intervals
 from centerprompt.config import ExperimentRun, file_sha256
 from centerprompt.jobs import adapt, check_base_split, keep_splits, load_index, open_base, pretrain, split_defaults
 from centerprompt.reliance import transformer_reliance
@@ -38,6 +39,7 @@ from centerprompt.train import default_device
 
 logger = logging.getLogger(__name__)
 
+WITHOUT_PROMPTS = ":no-prompts"  # attribution row: a prompt adapter scored with its prompts removed
 MIN_GAP = 0.01  # below this oracle gap (DSCagg) a fraction of it closed is not reported: it is noise
 
 
@@ -125,12 +127,13 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         check_base_split(ckpt, splits)
         stages["base"] = {"file": str(ckpt.path), "sha256": file_sha256(ckpt.weights)}
     base, preprocess = ckpt.path, ckpt.preprocess
+    old_test = old_center_tests(loco.old_test, cases, ckpt.extra.get("train_centers"))
     # The oracle copies the base model's architecture and budget (a foreign checkpoint: the preset asked for).
     base_preset = ckpt.extra.get("preset", run.preset)
     device = default_device()
     with clock("caching the test cases"):
         new_scorer = Scorer([cases[i] for i in loco.new_test], preprocess, score_at=run.score_at)
-        old_scorer = Scorer([cases[i] for i in loco.old_test], preprocess, score_at=run.score_at)
+        old_scorer = Scorer([cases[i] for i in old_test], preprocess, score_at=run.score_at)
 
     progress = run.progress
     base_model = build_adapted_model(ckpt).to(device)
@@ -146,7 +149,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "new_center": new_center, "data_dir": str(run.data_dir), "base_checkpoint": str(base),
-        "new_center_test_cases": list(loco.new_test), "old_center_test_cases": list(loco.old_test),
+        "new_center_test_cases": list(loco.new_test), "old_center_test_cases": old_test,
         "adapt_train_cases": list(loco.adapt_train), "shots": run.shots, "prompts": run.num_prompts, "seed": run.seed,
         "preset": run.preset, "score_at": run.score_at, "machine": machine_info(), "date": date.today().isoformat(),
         "command": run.command or " ".join(sys.argv), "config": run.provenance(), "splits": splits.record(),
@@ -183,7 +186,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
                 new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
                 old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))
                 previews[name] = new_scorer.predict(model, slice_case)[0].numpy()
-        results["strategies"][name] = {
+        row = {
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "trainable_fraction": summary["trainable_fraction"], "artifact_bytes": summary["artifact_bytes"],
             "train_seconds": summary["train_seconds"], "peak_memory_mb": summary["peak_memory_mb"],
@@ -191,7 +194,18 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             "new_center": new, "old_centers": old, "old_centers_base": _without_cases(base_old),
             "artifact": summary["artifact"],
         }  # fmt: skip
+        results["strategies"][name] = row
+        if name != ORACLE and get_strategy(name).prompt_mode != "none" \
+                and _trains_more_than_prompts(summary["artifact"]):
+            # Attribution: the same adapter scored with its prompt tokens removed.
+            with clock(f"scoring {name}{WITHOUT_PROMPTS}"):
+                model = build_adapted_model(ckpt, summary["artifact"], without_prompts=True).to(device)
+                new = _summaries(new_scorer.score(model, desc=f"{name}{WITHOUT_PROMPTS}: new", progress=progress))
+                old = _summaries(old_scorer.score(model, desc=f"{name}{WITHOUT_PROMPTS}: old", progress=progress))
+            results["strategies"][name + WITHOUT_PROMPTS] = {**row, "new_center": new, "old_centers": old,
+                                                             "attribution_of": name}  # fmt: skip
     add_gap_closed(results)
+    add_intervals(results)
 
     results["phase_seconds"] = clock.rows
     with clock("report and figures"):
@@ -202,6 +216,25 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     write_json(results, paths["json"])  # with the report's own time, which results.md cannot hold
     logger.info("report written to %s", paths["markdown"])
     return results
+
+
+def _trains_more_than_prompts(artifact: str) -> bool:
+    """Whether a prompt adapter also holds other tensors (a head, norm steering)."""
+    return any(not n.startswith("prompts.") for n in read_adapter_metadata(artifact)["tensors"])
+
+
+def old_center_tests(test_ids: list[str], cases: dict[str, Any], train_centers: list[str] | None) -> list[str]:
+    """The old centers' test cases: of the centers the base was pretrained on, when it records them.
+
+    A data folder may hold several new centers (a benchmark's); one held out must not count the
+    others, which the base never saw either, as old centers."""
+    if not train_centers:
+        return list(test_ids)
+    kept = [i for i in test_ids if cases[i].center in set(train_centers)]
+    if len(kept) < len(test_ids):
+        logger.info("old centers: the base's %s; %d test cases of other centers are not scored",
+                    ", ".join(train_centers), len(test_ids) - len(kept))  # fmt: skip
+    return kept
 
 
 def add_gap_closed(results: dict[str, Any]) -> None:

@@ -394,8 +394,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
             logger.warning("center %s was part of the base model's pretraining data", center)
         preprocess = base.preprocess
         torch.manual_seed(run.seed)
-        model = base.build(prompt_mode=strategy.prompt_mode, num_prompts=run.num_prompts,
-                           prompt_dropout=run.prompt_dropout)  # fmt: skip
+        model = base.build(**strategy.model_fields(run.num_prompts, run.prompt_dropout))
         params = apply_strategy(model, run.strategy, **run.options)
         summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
                                    **parameter_report(model), "train_seconds": 0.0, "peak_memory_mb": 0.0,

@@ -129,12 +129,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "DSCagg = 2·Σ|A∩B| / Σ(|A|+|B|) pooled over the cases of a set (HECKTOR); mean = mean of GTVp and GTVn. "
         "Δ old = old-centers DSCagg mean of the adapted model minus the base model's. Gain = new-center mean "
         "minus the base model's; gap closed = gain / (oracle − base), where the oracle is the same "
-        "architecture and budget pretrained with the new center's adaptation cases added.",
+        "architecture and budget pretrained with the new center's adaptation cases added; × full = gain / full "
+        "fine-tuning's gain. Brackets: paired bootstrap 95% intervals over the test cases (DSCagg recomputed in "
+        "each resample); an interval that holds 0 is no measured change. A row `X:no-prompts` is adapter X "
+        "scored with its prompt tokens removed: what the prompts add is X's gain minus that row's.",
         "",
         *_context_lines(results),
-        "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean | Gain | Gap closed "
-        "| Old mean | Δ old | Time (s) | Peak mem (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean | Gain [95% CI] | × full "
+        "| Gap closed | Old mean | Δ old [95% CI] | Time (s) | Peak mem (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in strategies.items():
         new = _get(s, "new_center", "dsc_agg") or {}
@@ -150,8 +153,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {_DASH if fraction is None else format(100 * fraction, '.3g') + '%'} "
             f"| {human_bytes(s.get('artifact_bytes'))} "
             f"| {_fmt(_num(new.get('gtvp')))} | {_fmt(_num(new.get('gtvn')))} | {_fmt(_num(new.get('mean')))} "
-            f"| {_fmt(s.get('gain'), '+.3f')} | {_fmt(s.get('gap_closed'), '.0%')} "
-            f"| {_fmt(old_mean)} | {_fmt(delta, '+.3f')} "
+            f"| {_with_ci(s.get('gain'), s.get('gain_ci'))} | {_with_ci(s.get('fraction_of_full'), None, '.0%')} "
+            f"| {_fmt(s.get('gap_closed'), '.0%')} | {_fmt(old_mean)} | {_with_ci(delta, s.get('old_change_ci'))} "
             f"| {_fmt(seconds, '.1f' if seconds is not None and seconds < 10 else '.0f')} "
             f"| {_fmt(s.get('peak_memory_mb'), '.0f')} |"
         )
@@ -172,6 +175,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines += ["", "Where the time went (wall time of this command; the report's own time is in results.json):", "",
                   *phase_table(results["phase_seconds"])]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _with_ci(value: Any, ci: Sequence[float] | None, spec: str = "+.3f") -> str:
+    """``+0.052 [+0.021, +0.080]``; the value alone when there is no interval."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _DASH
+    if not ci or any(c is None or math.isnan(c) for c in ci):
+        return _fmt(value, spec)
+    return f"{_fmt(value, spec)} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
 
 
 def phase_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -213,6 +225,30 @@ def plot_dice_per_strategy(results: Mapping[str, Any], path: str | Path) -> Path
     ax.set_title(f"Adaptation to {center}: new vs old centers")
     fig.legend(fontsize=8, loc="outside lower center", ncol=2)
     ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_gains(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Each row's new-center gain and old-center change over the base, with their 95% intervals."""
+    strategies = {n: s for n, s in results.get("strategies", {}).items() if n != BASE and s.get("gain") is not None}
+    names = list(strategies)
+    fig = Figure(figsize=(7.0, 0.45 * len(names) + 1.8), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(names))
+    for offset, key, ci_key, color, label in ((-0.18, "gain", "gain_ci", NEW_COLOR, "new-center gain"),
+                                              (0.18, "old_change", "old_change_ci", OLD_COLOR, "old-center change")):
+        values = np.array([_num(strategies[n].get(key)) for n in names])
+        cis = [strategies[n].get(ci_key) or [math.nan, math.nan] for n in names]
+        err = np.array([[v - _num(c[0]), _num(c[1]) - v] for v, c in zip(values, cis)]).T if names else None
+        ax.errorbar(values, y + offset, xerr=None if err is None or np.isnan(err).all() else np.nan_to_num(err),
+                    fmt="o", color=color, capsize=3, label=label)  # fmt: skip
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("DSCagg mean, adapted − base (95% paired bootstrap interval)")
+    ax.set_title(f"What each strategy changes ({results.get('new_center', '?')} new; old centers)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return _save_figure(fig, path)
 
 
@@ -346,7 +382,7 @@ def plot_case_slices(
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.json (NaN as null), results.md and the two summary figures into ``out_dir``."""
+    """Write results.json (NaN as null), results.md and the summary figures into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -354,6 +390,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         "markdown": out / "results.md",
         "dice_per_strategy": out / "dice_per_strategy.png",
         "params_vs_dice": out / "params_vs_dice.png",
+        "gains": out / "gains.png",
     }
     write_json(results, paths["json"])
     markdown = results_markdown(results)
@@ -361,5 +398,6 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         tmp.write_bytes(markdown.encode("utf-8"))
     plot_dice_per_strategy(results, paths["dice_per_strategy"])
     plot_params_vs_dice(results, paths["params_vs_dice"])
+    plot_gains(results, paths["gains"])
     logger.info("report written to %s", out)
     return paths

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Strategy:
     select: Selection
     options: tuple[Option, ...] = ()
     prompt_mode: str = "none"  # the PromptedUNETR prompt mode the model must be built with
+    builds: Mapping[str, Any] = field(default_factory=dict)  # other PromptedUNETR fields it needs (steer_norms...)
     lr: float = 1e-3  # default learning rate with AdamW
     weight_decay: float = 1e-5  # prompts take none: decaying them pulls every token to zero
     bankable: bool = False  # its artifact holds prompt tokens only, so a bank can serve it on a shared backbone
@@ -86,6 +87,11 @@ class Strategy:
     @property
     def trains(self) -> bool:
         return self.name != BASE
+
+    def model_fields(self, num_prompts: int = 10, prompt_dropout: float = 0.0) -> dict[str, Any]:
+        """The PromptedUNETR fields a model trained with this strategy is built with (beyond the backbone's)."""
+        return {"prompt_mode": self.prompt_mode, "num_prompts": num_prompts, "prompt_dropout": prompt_dropout,
+                **self.builds}  # fmt: skip
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -174,6 +180,20 @@ def is_lora(name: str) -> bool:
     return "lora_" in name
 
 
+def is_steering(name: str) -> bool:
+    """A per-channel norm scale/shift or the image-space prompt (``models.steering``)."""
+    from centerprompt.models.steering import is_steering as steering
+
+    return steering(name)
+
+
+def is_norm_steering(name: str) -> bool:
+    return is_steering(name) and not name.startswith("image_prompt.")
+
+
+IMAGE_PROMPT_GRID = 8  # the image prompt's map edge: 2 x 2 x 8^3 = 2048 numbers for CT and PET
+
+
 def _modules(model: PromptedUNETR, modules: Sequence[str], strategy: str) -> tuple[str, ...]:
     known = dict(model.named_modules())
     missing = [m for m in modules if m not in known]
@@ -241,6 +261,21 @@ for _strategy in (
         options=(Option("head_modules", ("out",), _comma_list, "comma-separated head modules trained with the prompts",
                         "--head-modules"),),  # fmt: skip
     ),
+    # Attribution: the 27-parameter output convolution alone lowered the adaptation loss more than deep
+    # prompts (shared/REFERENCE.md); every row with a head is read against this one.
+    Strategy("head", "the output convolution only", lambda m, o: set_trainable(m, lambda n: in_modules(n, ("out",))),
+             lr=1e-2, weight_decay=0.0),  # fmt: skip
+    Strategy("norm", "a per-channel scale and shift after every decoder instance norm", 
+             lambda m, o: set_trainable(m, is_norm_steering), builds={"steer_norms": True}, lr=1e-2,
+             weight_decay=0.0, adds=is_steering,
+             reference="FiLM, Perez et al. 2018 (arXiv 1709.07871); MS-Net (arXiv 2002.03366)"),  # fmt: skip
+    Strategy("deep+norm", "deep prompts and the decoder norms' scale and shift",
+             lambda m, o: set_trainable(m, lambda n: is_prompt(n) or is_norm_steering(n)), prompt_mode="deep",
+             builds={"steer_norms": True}, lr=1e-2, weight_decay=0.0, adds=lambda n: is_prompt(n) or is_steering(n)),
+    Strategy("image", "an image-space prompt: a low-resolution scale and shift map per modality",
+             lambda m, o: set_trainable(m, lambda n: n.startswith("image_prompt.")),
+             builds={"image_prompt": IMAGE_PROMPT_GRID}, lr=1e-2, weight_decay=0.0, adds=is_steering, tier=EXTRA,
+             reference="VPTTA (arXiv 2311.18363); ProSFDA"),  # fmt: skip
     Strategy(
         "lora", "LoRA adapters on the attention projections (PEFT)", _lora, adds=is_lora,
         options=(
@@ -272,6 +307,10 @@ def apply_strategy(model: PromptedUNETR, name: str, **options: Any) -> list[nn.P
             f"strategy {name!r} needs a model built with prompt_mode={strategy.prompt_mode!r}, "
             f"this one has prompt_mode={model.prompt_mode!r}."
         )
+    wrong = {k: v for k, v in strategy.builds.items() if model.config.get(k) != v}
+    if wrong:
+        shown = ", ".join(f"{k}={v!r} (this one: {model.config.get(k)!r})" for k, v in wrong.items())
+        raise ValueError(f"strategy {name!r} needs a model built with {shown}.")
     trainable = strategy.select(model, resolved)
     model.train(model.training)
     logger.debug("strategy %s: %d trainable tensors", name, len(trainable))

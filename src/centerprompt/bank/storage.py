@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from centerprompt.artifacts import PROMPT_FIELDS, backbone_fingerprint, read_adapter_metadata
+from centerprompt.checkpoints import adapter_fields
 from centerprompt.bank.acquisition import FEATURES
 from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
 from centerprompt.files import atomic_path
@@ -213,7 +214,8 @@ class PromptBank:
                 f"{index['backbone_fingerprint']}."
             )
         if index["config"] is not None:
-            diff = [k for k in config if k not in PROMPT_FIELDS[2:] and index["config"].get(k) != config[k]]
+            banked = {**index["config"], **adapter_fields(index["config"])}  # a bank from before a field existed
+            diff = [k for k in config if k != "prompt_dropout" and banked.get(k) != config[k]]
             if diff:
                 shown = ", ".join(f"{k}={config[k]} (bank: {index['config'].get(k)})" for k in diff)
                 raise ValueError(f"{adapter}: adapter does not fit bank {self.path}: {shown}.")

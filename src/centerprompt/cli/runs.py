@@ -193,6 +193,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from centerprompt.reliance import inspect_base
     from centerprompt.files import write_json
 
+    if args.adapter:
+        return _inspect_adapter(args)
     centers = args.centers.split(",") if args.centers else None
     r = inspect_base(base_spec(args), args.data, centers=centers, split=args.split, score_at=args.score_at,
                      skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
@@ -203,6 +205,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"DSCagg intact {r['intact_dsc_agg']:.3f}, with mean tokens {r['ablated_dsc_agg']:.3f}: "
           f"transformer reliance {r['drop']:.3f}"
           + ("  (the decoder barely uses the transformer: prompts have little to steer)" if r["drop"] < 0.05 else ""))
+    return 0
+
+
+def _inspect_adapter(args: argparse.Namespace) -> int:
+    from centerprompt.diagnostic import inspect_adapter, plot_effect
+    from centerprompt.files import write_json
+
+    centers = args.centers.split(",") if args.centers else None
+    r = inspect_adapter(base_spec(args), args.adapter, args.data, centers=centers, split=args.split,
+                        skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
+    if args.out:
+        write_json(r, args.out)
+        plot_effect(r, Path(args.out).with_suffix(".png"), title=f"{r['strategy']} adapter on {', '.join(r['centers'])}")
+    share = r["prompt_attention_share"]
+    print(f"{args.adapter} ({r['strategy']}) on {len(r['cases'])} {args.split} cases of {', '.join(r['centers'])}")
+    if share:
+        print("attention of patch tokens on prompts, per layer: " + " ".join(f"{v:.3f}" for v in share))
+    print(f"{'stage':>20} {'rel. change':>12} {'uniform share':>14}")
+    for name, s in {**r["stages"], "logits": r["logits"]}.items():
+        print(f"{name:>20} {s['relative_change']:>12.4f} {s['uniform_share']:>14.3f}")
+    print(f"voxels whose label changes: {100 * r['label_change_share']:.3f}%")
     return 0
 
 
@@ -326,15 +349,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=out_path, help="JSON file")
     p.set_defaults(func=_cmd_evaluate, out_kind="file")
 
-    p = sub.add_parser("inspect", help="transformer reliance of a base model: Dice intact vs ViT tokens ablated")
+    p = sub.add_parser("inspect", help="transformer reliance of a base model (Dice intact vs ViT tokens ablated); "
+                       "with --adapter, where the adapter's change goes and how much reaches the logits")
     base_arguments(p)
+    p.add_argument("--adapter", type=Path, help="an adapter file: measure its effect inside the model instead "
+                   "(per layer prompt attention, per stage change and uniform share, logits, labels changed)")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--centers", help="comma-separated centers (default: those the base was trained on)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
     p.add_argument("--skip-bad-cases", action="store_true")
     splits_argument(p)
-    p.add_argument("--out", type=out_path, help="also write the result as JSON")
+    p.add_argument("--out", type=out_path, help="also write the result as JSON (with --adapter, and a figure "
+                   "beside it, same name, .png)")
     p.set_defaults(func=_cmd_inspect, out_kind="file")
 
     p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid",

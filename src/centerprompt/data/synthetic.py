@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import zlib
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,7 +564,7 @@ def _write_case(job: tuple[Path, CenterProfile, int, int]) -> bool:
 
 def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, cases_per_center: int = 16, seed: int = 0,
                      profiles: dict[str, CenterProfile] | None = None, progress: bool = True,
-                     workers: int | None = None) -> Path:
+                     workers: int | None = None, cases: Mapping[str, int] | None = None) -> Path:
     """Write a synthetic multi-center dataset in the HECKTOR 2022 layout and return its folder.
 
     Args:
@@ -571,6 +572,8 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
             profile are kept, so an interrupted run resumes.
         centers: center names to generate, default all of ``profiles``.
         cases_per_center: patients per center, default 16.
+        cases: patients of named centers, where they differ from ``cases_per_center`` (a new center
+            with enough test cases for intervals beside small pretraining centers).
         seed: dataset seed, default 0; case ``i`` of center ``C`` depends only on (seed, C, i).
         profiles: center profiles, default :data:`DEFAULT_PROFILES`.
         progress: show a progress bar.
@@ -584,8 +587,12 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
     unknown = [c for c in centers if c not in profiles]
     if unknown or not centers:
         raise ValueError(f"centers must be among {', '.join(profiles)}, got {', '.join(unknown) or 'none'}")
-    if cases_per_center < 1 or cases_per_center > 999:
-        raise ValueError(f"cases_per_center must be in 1..999, got {cases_per_center}")
+    counts = {c: cases_per_center for c in centers} | dict(cases or {})
+    for name, n in counts.items():
+        if name not in centers:
+            raise ValueError(f"cases: {name} is not one of the centers generated ({', '.join(centers)})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 999:
+            raise ValueError(f"cases_per_center must be in 1..999, got {n!r} for {name}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     renamed = [f"{key} (named {profiles[key].name})" for key in centers if profiles[key].name != key]
@@ -594,7 +601,7 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
     out = Path(out_dir)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    jobs = [(out, profiles[c], seed, i) for c in centers for i in range(1, cases_per_center + 1)]
+    jobs = [(out, profiles[c], seed, i) for c in centers for i in range(1, counts[c] + 1)]
     case_ids = [f"{p.name}-{i:03d}" for _, p, _, i in jobs]
     if workers is None:  # a started process costs about a second (imports): worth it from a dozen cases
         workers = min(os.cpu_count() or 1, len(jobs) // PARALLEL_FROM) or 1
@@ -613,7 +620,7 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
     _write_atomic(out / "profiles.json", (json.dumps(used, indent=2) + "\n").encode())
     meta = {"name": "centerprompt synthetic HECKTOR-like PET/CT", "generator_version": GENERATOR_VERSION,
             "seed": seed, "cases_per_center": cases_per_center, "centers": centers,
-            "num_cases": {c: cases_per_center for c in centers}, "num_training": len(case_ids),
+            "num_cases": counts, "num_training": len(case_ids),
             "labels": LABELS, "modalities": {"CT": "HU", "PT": "SUV times the center's suv_calibration"},
             "file_ending": ".nii.gz", "cases": case_ids}
     _write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())

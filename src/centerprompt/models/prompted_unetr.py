@@ -20,6 +20,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from centerprompt.models.prompts import PROMPT_MODES, PromptTokens, vpt_init_bound
+from centerprompt.models.steering import ImagePrompt, add_norm_steering, is_steering
 
 # Constants that monai.networks.nets.UNETR hard-codes; tests check them against MONAI.
 MONAI_PATCH_SIZE = 16
@@ -66,6 +67,10 @@ class PromptedUNETR(nn.Module):
             previous layer's prompt outputs are dropped). Defaults to ``"none"``.
         num_prompts: tokens per set (P). Defaults to 10.
         prompt_dropout: dropout on prompt tokens while training. Defaults to 0.0.
+        steer_norms: put a per-channel scale and shift (identity until trained) after every
+            affine-free instance norm of the convolutional path (``models.steering``). Defaults to False.
+        image_prompt: edge of a learned per-channel image-space map (scale and shift, identity until
+            trained) applied to the input before everything else; 0 for none. Defaults to 0.
         use_flash_attention: use PyTorch's fused scaled-dot-product attention in MONAI's attention
             blocks. It is numerically equivalent and only used when ``save_attn`` is off and
             ``dropout_rate`` is 0 (MONAI's fused path would apply attention dropout in eval too).
@@ -95,6 +100,8 @@ class PromptedUNETR(nn.Module):
         prompt_mode: str = "none",
         num_prompts: int = 10,
         prompt_dropout: float = 0.0,
+        steer_norms: bool = False,
+        image_prompt: int = 0,
         use_flash_attention: bool = True,
     ) -> None:
         super().__init__()
@@ -104,6 +111,8 @@ class PromptedUNETR(nn.Module):
             raise ValueError("dropout_rate should be between 0 and 1.")
         if hidden_size % num_heads != 0:
             raise ValueError("hidden_size should be divisible by num_heads.")
+        if isinstance(image_prompt, bool) or not isinstance(image_prompt, int) or image_prompt < 0:
+            raise ValueError(f"image_prompt must be a grid edge >= 1, or 0 for none; got {image_prompt!r}.")
         if patch_size not in PATCH_SIZES:
             raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}.")
         img_size = ensure_tuple_rep(img_size, spatial_dims)
@@ -126,6 +135,7 @@ class PromptedUNETR(nn.Module):
             conv_block=conv_block, res_block=res_block, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
             qkv_bias=qkv_bias, num_layers=num_layers, skip_layers=list(skip_layers), patch_size=patch_size,
             prompt_mode=prompt_mode, num_prompts=num_prompts, prompt_dropout=prompt_dropout,
+            steer_norms=steer_norms, image_prompt=image_prompt,
         )  # fmt: skip
         self.num_layers = num_layers
         self.skip_layers = skip_layers
@@ -177,6 +187,11 @@ class PromptedUNETR(nn.Module):
             bound = vpt_init_bound(in_channels, patch, hidden_size)
             num_sets = 1 if prompt_mode == "shallow" else num_layers
             self.prompts = PromptTokens(num_sets, num_prompts, hidden_size, bound, prompt_dropout)
+        if steer_norms:
+            for name, module in self.named_children():
+                if name not in ("vit", "prompts"):
+                    add_norm_steering(module)
+        self.image_prompt = ImagePrompt(in_channels, image_prompt) if image_prompt else None
 
     @property
     def num_prompts(self) -> int:
@@ -213,6 +228,8 @@ class PromptedUNETR(nn.Module):
 
     def forward(self, x_in: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`."""
+        if self.image_prompt is not None:
+            x_in = self.image_prompt(x_in)
         x, hidden_states = self.encode(x_in, prompts)
         skips = [self.encoder1(x_in)]
         for level, layer in enumerate(self.skip_layers, start=1):
@@ -248,14 +265,14 @@ class PromptedUNETR(nn.Module):
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a backbone checkpoint (e.g. from ``monai.networks.nets.UNETR``) into a prompted model.
 
-        Prompt tokens may be absent from ``state_dict``; any other missing or unexpected key is an
+        Prompt tokens and steering tensors (``models.steering``) may be absent from ``state_dict``; any other missing or unexpected key is an
         error. A ``module.`` prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are
         dropped, so checkpoints load as they are.
         """
         cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
         cleaned = {k: v for k, v in cleaned.items() if ".cross_attn." not in k}
         own = self.state_dict()
-        missing = [k for k in own if k not in cleaned and not k.startswith("prompts.")]
+        missing = [k for k in own if k not in cleaned and not k.startswith("prompts.") and not is_steering(k)]
         unexpected = [k for k in cleaned if k not in own]
         if missing or unexpected:
             raise ValueError(
