@@ -381,10 +381,52 @@ def _profile_section(p: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _ci(d: Mapping[str, Any] | None, key: str = "difference", spec: str = "+.3f") -> str:
+    if not d:
+        return "–"
+    lo, hi = d["ci"]
+    return f"{d[key]:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def _factorial_section(f: Mapping[str, Any]) -> list[str]:
+    """The prompt-adapter benchmark (benchmarks/factorial.py): new centers that differ by one thing."""
+    rows = f["strategies"]
+    m = f["machine"]
+    lines = ["## Which adapter reaches a new center: factorial new centers, with intervals (issue 24)", "",
+             f"Command: `{f['command']}`; {f['date']}; {m['cpu']}, {m['cores']} cores, {m['device']}, torch "
+             f"{m['torch']}, MONAI {m['monai']}. Base: `{f['base']}`. New centers (benchmarks/factorial_centers.yaml): "
+             "ACQ changes acquisition only, POL contouring only, ACQPOL both; "
+             f"{sorted(set(f['new_test_cases'].values()))} test cases per new center and seed, {f['old_test_cases']} "
+             "old-center test cases; 8 adaptation and 6 validation cases; seeds 0 and 1 draw other adaptation cases "
+             "and train with other seeds. Gains and old-center changes are DSCagg (mean of GTVp and GTVn) minus the "
+             "base's on the same cases; brackets: stratified paired bootstrap 95% intervals (2000 resamples of test "
+             "cases within each center and seed); × full = mean gain / full fine-tuning's mean gain, interval from "
+             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed.", "",
+             "Base DSCagg on each new center (and on the old centers): " + ", ".join(
+                 f"{k} {v['new']:.3f}" for k, v in f["base_dsc"].items()) +
+             f" (old {next(iter(f['base_dsc'].values()))['old']:.3f}).", "",
+             "| strategy | trainable | mean gain [95% CI] | × full [95% CI] | old-center change [95% CI] |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in rows.items():
+        frac = r.get("fraction_of_full")
+        frac_text = _ci(frac, "ratio", ".0%") if frac else "–"
+        lines.append(f"| {name} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.3g}%) | {_ci(r['gain'])} "
+                     f"| {frac_text} | {_ci(r['old_change'])} |")  # fmt: skip
+    centers = list(f["per_center"])
+    lines += ["", "Per new center (both seeds pooled): new-center gain / old-center change.", "",
+              "| strategy | " + " | ".join(centers) + " |", "|---|" + "---:|" * len(centers)]
+    for name in rows:
+        cells = [f"{_ci(f['per_center'][c][name]['gain'])} / {_ci(f['per_center'][c][name]['old_change'])}"
+                 for c in centers]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *f.get("notes", []), ""]
+    return lines
+
+
 def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
            bank: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
            recipes: Mapping[str, Any] | None = None, federated: Mapping[str, Any] | None = None,
-           profile: Mapping[str, Any] | None = None) -> str:
+           profile: Mapping[str, Any] | None = None, factorial: Mapping[str, Any] | None = None) -> str:
     """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
     the paper-scale GPU run, summarised in a last section."""
     parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
@@ -405,6 +447,8 @@ def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
         lines += _preset_section(results["presets"])
     if recipes:
         lines += _recipes_section(recipes)
+    if factorial:
+        lines += _factorial_section(factorial)
     if "quality" in results:
         lines += _quality_sections(results["quality"])
     if "recipe" in results:
@@ -441,7 +485,8 @@ def write_markdown(
     out_path.write_text(render(_read(results_path), _read(gpu_path), (bank, timing) if bank else None,
                                _read(here / "gpu" / "recipes" / "recipes.json") if gpu_path else None,
                                _read(here / "federated" / "federated.json") if gpu_path else None,
-                               _read(here / "profile" / "profile.json") if gpu_path else None))  # fmt: skip
+                               _read(here / "profile" / "profile.json") if gpu_path else None,
+                               _read(here / "factorial.json") if gpu_path else None))  # fmt: skip
     return out_path
 
 

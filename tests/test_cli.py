@@ -87,7 +87,7 @@ def test_bad_input_gives_one_clear_error(data: Path, tmp_path: Path, capsys: pyt
 
 def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "exp"
-    args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full,oracle",
+    args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full,deep+head,oracle",
             "--base", str(base), "--shots", "2", "--prompts", "4", "--adapt-epochs", "1", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
@@ -108,7 +108,16 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
         assert key in results, key
     assert results["new_center"] == "MDA" and results["base_checkpoint"] == str(base)
     assert results["new_center_test_cases"] and all(c.startswith("MDA") for c in results["new_center_test_cases"])
-    assert set(results["strategies"]) == {"none", "deep", "full", "oracle"}
+    assert set(results["strategies"]) == {"none", "deep", "full", "deep+head", "deep+head:no-prompts", "oracle"}
+    # Attribution: deep+head's own adapter without its prompts; a prompt-only adapter has no such row.
+    stripped = results["strategies"]["deep+head:no-prompts"]
+    assert stripped["attribution_of"] == "deep+head" and stripped["artifact"] == results["strategies"]["deep+head"]["artifact"]
+    for name, s in results["strategies"].items():  # every row's gain and old-center change carry an interval
+        lo, hi = s["gain_ci"]
+        assert lo <= s["gain"] + 1e-9 and s["gain"] - 1e-9 <= hi, name
+        lo, hi = s["old_change_ci"]
+        assert lo <= s["old_change"] + 1e-9 and s["old_change"] - 1e-9 <= hi, name
+    assert "fraction_of_full" in results["strategies"]["deep"] and (out / "gains.png").stat().st_size > 0
     for name, s in results["strategies"].items():
         for key in ("trainable_params", "total_params", "artifact_bytes", "train_seconds", "peak_memory_mb", "artifact"):
             assert key in s, (name, key)

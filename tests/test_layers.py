@@ -9,12 +9,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own layer and the layers below, never a higher one.
 LAYERS: list[set[str]] = [
-    {"files", "data.labels", "data.profiles", "models.prompts", "models.cpu_conv", "data", "models"},
+    {"files", "data.labels", "data.profiles", "models.prompts", "models.steering", "models.cpu_conv", "data", "models"},
     {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "models.prompted_unetr", "evaluate"},
     {"strategies", "presets", "checkpoints"},
-    {"config", "artifacts", "train", "report", "scoring"},
+    {"config", "artifacts", "train", "report", "scoring", "intervals"},
     {"jobs"},
-    {"reliance"},
+    {"reliance", "diagnostic"},
     {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle",
      "federated", "federated.site", "federated.flower", "federated.app"},
     {"cli", "cli.paths", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", ""},  # "" is the package's lazy facade

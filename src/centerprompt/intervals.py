@@ -57,7 +57,7 @@ def _resampled_difference(a: np.ndarray, b: np.ndarray, rng: np.random.Generator
 
 
 def _interval(draws: np.ndarray, level: float) -> tuple[float, float]:
-    kept = draws[~np.isnan(draws)]
+    kept = draws[np.isfinite(draws)]  # a ratio's resample with a zero denominator has no value
     if not kept.size:
         return (math.nan, math.nan)
     lo, hi = np.quantile(kept, [(1 - level) / 2, (1 + level) / 2])

@@ -69,7 +69,7 @@ class Strategy:
     builds: Mapping[str, Any] = field(default_factory=dict)  # other PromptedUNETR fields it needs (steer_norms...)
     lr: float = 1e-3  # default learning rate with AdamW
     weight_decay: float = 1e-5  # prompts take none: decaying them pulls every token to zero
-    bankable: bool = False  # its artifact holds prompt tokens only, so a bank can serve it on a shared backbone
+    bankable: bool = False  # its artifact only adds tensors (prompts, steering), so a bank can serve it on a shared backbone
     adds: Callable[[str], bool] | None = None  # names of the tensors it adds on top of the backbone
     tier: str = STANDARD
     reference: str = ""
@@ -267,14 +267,16 @@ for _strategy in (
              lr=1e-2, weight_decay=0.0),  # fmt: skip
     Strategy("norm", "a per-channel scale and shift after every decoder instance norm", 
              lambda m, o: set_trainable(m, is_norm_steering), builds={"steer_norms": True}, lr=1e-2,
-             weight_decay=0.0, adds=is_steering,
+             weight_decay=0.0, bankable=True, adds=is_steering,
              reference="FiLM, Perez et al. 2018 (arXiv 1709.07871); MS-Net (arXiv 2002.03366)"),  # fmt: skip
     Strategy("deep+norm", "deep prompts and the decoder norms' scale and shift",
              lambda m, o: set_trainable(m, lambda n: is_prompt(n) or is_norm_steering(n)), prompt_mode="deep",
-             builds={"steer_norms": True}, lr=1e-2, weight_decay=0.0, adds=lambda n: is_prompt(n) or is_steering(n)),
+             builds={"steer_norms": True}, lr=1e-2, weight_decay=0.0, bankable=True,
+             adds=lambda n: is_prompt(n) or is_steering(n)),
     Strategy("image", "an image-space prompt: a low-resolution scale and shift map per modality",
              lambda m, o: set_trainable(m, lambda n: n.startswith("image_prompt.")),
-             builds={"image_prompt": IMAGE_PROMPT_GRID}, lr=1e-2, weight_decay=0.0, adds=is_steering, tier=EXTRA,
+             builds={"image_prompt": IMAGE_PROMPT_GRID}, lr=1e-2, weight_decay=0.0, bankable=True, adds=is_steering,
+             tier=EXTRA,
              reference="VPTTA (arXiv 2311.18363); ProSFDA"),  # fmt: skip
     Strategy(
         "lora", "LoRA adapters on the attention projections (PEFT)", _lora, adds=is_lora,

@@ -17,7 +17,7 @@ from torch import nn
 
 from centerprompt.artifacts import load_model
 from centerprompt.bank.routing import FALLBACK, FALSE_FALLBACK, Route, route_scan
-from centerprompt.bank.storage import LoadedBank, PromptBank
+from centerprompt.bank.storage import PROMPT_TENSOR, LoadedBank, PromptBank
 from centerprompt.checkpoints import BaseLike
 from centerprompt.data.transforms import save_prediction
 from centerprompt.evaluate import sliding_window_predict
@@ -48,11 +48,12 @@ class BankModel(nn.Module):
         if base.prompt_mode != "none":
             raise ValueError("BankModel needs the plain base model (prompt_mode='none').")
         self.base = base
-        self.prompted = PromptedUNETR(**{**base.config, "prompt_mode": bank.prompt_mode,
-                                         "num_prompts": bank.num_prompts, "prompt_dropout": 0.0})  # fmt: skip
+        self.prompted = PromptedUNETR(**{**base.config, **bank.fields})
         _tie_backbone(base, self.prompted)
         self.bank = bank
-        self.register_buffer("bank_prompts", bank.prompts.clone(), persistent=False)  # (K, S, P, C)
+        self.tensor_names = list(bank.tensors)
+        for i, name in enumerate(self.tensor_names):  # buffers, so that .to(device) moves them
+            self.register_buffer(f"bank_tensor_{i}", bank.tensors[name].clone(), persistent=False)  # (K, *shape)
         self.requires_grad_(False)  # inference only: the prompts come from the bank, nothing trains
         self.eval()
 
@@ -65,12 +66,16 @@ class BankModel(nn.Module):
     def names(self) -> list[str]:
         return self.bank.names
 
-    def prompts_for(self, centers: Sequence[str]) -> torch.Tensor:
-        """Per-sample prompts (B, S, P, C) for bank centers."""
+    def inputs_for(self, centers: Sequence[str]) -> dict[str, Any]:
+        """The prompted twin's keyword arguments for a batch of bank centers: per-sample ``prompts``
+        (B, S, P, C) and per-sample steering values (``adapter``), whichever the bank holds."""
         unknown = sorted({c for c in centers if c not in self.names})
         if unknown:
             raise ValueError(f"center(s) {unknown} are not in the bank (centers: {', '.join(self.names)}).")
-        return self.bank_prompts[[self.names.index(c) for c in centers]]
+        rows = [self.names.index(c) for c in centers]
+        values = {n: getattr(self, f"bank_tensor_{i}")[rows] for i, n in enumerate(self.tensor_names)}
+        prompts = values.pop(PROMPT_TENSOR, None)
+        return {**({"prompts": prompts} if prompts is not None else {}), **({"adapter": values} if values else {})}
 
     def route(self, ct: str | Path, pet: str | Path, false_fallback: float = FALSE_FALLBACK) -> Route:
         """Routing decision for one scan, from its original CT and PET files (their acquisition fingerprint)."""
@@ -80,7 +85,8 @@ class BankModel(nn.Module):
         """The network and keyword arguments serving ``center`` (``"base"``: the plain model)."""
         if center == FALLBACK:
             return self.base, {}
-        return self.prompted, {"prompts": self.prompts_for([center])[0]}
+        one = self.inputs_for([center])  # one center for every window of a scan: the values without a batch axis
+        return self.prompted, {k: v[0] if k == "prompts" else {n: t[0] for n, t in v.items()} for k, v in one.items()}
 
     def forward(self, x: torch.Tensor, centers: Sequence[str]) -> torch.Tensor:
         """Logits for a batch mixing centers: ONE prompted pass for bank centers, one base pass for ``"base"``.
@@ -94,8 +100,7 @@ class BankModel(nn.Module):
         plain = [i for i, c in enumerate(centers) if c == FALLBACK]
         parts = []
         if banked:
-            prompts = self.prompts_for([centers[i] for i in banked])
-            parts.append((banked, self.prompted(x[banked], prompts=prompts)))
+            parts.append((banked, self.prompted(x[banked], **self.inputs_for([centers[i] for i in banked]))))
         if plain:
             parts.append((plain, self.base(x[plain])))
         out = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
@@ -125,7 +130,7 @@ def predict_with_bank(
     base = open_base(base)
     model = load_bank_model(base, bank, default_device())
     if center not in ("auto", FALLBACK):
-        model.prompts_for([center])
+        model.inputs_for([center])
     preprocess = base.preprocess
     records, pets = [], {Path(ct): Path(pet) for ct, pet, _ in pairs}
     for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):

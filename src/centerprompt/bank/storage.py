@@ -12,9 +12,10 @@ that resolves inside the folder, or the bank refuses to read, load or delete any
 (add, remove) hold an exclusive ``flock`` on the folder itself for their whole read-modify-write;
 readers need no lock, since ``bank.json`` is only ever replaced by an atomic rename.
 
-Only adapters of a bankable strategy (the registry's ``Strategy.bankable``: shallow and deep VPT
-prompts) can be banked: they leave the backbone untouched, so one forward pass can serve a batch
-that mixes centers (per-sample prompts (B, S, P, C)).
+Only adapters of a bankable strategy (the registry's ``Strategy.bankable``: VPT prompts, norm
+steering, image prompts) can be banked: they add tensors and leave the backbone untouched, so one
+forward pass can serve a batch that mixes centers (per-sample prompts (B, S, P, C) and per-sample
+steering values). One bank holds one kind: the same tensors, of the same shapes, for every center.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from centerprompt.checkpoints import adapter_fields
 from centerprompt.bank.acquisition import FEATURES
 from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
 from centerprompt.files import atomic_path
-from centerprompt.strategies import bankable_names
+from centerprompt.strategies import bankable_names, is_added_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +86,17 @@ _ENTRY_FIELDS = {f.name for f in fields(BankEntry)}
 
 @dataclass(frozen=True)
 class LoadedBank:
-    """Stacked prompts (K, S, P, C) in ``names`` order, and the routing keys of the centers that have one."""
+    """Every entry's tensors stacked by name, (K, *shape) in ``names`` order (prompts: (K, S, P, C)),
+    the adapter fields the serving model is built with, and the routing keys of the centers that have one."""
 
     names: list[str]
-    prompts: torch.Tensor
+    tensors: dict[str, torch.Tensor]
     keys: dict[str, RoutingKey]
-    prompt_mode: str
-    num_prompts: int
+    fields: dict[str, Any]
+
+    @property
+    def prompts(self) -> torch.Tensor | None:
+        return self.tensors.get(PROMPT_TENSOR)
 
     @property
     def key_names(self) -> list[str]:
@@ -202,9 +207,9 @@ class PromptBank:
             raise ValueError(f"center {center} is already in bank {self.path}; remove it first to replace it.")
         meta = read_adapter_metadata(adapter)
         bankable = bankable_names()  # an unregistered strategy is not bankable either
-        if meta["strategy"] not in bankable or meta["tensors"] != [PROMPT_TENSOR]:
+        if meta["strategy"] not in bankable or not all(is_added_tensor(n) for n in meta["tensors"]):
             raise ValueError(
-                f"{adapter}: strategy {meta['strategy']!r} is not prompt-only; only {', '.join(bankable)} "
+                f"{adapter}: strategy {meta['strategy']!r} changes backbone weights; only {', '.join(bankable)} "
                 "adapters leave the backbone untouched and can be banked."
             )
         fp, config = meta["backbone_fingerprint"], meta["config"]
@@ -291,7 +296,8 @@ class PromptBank:
         diff = [k for k in index["config"] if k not in PROMPT_FIELDS and config.get(k) != index["config"][k]]
         if diff:
             raise ValueError(f"bank {bank.path} was built for another backbone configuration ({', '.join(diff)}).")
-        prompts, keys = [], {}
+        stacked: dict[str, list[torch.Tensor]] = {}
+        keys = {}
         for e in entries:
             file = bank._file(e.center, e.file)
             expected = read_adapter_metadata(file)["backbone_fingerprint"]
@@ -299,12 +305,16 @@ class PromptBank:
                 raise ValueError(
                     f"{file}: adapter was trained on backbone {expected}, this model's backbone is {found}."
                 )
-            prompts.append(load_file(str(file))[PROMPT_TENSOR].float())  # (S, P, C)
+            tensors = load_file(str(file))
+            if stacked and set(tensors) != set(stacked):
+                raise ValueError(f"{file}: holds other tensors than the bank's other entries ({sorted(stacked)}).")
+            for name, tensor in tensors.items():
+                stacked.setdefault(name, []).append(tensor.float())
             if e.key_file:
                 keys[e.center] = _read_key(bank._file(e.center, e.key_file))
         return LoadedBank(
-            names=[e.center for e in entries], prompts=torch.stack(prompts), keys=keys,
-            prompt_mode=index["prompt_mode"], num_prompts=index["num_prompts"],
+            names=[e.center for e in entries], tensors={n: torch.stack(t) for n, t in stacked.items()}, keys=keys,
+            fields={**adapter_fields(index["config"]), "prompt_dropout": 0.0},
         )  # fmt: skip
 
 

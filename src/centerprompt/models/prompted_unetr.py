@@ -226,8 +226,32 @@ class PromptedUNETR(nn.Module):
         x = x.reshape(x.shape[0], *self.feat_size, self.hidden_size)  # (B, D, H, W, C)
         return x.movedim(-1, 1).contiguous()  # (B, C, D, H, W)
 
-    def forward(self, x_in: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`."""
+    def forward(
+        self, x_in: torch.Tensor, prompts: torch.Tensor | None = None, adapter: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`.
+
+        ``adapter`` overrides steering tensors (``models.steering``) by state-dict name for this pass:
+        a value of the parameter's shape for the whole batch, or (B, *shape) per sample (a batch
+        mixing centers, served from a bank).
+        """
+        if not adapter:
+            return self._forward(x_in, prompts)
+        modules = {}
+        for name, value in adapter.items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            if not hasattr(module, "values") or not isinstance(getattr(module, leaf, None), nn.Parameter):
+                raise ValueError(f"{name} is not a steering tensor of this model.")
+            module.values[leaf] = value
+            modules[id(module)] = module
+        try:
+            return self._forward(x_in, prompts)
+        finally:
+            for module in modules.values():
+                module.values.clear()
+
+    def _forward(self, x_in: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         if self.image_prompt is not None:
             x_in = self.image_prompt(x_in)
         x, hidden_states = self.encode(x_in, prompts)

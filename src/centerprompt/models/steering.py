@@ -33,10 +33,11 @@ class SteeredNorm(nn.Module):
         self.norm = norm
         self.steer_scale = nn.Parameter(torch.zeros(channels))
         self.steer_shift = nn.Parameter(torch.zeros(channels))
+        self.values: dict[str, torch.Tensor] = {}  # per-sample values for one forward (see PromptedUNETR.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self.norm(x) * (1 + self.steer_scale.view(shape)) + self.steer_shift.view(shape)
+        scale, shift = (_per_sample(self.values.get(k, getattr(self, k)), 1, x.dim()) for k in STEER_SUFFIXES)
+        return self.norm(x) * (1 + scale) + shift
 
 
 def add_norm_steering(module: nn.Module) -> int:
@@ -52,6 +53,13 @@ def add_norm_steering(module: nn.Module) -> int:
     return len(targets)
 
 
+def _per_sample(value: torch.Tensor, param_dim: int, x_dim: int) -> torch.Tensor:
+    """A parameter's value, or one per sample (B, *shape), as a (B or 1, C, 1...) tensor for ``x``."""
+    if value.dim() == param_dim:
+        value = value.unsqueeze(0)
+    return value.reshape(*value.shape, *(1,) * (x_dim - value.dim()))
+
+
 class ImagePrompt(nn.Module):
     """A learned ``grid^3`` map per input channel, up-sampled to the window: ``x * (1 + scale) + shift``.
 
@@ -63,13 +71,14 @@ class ImagePrompt(nn.Module):
         super().__init__()
         if grid < 1:
             raise ValueError(f"image prompt grid must be at least 1, got {grid}.")
-        self.scale = nn.Parameter(torch.zeros(1, channels, grid, grid, grid))
-        self.shift = nn.Parameter(torch.zeros(1, channels, grid, grid, grid))
+        self.scale = nn.Parameter(torch.zeros(channels, grid, grid, grid))
+        self.shift = nn.Parameter(torch.zeros(channels, grid, grid, grid))
+        self.values: dict[str, torch.Tensor] = {}  # per-sample values for one forward (see PromptedUNETR.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        scale = F.interpolate(self.scale, size=size, mode="trilinear", align_corners=False)
-        shift = F.interpolate(self.shift, size=size, mode="trilinear", align_corners=False)
+        scale, shift = (F.interpolate(_per_sample(self.values.get(k, getattr(self, k)), 4, 5), size=size,
+                                      mode="trilinear", align_corners=False) for k in ("scale", "shift"))  # fmt: skip
         return x * (1 + scale) + shift
 
 
