@@ -79,13 +79,18 @@ def main() -> int:
     base = args.base or make_base(args.base_data, args.out / "base")
     centers, seeds = args.centers.split(","), [int(s) for s in args.seeds.split(",")]
     run(args.data, base, args.out, centers, seeds, args.strategies.split(","))
+    from centerprompt.experiment import add_served_from_bank
     from centerprompt.intervals import add_intervals, pool_experiments
+    from centerprompt.jobs import load_index
 
     experiments = {}
     for c in centers:
         for s in seeds:
-            results = json.loads((args.out / c / f"seed{s}" / "results.json").read_text())
-            add_intervals(results)  # results written before intervals existed get them too
+            folder = args.out / c / f"seed{s}"
+            results = json.loads((folder / "results.json").read_text())
+            add_intervals(results)  # results written before intervals and routing existed get them too
+            if "routing" not in results:
+                add_served_from_bank(results, load_index(args.data, splits_file=folder / "splits.json")[0])
             experiments[f"{c}/seed{s}"] = results
     summary: dict[str, Any] = pool_experiments(experiments)
     summary["per_center"] = {c: pool_experiments({k: v for k, v in experiments.items() if k.startswith(c + "/")})["strategies"]

@@ -401,17 +401,23 @@ def _factorial_section(f: Mapping[str, Any]) -> list[str]:
              "and train with other seeds. Gains and old-center changes are DSCagg (mean of GTVp and GTVn) minus the "
              "base's on the same cases; brackets: stratified paired bootstrap 95% intervals (2000 resamples of test "
              "cases within each center and seed); × full = mean gain / full fine-tuning's mean gain, interval from "
-             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed.", "",
+             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed. Served from a bank: "
+             "a bank holding the new center's adapter, keyed by its 8 adaptation cases' acquisition fingerprints, "
+             "routes each test scan to the adapter or the base model; each case scores as served.", "",
              "Base DSCagg on each new center (and on the old centers): " + ", ".join(
                  f"{k} {v['new']:.3f}" for k, v in f["base_dsc"].items()) +
              f" (old {next(iter(f['base_dsc'].values()))['old']:.3f}).", "",
-             "| strategy | trainable | mean gain [95% CI] | × full [95% CI] | old-center change [95% CI] |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| strategy | trainable | mean gain [95% CI] | × full [95% CI] | old-center change [95% CI] "
+             "| served from a bank: gain / old-center change (old scans routed to the adapter) |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, r in rows.items():
         frac = r.get("fraction_of_full")
         frac_text = _ci(frac, "ratio", ".0%") if frac else "–"
+        served = r.get("served")
+        served_text = (f"{_ci(served['gain'])} / {_ci(served['old_change'])} ({served['old_centers_routed']:.0%})"
+                       if served else "–")  # fmt: skip
         lines.append(f"| {name} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.3g}%) | {_ci(r['gain'])} "
-                     f"| {frac_text} | {_ci(r['old_change'])} |")  # fmt: skip
+                     f"| {frac_text} | {_ci(r['old_change'])} | {served_text} |")  # fmt: skip
     centers = list(f["per_center"])
     lines += ["", "Per new center (both seeds pooled): new-center gain / old-center change.", "",
               "| strategy | " + " | ".join(centers) + " |", "|---|" + "---:|" * len(centers)]

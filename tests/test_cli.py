@@ -118,6 +118,14 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
         lo, hi = s["old_change_ci"]
         assert lo <= s["old_change"] + 1e-9 and s["old_change"] - 1e-9 <= hi, name
     assert "fraction_of_full" in results["strategies"]["deep"] and (out / "gains.png").stat().st_size > 0
+    # Served from a bank: each test scan gets the adapter or the base by its acquisition fingerprint.
+    served, deep_row = results["strategies"]["deep"]["served"], results["strategies"]["deep"]
+    assert "served" not in results["strategies"]["deep+head"]  # not bankable
+    assert 0 <= served["new_center_routed"] <= 1 and 0 <= served["old_centers_routed"] <= 1
+    if served["new_center_routed"] == 1:
+        assert served["gain"] == pytest.approx(deep_row["gain"])
+    if served["old_centers_routed"] == 0:
+        assert served["old_change"] == 0 and served["old_change_ci"] == [0, 0]
     for name, s in results["strategies"].items():
         for key in ("trainable_params", "total_params", "artifact_bytes", "train_seconds", "peak_memory_mb", "artifact"):
             assert key in s, (name, key)

@@ -28,7 +28,7 @@ from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.files import write_json
-from centerprompt.intervals import add_intervals
+from centerprompt.intervals import add_intervals, served_from_bank
 from centerprompt.config import ExperimentRun, file_sha256
 from centerprompt.jobs import adapt, check_base_split, keep_splits, load_index, open_base, pretrain, split_defaults
 from centerprompt.reliance import transformer_reliance
@@ -206,6 +206,8 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
                                                              "attribution_of": name}  # fmt: skip
     add_gap_closed(results)
     add_intervals(results)
+    with clock("routing the test scans"):
+        add_served_from_bank(results, cases)
 
     results["phase_seconds"] = clock.rows
     with clock("report and figures"):
@@ -235,6 +237,38 @@ def old_center_tests(test_ids: list[str], cases: dict[str, Any], train_centers: 
         logger.info("old centers: the base's %s; %d test cases of other centers are not scored",
                     ", ".join(train_centers), len(test_ids) - len(kept))  # fmt: skip
     return kept
+
+
+def add_served_from_bank(results: dict[str, Any], cases: dict[str, Any]) -> None:
+    """How each bankable adapter does when served as a bank serves it, beside the protocol's figures.
+
+    The protocol applies an adapter to every old-center scan (forgetting). A bank holding the new
+    center's adapter, keyed by its adaptation cases' acquisition fingerprints, sends each scan to
+    that adapter or, when it is unlike them, to the base model (``bank.routing``). ``routing`` holds
+    that decision per test scan; each bankable row's ``served`` the new-center gain and old-center
+    change so obtained (the adapter's score where routed, the base's elsewhere), with intervals. A
+    scan whose acquisition is that of an old center (a policy-only change) is routed like its twin.
+    """
+    from centerprompt.bank.acquisition import acquisition_features
+    from centerprompt.bank.routing import FALLBACK, RoutingKey, route_features
+
+    rows, center = results["strategies"], results["new_center"]
+    if BASE not in rows or not any(_bankable(n) for n in rows):
+        return
+    features = lambda i: acquisition_features(cases[i].ct, cases[i].pet)  # noqa: E731
+    key = {center: RoutingKey.from_features(np.stack([features(i) for i in results["adapt_train_cases"]]))}
+    results["routing"] = {part: {c["case_id"]: route_features(features(c["case_id"]), key).center != FALLBACK
+                                 for c in rows[BASE][part]["per_case"]}
+                          for part in ("new_center", "old_centers")}  # fmt: skip
+    for name, row in rows.items():
+        if _bankable(name):
+            row["served"] = served_from_bank(results, name)
+
+
+def _bankable(name: str) -> bool:
+    from centerprompt.strategies import STRATEGIES
+
+    return name in STRATEGIES and STRATEGIES[name].bankable
 
 
 def add_gap_closed(results: dict[str, Any]) -> None:

@@ -144,6 +144,26 @@ def add_intervals(results: dict[str, Any], reference: str = "none", full: str = 
             row["fraction_of_full"], row["fraction_of_full_ci"] = ratio["ratio"], ratio["ci"]
 
 
+def served_cases(results: Mapping[str, Any], name: str, part: str, reference: str = "none") -> list[Mapping[str, Any]]:
+    """Per test case of ``part``, row ``name``'s result where the scan was routed to the new center's
+    adapter (``results["routing"]``) and ``reference``'s elsewhere: what serving from a bank scores."""
+    rows, routed = results["strategies"], results["routing"][part]
+    own = {c["case_id"]: c for c in rows[name][part]["per_case"]}
+    return [own[c["case_id"]] if routed[c["case_id"]] else c for c in rows[reference][part]["per_case"]]
+
+
+def served_from_bank(results: Mapping[str, Any], name: str, reference: str = "none") -> dict[str, Any]:
+    """Row ``name``'s new-center gain and old-center change when served from a bank, with intervals,
+    and the shares of test scans routed to its adapter."""
+    served: dict[str, Any] = {}
+    for part, label in (("new_center", "gain"), ("old_centers", "old_change")):
+        diff = paired_difference(results["strategies"][reference][part]["per_case"], served_cases(results, name, part))
+        routed = results["routing"][part]
+        served.update({label: diff["difference"], f"{label}_ci": diff["ci"],
+                       f"{part}_routed": sum(routed.values()) / max(len(routed), 1)})  # fmt: skip
+    return served
+
+
 def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: str = "none",
                      full: str = "full") -> dict[str, Any]:  # fmt: skip
     """Pool several experiments' results (key: e.g. "ACQ/seed0") per strategy: mean new-center gain
@@ -169,6 +189,13 @@ def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: st
         first = next(iter(experiments.values()))["strategies"][name]
         entry = {"gain": pooled_difference(new_pairs), "old_change": pooled_difference(old_pairs),
                  "trainable_params": first["trainable_params"], "trainable_fraction": first["trainable_fraction"]}  # fmt: skip
+        if all("served" in e["strategies"][name] for e in experiments.values()):
+            ref = [(e["strategies"][reference][p]["per_case"], served_cases(e, name, p, reference))
+                   for p in ("new_center", "old_centers") for e in experiments.values()]  # fmt: skip
+            k = len(experiments)
+            entry["served"] = {"gain": pooled_difference(ref[:k]), "old_change": pooled_difference(ref[k:]),
+                               "old_centers_routed": float(np.mean([e["strategies"][name]["served"]["old_centers_routed"]
+                                                                    for e in experiments.values()]))}  # fmt: skip
         if full in names and name != reference:
             full_pairs = [(e["strategies"][reference]["new_center"]["per_case"], e["strategies"][full]["new_center"]["per_case"])
                           for e in experiments.values()]  # fmt: skip

@@ -159,6 +159,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {_fmt(s.get('peak_memory_mb'), '.0f')} |"
         )
 
+    served = {n: s["served"] for n, s in strategies.items() if s.get("served")}
+    if served:
+        lines += ["", "Served from a bank (each test scan routed by its acquisition fingerprint to the new center's "
+                  "adapter or to the base model, as `predict --bank` does; each case scored as served):", "",
+                  "| Strategy | Gain [95% CI] | Δ old [95% CI] | New scans to the adapter | Old scans to the adapter |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {n} | {_with_ci(v['gain'], v['gain_ci'])} | {_with_ci(v['old_change'], v['old_change_ci'])} "
+                  f"| {v['new_center_routed']:.0%} | {v['old_centers_routed']:.0%} |" for n, v in served.items()]  # fmt: skip
+
     centers = sorted({c for s in strategies.values() for c in (_get(s, "old_centers", "per_center") or {})})
     if centers:
         lines += [
