@@ -89,7 +89,7 @@ def main() -> int:
             folder = args.out / c / f"seed{s}"
             results = json.loads((folder / "results.json").read_text())
             add_intervals(results)  # results written before intervals and routing existed get them too
-            if "routing" not in results:
+            if "served" not in results["strategies"].get("full", {"served": 1}):
                 add_served_from_bank(results, load_index(args.data, splits_file=folder / "splits.json")[0])
             experiments[f"{c}/seed{s}"] = results
     summary: dict[str, Any] = pool_experiments(experiments)

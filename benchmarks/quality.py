@@ -28,7 +28,7 @@ HELD_OUT = ("MDA", "CHUM", "HGJ")
 HEADLINE_STRATEGIES = ("none", "full", "partial", "deep", "deep+head", "lora", "oracle")
 ALL = "all"  # every train+val case of the new center not kept for validation
 # Each shots point has its own new-center test set (the rest of the center), so it scores the base too.
-SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), tuple(strategy_names(QUICK))  # the base, full fine-tuning, deep prompts
+SHOTS, SHOTS_STRATEGIES = (2, 4, 8, ALL), tuple(strategy_names(QUICK))  # the base, full fine-tuning, deep and image prompts
 PROMPTS, PROMPT_STRATEGIES = (1, 10, 50), (DEFAULT_STRATEGY,)
 DEFAULT_SHOTS, DEFAULT_PROMPTS = 8, 10
 

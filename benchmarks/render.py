@@ -396,19 +396,20 @@ def _factorial_section(f: Mapping[str, Any]) -> list[str]:
              f"Command: `{f['command']}`; {f['date']}; {m['cpu']}, {m['cores']} cores, {m['device']}, torch "
              f"{m['torch']}, MONAI {m['monai']}. Base: `{f['base']}`. New centers (benchmarks/factorial_centers.yaml): "
              "ACQ changes acquisition only, POL contouring only, ACQPOL both; "
-             f"{sorted(set(f['new_test_cases'].values()))} test cases per new center and seed, {f['old_test_cases']} "
+             f"{', '.join(map(str, sorted(set(f['new_test_cases'].values()))))} test cases per new center and seed, {f['old_test_cases']} "
              "old-center test cases; 8 adaptation and 6 validation cases; seeds 0 and 1 draw other adaptation cases "
              "and train with other seeds. Gains and old-center changes are DSCagg (mean of GTVp and GTVn) minus the "
              "base's on the same cases; brackets: stratified paired bootstrap 95% intervals (2000 resamples of test "
              "cases within each center and seed); × full = mean gain / full fine-tuning's mean gain, interval from "
-             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed. Served from a bank: "
-             "a bank holding the new center's adapter, keyed by its 8 adaptation cases' acquisition fingerprints, "
-             "routes each test scan to the adapter or the base model; each case scores as served.", "",
+             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed. Served per center: "
+             "the new center's model (an adapter in a bank, or full fine-tuning's whole model), keyed by its 8 "
+             "adaptation cases' acquisition fingerprints, gets the test scans routed to it, the base model the "
+             "others; each case scores as served.", "",
              "Base DSCagg on each new center (and on the old centers): " + ", ".join(
                  f"{k} {v['new']:.3f}" for k, v in f["base_dsc"].items()) +
              f" (old {next(iter(f['base_dsc'].values()))['old']:.3f}).", "",
              "| strategy | trainable | mean gain [95% CI] | × full [95% CI] | old-center change [95% CI] "
-             "| served from a bank: gain / old-center change (old scans routed to the adapter) |",
+             "| served per center by routing: gain / old-center change (old scans routed to it) |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, r in rows.items():
         frac = r.get("fraction_of_full")
@@ -418,6 +419,10 @@ def _factorial_section(f: Mapping[str, Any]) -> list[str]:
                        if served else "–")  # fmt: skip
         lines.append(f"| {name} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.3g}%) | {_ci(r['gain'])} "
                      f"| {frac_text} | {_ci(r['old_change'])} | {served_text} |")  # fmt: skip
+    added = [f"{n.split(':')[0]} {_ci(r['prompts_add'])}" for n, r in rows.items() if r.get("prompts_add")]
+    if added:
+        lines += ["", "What the prompts add on the new center (the adapter minus itself scored without its prompts, "
+                  "paired over the same cases): " + "; ".join(added) + "."]  # fmt: skip
     centers = list(f["per_center"])
     lines += ["", "Per new center (both seeds pooled): new-center gain / old-center change.", "",
               "| strategy | " + " | ".join(centers) + " |", "|---|" + "---:|" * len(centers)]
@@ -425,7 +430,8 @@ def _factorial_section(f: Mapping[str, Any]) -> list[str]:
         cells = [f"{_ci(f['per_center'][c][name]['gain'])} / {_ci(f['per_center'][c][name]['old_change'])}"
                  for c in centers]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", *f.get("notes", []), ""]
+    notes = Path(__file__).resolve().parent / "factorial_notes.md"  # the reading of these figures, by hand
+    lines += ["", notes.read_text().strip() if notes.is_file() else "", ""]
     return lines
 
 

@@ -120,7 +120,7 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
     assert "fraction_of_full" in results["strategies"]["deep"] and (out / "gains.png").stat().st_size > 0
     # Served from a bank: each test scan gets the adapter or the base by its acquisition fingerprint.
     served, deep_row = results["strategies"]["deep"]["served"], results["strategies"]["deep"]
-    assert "served" not in results["strategies"]["deep+head"]  # not bankable
+    assert "served" in results["strategies"]["full"] and "served" not in results["strategies"]["none"]
     assert 0 <= served["new_center_routed"] <= 1 and 0 <= served["old_centers_routed"] <= 1
     if served["new_center_routed"] == 1:
         assert served["gain"] == pytest.approx(deep_row["gain"])

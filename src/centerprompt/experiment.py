@@ -240,20 +240,21 @@ def old_center_tests(test_ids: list[str], cases: dict[str, Any], train_centers: 
 
 
 def add_served_from_bank(results: dict[str, Any], cases: dict[str, Any]) -> None:
-    """How each bankable adapter does when served as a bank serves it, beside the protocol's figures.
+    """How each row does when served per center by routing, beside the protocol's figures.
 
-    The protocol applies an adapter to every old-center scan (forgetting). A bank holding the new
-    center's adapter, keyed by its adaptation cases' acquisition fingerprints, sends each scan to
-    that adapter or, when it is unlike them, to the base model (``bank.routing``). ``routing`` holds
-    that decision per test scan; each bankable row's ``served`` the new-center gain and old-center
-    change so obtained (the adapter's score where routed, the base's elsewhere), with intervals. A
-    scan whose acquisition is that of an old center (a policy-only change) is routed like its twin.
+    The protocol applies an adapted model to every old-center scan (forgetting). A bank holding the
+    new center's adapter, keyed by its adaptation cases' acquisition fingerprints, sends each scan
+    to that adapter or, when it is unlike them, to the base model (``bank.routing``); a site keeping
+    one whole fine-tuned model per center can route the same way. ``routing`` holds that decision
+    per test scan; each row's ``served`` the new-center gain and old-center change so obtained (the
+    row's score where routed, the base's elsewhere), with intervals. A scan whose acquisition is
+    that of an old center (a policy-only change) is routed like its twin.
     """
     from centerprompt.bank.acquisition import acquisition_features
     from centerprompt.bank.routing import FALLBACK, RoutingKey, route_features
 
     rows, center = results["strategies"], results["new_center"]
-    if BASE not in rows or not any(_bankable(n) for n in rows):
+    if BASE not in rows or len(rows) < 2:
         return
     features = lambda i: acquisition_features(cases[i].ct, cases[i].pet)  # noqa: E731
     key = {center: RoutingKey.from_features(np.stack([features(i) for i in results["adapt_train_cases"]]))}
@@ -261,14 +262,8 @@ def add_served_from_bank(results: dict[str, Any], cases: dict[str, Any]) -> None
                                  for c in rows[BASE][part]["per_case"]}
                           for part in ("new_center", "old_centers")}  # fmt: skip
     for name, row in rows.items():
-        if _bankable(name):
+        if name != BASE:  # full fine-tuning too: routed to one whole model per center, as a bank routes adapters
             row["served"] = served_from_bank(results, name)
-
-
-def _bankable(name: str) -> bool:
-    from centerprompt.strategies import STRATEGIES
-
-    return name in STRATEGIES and STRATEGIES[name].bankable
 
 
 def add_gap_closed(results: dict[str, Any]) -> None:

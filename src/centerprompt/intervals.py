@@ -196,6 +196,11 @@ def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: st
             entry["served"] = {"gain": pooled_difference(ref[:k]), "old_change": pooled_difference(ref[k:]),
                                "old_centers_routed": float(np.mean([e["strategies"][name]["served"]["old_centers_routed"]
                                                                     for e in experiments.values()]))}  # fmt: skip
+        parent = first.get("attribution_of")
+        if parent in names:  # what the prompts add: the adapter against itself without its prompts
+            entry["prompts_add"] = pooled_difference(
+                [(e["strategies"][name]["new_center"]["per_case"], e["strategies"][parent]["new_center"]["per_case"])
+                 for e in experiments.values()])  # fmt: skip
         if full in names and name != reference:
             full_pairs = [(e["strategies"][reference]["new_center"]["per_case"], e["strategies"][full]["new_center"]["per_case"])
                           for e in experiments.values()]  # fmt: skip

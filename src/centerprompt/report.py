@@ -161,8 +161,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
     served = {n: s["served"] for n, s in strategies.items() if s.get("served")}
     if served:
-        lines += ["", "Served from a bank (each test scan routed by its acquisition fingerprint to the new center's "
-                  "adapter or to the base model, as `predict --bank` does; each case scored as served):", "",
+        lines += ["", "Served per center (each test scan routed by its acquisition fingerprint to the new center's "
+                  "model or to the base model, as `predict --bank` routes adapters; each case scored as served):", "",
                   "| Strategy | Gain [95% CI] | Δ old [95% CI] | New scans to the adapter | Old scans to the adapter |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
         lines += [f"| {n} | {_with_ci(v['gain'], v['gain_ci'])} | {_with_ci(v['old_change'], v['old_change_ci'])} "

@@ -272,11 +272,11 @@ for _strategy in (
     Strategy("deep+norm", "deep prompts and the decoder norms' scale and shift",
              lambda m, o: set_trainable(m, lambda n: is_prompt(n) or is_norm_steering(n)), prompt_mode="deep",
              builds={"steer_norms": True}, lr=1e-2, weight_decay=0.0, bankable=True,
-             adds=lambda n: is_prompt(n) or is_steering(n)),
+             adds=lambda n: is_prompt(n) or is_steering(n), tier=EXTRA),
     Strategy("image", "an image-space prompt: a low-resolution scale and shift map per modality",
              lambda m, o: set_trainable(m, lambda n: n.startswith("image_prompt.")),
              builds={"image_prompt": IMAGE_PROMPT_GRID}, lr=1e-2, weight_decay=0.0, bankable=True, adds=is_steering,
-             tier=EXTRA,
+             tier=QUICK,
              reference="VPTTA (arXiv 2311.18363); ProSFDA"),  # fmt: skip
     Strategy(
         "lora", "LoRA adapters on the attention projections (PEFT)", _lora, adds=is_lora,
