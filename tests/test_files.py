@@ -35,3 +35,43 @@ def test_write_json_is_strict_json(tmp_path: Path) -> None:
     path = write_json({"a": math.nan, "b": np.float32(0.5), "c": (1, np.int64(2)), "d": tmp_path}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"a": None, "b": 0.5, "c": [1, 2], "d": str(tmp_path)}
     assert path.read_text().endswith("}\n")
+
+
+def test_models_adapters_and_json_are_readable_by_group_and_others_under_umask_022(tmp_path) -> None:
+    """safetensors' save_file creates 0600 files; a colleague on a shared server must be able to read them."""
+    import os
+    import stat
+
+    import torch
+    from tiny import tiny_model
+
+    from centerprompt.artifacts import load_model, save_adapter, save_model
+    from centerprompt.files import write_json
+    from centerprompt.strategies import apply_strategy
+
+    old = os.umask(0o022)
+    try:
+        model = save_model(tiny_model(), tmp_path / "model.safetensors")
+        adapted = load_model(model, prompt_mode="deep", num_prompts=2)
+        apply_strategy(adapted, "deep")
+        adapter = save_adapter(adapted, tmp_path / "adapter.safetensors", "deep")
+        write_json({"a": 1}, tmp_path / "x.json")
+        torch.save({"a": 1}, tmp_path / "plain.pt")  # a file written without atomic_path: the reference mode
+    finally:
+        os.umask(old)
+    for path in (model, adapter, tmp_path / "x.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 == stat.S_IMODE((tmp_path / "plain.pt").stat().st_mode), path
+
+
+def test_version_and_python_dash_m() -> None:
+    import subprocess
+    import sys
+
+    from importlib.metadata import version as installed
+
+    for argv in (["-m", "centerprompt", "--version"], ["-m", "centerprompt", "--help"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: centerprompt")
+    version = subprocess.run([sys.executable, "-m", "centerprompt", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"centerprompt {installed('centerprompt')}"

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"reliance", "diagnostic"},
     {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle",
      "federated", "federated.site", "federated.flower", "federated.app"},
-    {"cli", "cli.paths", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", ""},  # "" is the package's lazy facade
+    {"cli", "cli.paths", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", "__main__", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

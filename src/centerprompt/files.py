@@ -25,7 +25,7 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The block creates the file (``open(tmp, "wb")``, ``torch.save``, ``nib.save``, ...); it is
-    created with the usual permissions (umask), not the private ones of ``tempfile.mkstemp``. The
+    given the usual permissions (0666 under the umask) before the rename, whatever the writer chose. The
     temporary name is ``.NAME.<pid>-<random>.tmp``, hidden and unique per process and call; with
     ``keep_suffix=True`` it also ends in ``path``'s suffixes (``.nii.gz``), for writers that pick
     the format from the name (nibabel). On any error the temporary file is removed.
@@ -36,9 +36,17 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
         yield tmp
+        # Readable as the user's other files are: some writers (safetensors' save_file) create 0600.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 _TMP_NAME = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp.*")  # atomic_path's temporary names, with the writer's pid

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 import traceback
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompt tuning of a frozen UNETR for a new PET/CT center (HECKTOR layout).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show the traceback of errors")
+    parser.add_argument("--version", action="version", version=f"centerprompt {importlib.metadata.version('centerprompt')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from centerprompt.strategies import load_plugins
 
