@@ -12,10 +12,11 @@ from centerprompt.strategies import STRATEGIES
 
 
 def model_for(strategy: str, **kwargs) -> PromptedUNETR:
-    return tiny_model(prompt_mode=STRATEGIES[strategy].prompt_mode, num_prompts=4, dropout_rate=0.1, **kwargs)
+    return tiny_model(**STRATEGIES[strategy].model_fields(4), dropout_rate=0.1, **kwargs)
 
 
-@pytest.mark.parametrize("strategy", ["full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit"])
+@pytest.mark.parametrize("strategy", ["full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit", "head", "norm",
+                                      "deep+norm", "image"])
 def test_training_changes_only_trainable_tensors(strategy: str) -> None:
     torch.manual_seed(0)
     model = model_for(strategy)
@@ -95,11 +96,14 @@ MONAI_UNETR_PARAMS = 95_948_467
         ("deep", {}, 12 * 10 * 768),
         ("shallow", {}, 10 * 768),
         ("lora", {"rank": 8}, 442_368),
+        # A scale and a shift per channel of every conv-path instance norm: encoder1 3 x 16, encoder2's two
+        # up-blocks 2 x 2 x 32, encoder3's one 2 x 64 (encoder4 has none), decoder5..2 3 x (128, 64, 32, 16).
+        ("norm", {}, 2 * (3 * 16 + 4 * 32 + 2 * 64 + 3 * (128 + 64 + 32 + 16))),
+        ("image", {}, 2 * 2 * 8**3),  # an 8^3 scale and shift map for CT and PET
     ],
 )
 def test_vit_b_parameter_counts(strategy: str, options: dict, trainable: int) -> None:
-    mode = STRATEGIES[strategy].prompt_mode
-    model = PromptedUNETR(in_channels=2, out_channels=3, img_size=96, prompt_mode=mode, num_prompts=10)
+    model = PromptedUNETR(in_channels=2, out_channels=3, img_size=96, **STRATEGIES[strategy].model_fields(10))
     apply_strategy(model, strategy, **options)
     report = parameter_report(model)
     assert report["trainable_params"] == trainable
