@@ -75,3 +75,13 @@ def test_version_and_python_dash_m() -> None:
     assert done.stdout.startswith("usage: centerprompt")
     version = subprocess.run([sys.executable, "-m", "centerprompt", "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"centerprompt {installed('centerprompt')}"
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys) -> None:
+    """A log or CI output is not a terminal: no bar updates there (a demo log was three quarters bars)."""
+    from centerprompt.cli import main
+    from centerprompt.files import bars
+
+    assert bars(False) is True and bars(True) is None  # None: tqdm shows the bar only on a terminal
+    assert main(["synth", "--out", str(tmp_path / "d"), "--cases-per-center", "1", "--centers", "CHUM"]) == 0
+    assert "case/s" not in capsys.readouterr().err

@@ -49,7 +49,7 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.config import AdaptRun, PretrainRun, config_hash, file_sha256
 from centerprompt.presets import get_preset
 from centerprompt.strategies import FULL, apply_strategy, get_strategy, parameter_report
-from centerprompt.files import check_output, folder_lock, jsonable, remove_stale_temporaries, write_json
+from centerprompt.files import bars, check_output, folder_lock, jsonable, remove_stale_temporaries, write_json
 from centerprompt.scoring import SW_BATCH, Scorer, validator
 from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig, default_device, fit, rank
 
@@ -514,7 +514,7 @@ def prediction_inputs(
     naming the files), or with ``on_bad_case`` is logged, handed to it as that line, and skipped.
     """
     transform = inference_transforms(preprocess, with_label=False)
-    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=not progress):
+    for ct, pet, out in tqdm(pairs, desc="predict", unit="case", disable=bars(progress)):
         try:
             data = _prediction_item(Path(ct), Path(pet), Path(out), transform)
         except DataError as err:

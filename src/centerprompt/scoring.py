@@ -23,6 +23,7 @@ from centerprompt.data.transforms import (
     make_dataset,
 )
 from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
+from centerprompt.files import bars
 
 SW_BATCH = 4  # sliding windows per forward pass: fewer, larger calls are faster on CPU and GPU
 
@@ -71,7 +72,7 @@ class Scorer:
     ) -> list[dict[str, Any]]:
         """Per-case metrics of ``predict(index)`` for every case, in list order (``distances=False``: no HD95)."""
         results = []
-        for i in tqdm(range(len(self.cases)), desc=desc, unit="case", disable=not progress, leave=False):
+        for i in tqdm(range(len(self.cases)), desc=desc, unit="case", disable=bars(progress), leave=False):
             case, pred = self.cases[i], predict(i)
             if self.score_at == "ct":
                 pred_ct = invert_prediction(pred, self.dataset[i], self.transform)[0].numpy().round()

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from centerprompt.files import atomic_path
+from centerprompt.files import atomic_path, bars
 from centerprompt.models.cpu_conv import onednn_conv3d
 
 logger = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ def fit(
         best_path.unlink(missing_ok=True)
 
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch",
-               disable=not (progress and writer), leave=False)  # fmt: skip
+               disable=bars(bool(progress and writer)), leave=False)  # fmt: skip
     stopped_early = False
     on_cpu = device.type == "cpu" and not cfg.compile
     channels_last = on_cpu and trains_3d_kernels(params)

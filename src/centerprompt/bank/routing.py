@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from centerprompt.bank.acquisition import FEATURES, FLOORS, acquisition_features
 from centerprompt.checkpoints import BaseLike
+from centerprompt.files import bars
 from centerprompt.jobs import load_index, open_base, split_defaults
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def routing_key_from_data(
     if len(ids) < 3:
         logger.warning("routing key of %s from %d case(s): its threshold is uncalibrated", center, len(ids))
     features = [acquisition_features(cases[i].ct, cases[i].pet)
-                for i in tqdm(ids, desc=f"key {center}", unit="case", disable=not progress)]  # fmt: skip
+                for i in tqdm(ids, desc=f"key {center}", unit="case", disable=bars(progress))]  # fmt: skip
     return RoutingKey.from_features(np.stack(features))
 
 

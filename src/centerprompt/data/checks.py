@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from centerprompt.data.hecktor import Case, DataError, format_problems
 from centerprompt.data.labels import GTVN, GTVP, LABEL_VALUES
-from centerprompt.files import write_json
+from centerprompt.files import bars, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _label_values(case_id: str, path: Path, label: nib.Nifti1Image) -> list[str]
 
 
 def _progress(cases: list[Case], desc: str) -> Iterable[Case]:
-    return tqdm(cases, desc=desc, unit="case", disable=len(cases) <= _PROGRESS_MIN_CASES, leave=False)
+    return tqdm(cases, desc=desc, unit="case", disable=bars(len(cases) > _PROGRESS_MIN_CASES), leave=False)
 
 
 def _file_stats(case: Case) -> _Stats | None:

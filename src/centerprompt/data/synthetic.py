@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from centerprompt.data.labels import GTVN, GTVP, LABELS
 from centerprompt.data.profiles import DEFAULT_PROFILES, CenterProfile
-from centerprompt.files import atomic_path
+from centerprompt.files import atomic_path, bars
 
 logger = logging.getLogger(__name__)
 
@@ -611,7 +611,7 @@ def generate_dataset(out_dir: str | Path, centers: list[str] | None = None, case
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else contextlib.nullcontext() as pool:
         done = pool.map(_write_case, jobs, chunksize=4) if pool is not None else map(_write_case, jobs)
-        skipped = sum(tqdm(done, total=len(jobs), desc="synth", unit="case", disable=not progress))
+        skipped = sum(tqdm(done, total=len(jobs), desc="synth", unit="case", disable=bars(progress)))
     stale = sorted({p.name.split("__")[0].removesuffix(".nii.gz") for p in out.glob("*Tr/*.nii.gz")} - set(case_ids))
     if stale:
         logger.warning("%s holds %d cases from an earlier run that are not part of this dataset (e.g. %s)",
