@@ -89,3 +89,12 @@ def test_rows_get_intervals_and_their_fraction_of_full_fine_tunings_gain() -> No
     pooled = pool_experiments({"a": results, "b": results})
     assert pooled["strategies"]["half"]["gain"]["difference"] == pytest.approx(
         paired_difference(ref, results["strategies"]["half"]["new_center"]["per_case"])["difference"])
+
+
+def test_no_fraction_of_full_when_full_fine_tuning_gains_nothing() -> None:
+    hits = list(np.random.default_rng(3).uniform(0.3, 0.5, 8))
+    ref, old = _cases(hits), _cases([0.7] * 4, seed=99)
+    results = _results(ref, {"full": _cases(hits), "other": _cases([h + 0.2 for h in hits])}, old)
+    add_intervals(results)
+    assert "fraction_of_full" not in results["strategies"]["other"]  # a ratio to a zero gain is no figure
+    assert "fraction_of_full" not in pool_experiments({"a": results})["strategies"]["other"]

@@ -126,21 +126,25 @@ def ratio_interval(
             "level": level, "resamples": resamples}  # fmt: skip
 
 
+MIN_GAIN = 0.01  # a gain as a fraction of full fine-tuning's is not reported when full's is below this: noise
+
+
 def add_intervals(results: dict[str, Any], reference: str = "none", full: str = "full") -> None:
     """Add to each row of an experiment's results: its new-center gain over ``reference`` and its
-    old-center change, each with a paired bootstrap interval, and its gain as a fraction of ``full``'s."""
+    old-center change, each with a paired bootstrap interval, and its gain as a fraction of ``full``'s
+    (when full's gain is at least ``MIN_GAIN``)."""
     rows = results["strategies"]
     if reference not in rows:
         return
     base = rows[reference]
+    ref = [(base["new_center"]["per_case"], rows[full]["new_center"]["per_case"])] if full in rows else []
+    full_gain = pooled_difference(ref, resamples=1)["difference"] if ref else 0.0
     for name, row in rows.items():
         row["gain_ci"] = paired_difference(base["new_center"]["per_case"], row["new_center"]["per_case"])["ci"]
         old = paired_difference(base["old_centers"]["per_case"], row["old_centers"]["per_case"])
         row["old_change"], row["old_change_ci"] = old["difference"], old["ci"]
-        if full in rows and name != reference:
-            pair = [(base["new_center"]["per_case"], row["new_center"]["per_case"])]
-            ref = [(base["new_center"]["per_case"], rows[full]["new_center"]["per_case"])]
-            ratio = ratio_interval(pair, ref)
+        if abs(full_gain) >= MIN_GAIN and name != reference:
+            ratio = ratio_interval([(base["new_center"]["per_case"], row["new_center"]["per_case"])], ref)
             row["fraction_of_full"], row["fraction_of_full_ci"] = ratio["ratio"], ratio["ci"]
 
 
@@ -204,6 +208,8 @@ def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: st
         if full in names and name != reference:
             full_pairs = [(e["strategies"][reference]["new_center"]["per_case"], e["strategies"][full]["new_center"]["per_case"])
                           for e in experiments.values()]  # fmt: skip
-            entry["fraction_of_full"] = ratio_interval(new_pairs, full_pairs)
+            ratio = ratio_interval(new_pairs, full_pairs)
+            if abs(pooled_difference(full_pairs, resamples=1)["difference"]) >= MIN_GAIN:
+                entry["fraction_of_full"] = ratio
         pooled["strategies"][name] = entry
     return pooled
