@@ -20,6 +20,10 @@ from centerprompt.evaluate import CLASSES
 
 N_RESAMPLES = 2000
 LEVEL = 0.95
+MIN_GAIN = 0.01  # a gain as a fraction of full fine-tuning's is not reported when full's is below this: noise
+
+# (reference's per-case results, other's per-case results) of one experiment, one per experiment
+Pairs = Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]]
 
 
 def _counts(cases: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -51,9 +55,18 @@ def _weights(n: int, rng: np.random.Generator, resamples: int) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
 
 
-def _resampled_difference(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
-    w = _weights(len(a), rng, resamples)
+def _point(a: np.ndarray, b: np.ndarray) -> float:
+    """DSCagg of ``b``'s cases minus ``a``'s, from their counts."""
+    return float(_dsc_agg(b.sum(0)) - _dsc_agg(a.sum(0)))
+
+
+def _resampled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """DSCagg(b) - DSCagg(a) in each resample of the case weights ``w`` (resamples, n)."""
     return _dsc_agg(np.einsum("rn,nkj->rkj", w, b)) - _dsc_agg(np.einsum("rn,nkj->rkj", w, a))
+
+
+def _resampled_difference(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    return _resampled(_weights(len(a), rng, resamples), a, b)
 
 
 def _interval(draws: np.ndarray, level: float) -> tuple[float, float]:
@@ -74,14 +87,13 @@ def paired_difference(
     ``{"difference", "ci": [lo, hi], "level", "resamples", "n_cases"}``.
     """
     a, b = _paired(reference, other)
-    point = float(_dsc_agg(b.sum(0)) - _dsc_agg(a.sum(0)))
     draws = _resampled_difference(a, b, np.random.default_rng(seed), resamples)
-    return {"difference": point, "ci": list(_interval(draws, level)), "level": level, "resamples": resamples,
+    return {"difference": _point(a, b), "ci": list(_interval(draws, level)), "level": level, "resamples": resamples,
             "n_cases": len(a)}  # fmt: skip
 
 
 def pooled_difference(
-    pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]], *, resamples: int = N_RESAMPLES,
+    pairs: Pairs, *, resamples: int = N_RESAMPLES,
     level: float = LEVEL, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """The mean over experiments of DSCagg(other) - DSCagg(reference), each on its own test cases,
@@ -90,7 +102,7 @@ def pooled_difference(
     points, draws = [], []
     for reference, other in pairs:
         a, b = _paired(reference, other)
-        points.append(float(_dsc_agg(b.sum(0)) - _dsc_agg(a.sum(0))))
+        points.append(_point(a, b))
         draws.append(_resampled_difference(a, b, rng, resamples))
     if not pairs:
         raise ValueError("no experiments to pool.")
@@ -100,9 +112,7 @@ def pooled_difference(
 
 
 def ratio_interval(
-    pairs_num: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
-    pairs_den: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
-    *, resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = 0,
+    pairs_num: Pairs, pairs_den: Pairs, *, resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Mean gain of one strategy over mean gain of another (e.g. of full fine-tuning), both on the
     same cases, with the interval of the ratio from the same resamples (one draw for both)."""
@@ -113,12 +123,11 @@ def ratio_interval(
         c, d = _paired(ref_d, oth_d)
         if len(a) != len(c):
             raise ValueError("both gains must be measured on the same cases.")
-        w = _weights(len(a), rng, resamples)
-        pool = lambda x: _dsc_agg(np.einsum("rn,nkj->rkj", w, x))  # noqa: E731
-        num_draws.append(pool(b) - pool(a))
-        den_draws.append(pool(d) - pool(c))
-        num_pts.append(float(_dsc_agg(b.sum(0)) - _dsc_agg(a.sum(0))))
-        den_pts.append(float(_dsc_agg(d.sum(0)) - _dsc_agg(c.sum(0))))
+        w = _weights(len(a), rng, resamples)  # one draw of cases for both gains
+        num_draws.append(_resampled(w, a, b))
+        den_draws.append(_resampled(w, c, d))
+        num_pts.append(_point(a, b))
+        den_pts.append(_point(c, d))
     den = float(np.mean(den_pts))
     with np.errstate(invalid="ignore", divide="ignore"):
         draws = np.mean(num_draws, axis=0) / np.mean(den_draws, axis=0)
@@ -126,7 +135,11 @@ def ratio_interval(
             "level": level, "resamples": resamples}  # fmt: skip
 
 
-MIN_GAIN = 0.01  # a gain as a fraction of full fine-tuning's is not reported when full's is below this: noise
+def fraction_of_full(pairs: Pairs, full_pairs: Pairs) -> dict[str, Any] | None:
+    """:func:`ratio_interval` of a gain to full fine-tuning's, or None when full's mean gain is below
+    ``MIN_GAIN`` (a ratio to noise)."""
+    full_gain = np.mean([_point(*_paired(ref, full)) for ref, full in full_pairs]) if full_pairs else 0.0
+    return ratio_interval(pairs, full_pairs) if abs(full_gain) >= MIN_GAIN else None
 
 
 def add_intervals(results: dict[str, Any], reference: str = "none", full: str = "full") -> None:
@@ -137,14 +150,15 @@ def add_intervals(results: dict[str, Any], reference: str = "none", full: str = 
     if reference not in rows:
         return
     base = rows[reference]
-    ref = [(base["new_center"]["per_case"], rows[full]["new_center"]["per_case"])] if full in rows else []
-    full_gain = pooled_difference(ref, resamples=1)["difference"] if ref else 0.0
+    full_pairs = [(base["new_center"]["per_case"], rows[full]["new_center"]["per_case"])] if full in rows else []
     for name, row in rows.items():
         row["gain_ci"] = paired_difference(base["new_center"]["per_case"], row["new_center"]["per_case"])["ci"]
         old = paired_difference(base["old_centers"]["per_case"], row["old_centers"]["per_case"])
         row["old_change"], row["old_change_ci"] = old["difference"], old["ci"]
-        if abs(full_gain) >= MIN_GAIN and name != reference:
-            ratio = ratio_interval([(base["new_center"]["per_case"], row["new_center"]["per_case"])], ref)
+        if name == reference:  # its own gain is 0 by construction
+            continue
+        ratio = fraction_of_full([(base["new_center"]["per_case"], row["new_center"]["per_case"])], full_pairs)
+        if ratio is not None:
             row["fraction_of_full"], row["fraction_of_full_ci"] = ratio["ratio"], ratio["ci"]
 
 
@@ -185,11 +199,14 @@ def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: st
                 "best_epoch": rows[n].get("best_epoch")}
             for n in names
         }  # fmt: skip
+
+    def pairs(name: str, part: str = "new_center", ref: str = reference) -> list[tuple[Any, Any]]:
+        return [(e["strategies"][ref][part]["per_case"], e["strategies"][name][part]["per_case"])
+                for e in experiments.values()]  # fmt: skip
+
+    full_pairs = pairs(full) if full in names else []
     for name in names:
-        new_pairs = [(e["strategies"][reference]["new_center"]["per_case"], e["strategies"][name]["new_center"]["per_case"])
-                     for e in experiments.values()]  # fmt: skip
-        old_pairs = [(e["strategies"][reference]["old_centers"]["per_case"], e["strategies"][name]["old_centers"]["per_case"])
-                     for e in experiments.values()]  # fmt: skip
+        new_pairs, old_pairs = pairs(name), pairs(name, "old_centers")
         first = next(iter(experiments.values()))["strategies"][name]
         entry = {"gain": pooled_difference(new_pairs), "old_change": pooled_difference(old_pairs),
                  "trainable_params": first["trainable_params"], "trainable_fraction": first["trainable_fraction"]}  # fmt: skip
@@ -202,14 +219,9 @@ def pool_experiments(experiments: Mapping[str, Mapping[str, Any]], reference: st
                                                                     for e in experiments.values()]))}  # fmt: skip
         parent = first.get("attribution_of")
         if parent in names:  # what the prompts add: the adapter against itself without its prompts
-            entry["prompts_add"] = pooled_difference(
-                [(e["strategies"][name]["new_center"]["per_case"], e["strategies"][parent]["new_center"]["per_case"])
-                 for e in experiments.values()])  # fmt: skip
-        if full in names and name != reference:
-            full_pairs = [(e["strategies"][reference]["new_center"]["per_case"], e["strategies"][full]["new_center"]["per_case"])
-                          for e in experiments.values()]  # fmt: skip
-            ratio = ratio_interval(new_pairs, full_pairs)
-            if abs(pooled_difference(full_pairs, resamples=1)["difference"]) >= MIN_GAIN:
-                entry["fraction_of_full"] = ratio
+            entry["prompts_add"] = pooled_difference(pairs(parent, ref=name))
+        ratio = fraction_of_full(new_pairs, full_pairs) if name != reference else None
+        if ratio is not None:
+            entry["fraction_of_full"] = ratio
         pooled["strategies"][name] = entry
     return pooled
