@@ -149,16 +149,16 @@ def inspect_adapter(
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`adapter_effect` of ``adapter`` on ``split`` cases of ``centers`` (default: the adapter's own)."""
     from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
-    from centerprompt.jobs import load_index, open_base, split_case_ids, split_defaults
+    from centerprompt.jobs import open_base
+    from centerprompt.reliance import inspected_cases
     from centerprompt.scoring import Scorer
 
     base = open_base(base, adapter)
     meta = read_adapter_metadata(adapter)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=split_defaults(base, None))  # fmt: skip
-    if not centers:
-        centers = [c for c in str(meta["extra"].get("center", "")).split("+") if c in splits] or sorted(splits)
-    ids = split_case_ids(splits, centers, split, data_dir)[:limit]
+    own = str(meta["extra"].get("center", "")).split("+")  # the adapter's center(s)
+    cases, ids, centers, _ = inspected_cases(base, data_dir, centers, split, own, skip_bad_cases=skip_bad_cases,
+                                             splits_file=splits_file)  # fmt: skip
+    ids = ids[:limit]
     plain, adapted = build_adapted_model(base), build_adapted_model(base, adapter)
     dataset = Scorer([cases[i] for i in ids], base.preprocess, score_at="preprocessed").dataset
     effect = adapter_effect(plain, adapted, windows_of(dataset, plain.config["img_size"]))

@@ -19,7 +19,8 @@ import numpy as np
 from torch import nn
 
 from centerprompt.artifacts import build_adapted_model
-from centerprompt.checkpoints import BaseLike
+from centerprompt.checkpoints import BaseCheckpoint, BaseLike
+from centerprompt.data.hecktor import Case, Splits
 from centerprompt.evaluate import aggregate
 from centerprompt.jobs import check_base_split, load_index, open_base, split_case_ids, split_defaults
 from centerprompt.scoring import Scorer
@@ -72,6 +73,21 @@ def transformer_reliance(
     }
 
 
+def inspected_cases(
+    base: BaseCheckpoint, data_dir: str | Path, centers: Sequence[str] | None, split: str,
+    default_centers: Sequence[str] | None, *, skip_bad_cases: bool = False, splits_file: str | Path | None = None,
+) -> tuple[dict[str, Case], list[str], list[str], Splits]:  # fmt: skip
+    """What ``inspect`` reads: the index, the split chosen as for ``base`` and checked against it (its
+    test cases must not be ones it trained on), and the ``split`` case IDs of ``centers``, by default
+    ``default_centers`` (or every labelled center) found in the data. Returns (cases, ids, centers, splits)."""
+    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
+                               split_defaults=split_defaults(base, None))  # fmt: skip
+    check_base_split(base, splits)
+    if not centers:
+        centers = [c for c in (default_centers or sorted(splits)) if c in splits]
+    return cases, split_case_ids(splits, centers, split, data_dir), list(centers), splits
+
+
 def inspect_base(
     base: BaseLike, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
     score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
@@ -82,13 +98,8 @@ def inspect_base(
     labelled center for a checkpoint without that record (e.g. a bare MONAI UNETR).
     """
     base = open_base(base)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=split_defaults(base, None))  # fmt: skip
-    check_base_split(base, splits)  # its test cases must not be ones it trained on
-    if not centers:
-        trained = base.extra.get("train_centers")
-        centers = [c for c in (trained or sorted(splits)) if c in splits]
-    ids = split_case_ids(splits, centers, split, data_dir)
+    cases, ids, centers, splits = inspected_cases(base, data_dir, centers, split, base.extra.get("train_centers"),
+                                                  skip_bad_cases=skip_bad_cases, splits_file=splits_file)  # fmt: skip
     model = build_adapted_model(base).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
     return {"base": str(base.path), "data_dir": str(data_dir), "centers": list(centers), "split": split,
