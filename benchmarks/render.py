@@ -382,10 +382,10 @@ def _profile_section(p: Mapping[str, Any]) -> list[str]:
 
 
 def _ci(d: Mapping[str, Any] | None, key: str = "difference", spec: str = "+.3f") -> str:
-    if not d:
-        return "–"
-    lo, hi = d["ci"]
-    return f"{d[key]:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+    """A pooled figure with its interval (``intervals.pooled_difference`` or ``ratio_interval``)."""
+    from centerprompt.report import with_ci
+
+    return with_ci(d[key], d["ci"], spec) if d else "–"
 
 
 def _factorial_section(f: Mapping[str, Any]) -> list[str]:

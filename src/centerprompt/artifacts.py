@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from centerprompt.checkpoints import (
+    ADAPTER_FIELDS,
     ADAPTER_SHAPE_FIELDS,
     CONTENT_HASH_KEY,
     MODEL_FORMAT,
-    PROMPT_FIELDS,
-    adapter_fields,
     BaseLike,
+    adapter_fields,
     check_finite,
     content_hash,
     read_safetensors,
@@ -149,7 +149,7 @@ def load_adapter(model: PromptedUNETR, path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta, tensors = read_safetensors(path, ADAPTER_FORMAT)
     config = json.loads(meta["config"])
-    diff = [k for k in config if k not in PROMPT_FIELDS and model.config.get(k) != config[k]]
+    diff = [k for k in config if k not in ADAPTER_FIELDS and model.config.get(k) != config[k]]
     if diff:
         shown = ", ".join(f"{k}={config[k]} (model: {model.config.get(k)})" for k in diff)
         raise ValueError(f"{path}: adapter was trained for another backbone configuration: {shown}.")

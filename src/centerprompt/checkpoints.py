@@ -59,14 +59,9 @@ CENTERPROMPT = "centerprompt model"  # BaseCheckpoint.kind of our own files
 # set by the strategy (an adapter may change them), never by a base; with the values of a model that adds nothing.
 ADAPTER_DEFAULTS = {"prompt_mode": "none", "num_prompts": 10, "prompt_dropout": 0.0, "steer_norms": False,
                     "image_prompt": 0}  # fmt: skip
-PROMPT_FIELDS = tuple(ADAPTER_DEFAULTS)
+ADAPTER_FIELDS = tuple(ADAPTER_DEFAULTS)
 # Those that shape the adapter's tensors: an adapter loads only onto a model built with the same.
 ADAPTER_SHAPE_FIELDS = ("prompt_mode", "num_prompts", "steer_norms", "image_prompt")
-
-
-def adapter_fields(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The adapter fields of a model configuration; those an older file lacks take the values that add nothing."""
-    return {k: config.get(k, default) for k, default in ADAPTER_DEFAULTS.items()}
 NETWORK_KEYS = ("net", "network", "model", "state_dict", "model_state_dict", "module")  # searched first, in order
 POSITION_KEY = "vit.patch_embedding.position_embeddings"  # (1, N, C): every UNETR state dict has it
 ARG_ALIASES = {"pos_embed": "proj_type"}  # MONAI < 1.3 names
@@ -78,6 +73,11 @@ PET_KEY_WORDS = ("pet", "pt", "suv")  # a ScaleIntensityRanged on such keys sets
 # PreprocessConfig fields that shape what the network sees (the others only augment training).
 SHOWN_PREPROCESS = ("spacing", "ct_window", "suv_max", "body_hu", "crop_mm", "roi_size")
 _BOILERPLATE = ("weights only load failed", "please file an issue", "check the documentation", "in pytorch 2.6")
+
+
+def adapter_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter fields of a model configuration; those an older file lacks take the values that add nothing."""
+    return {k: config.get(k, default) for k, default in ADAPTER_DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,9 @@ def model_arguments(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """UNETR arguments from a user's file or a bundle, checked against PromptedUNETR's signature."""
     if not isinstance(values, Mapping):
         raise ValueError(f"{source}: expected a mapping of UNETR arguments, got {type(values).__name__}.")
-    allowed = set(inspect.signature(PromptedUNETR).parameters) - set(PROMPT_FIELDS)
+    allowed = set(inspect.signature(PromptedUNETR).parameters) - set(ADAPTER_FIELDS)
     args = {ARG_ALIASES.get(k, k): v for k, v in values.items() if not str(k).startswith("_")}
-    prompt = sorted(set(args) & set(PROMPT_FIELDS))
+    prompt = sorted(set(args) & set(ADAPTER_FIELDS))
     if prompt:
         raise ValueError(f"{source}: {', '.join(prompt)} come from --strategy and --prompts, not the model configuration.")
     unknown = sorted(set(args) - allowed)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from centerprompt.artifacts import build_adapted_model, read_adapter_metadata, save_adapter, save_model
-from centerprompt.checkpoints import PROMPT_FIELDS, BaseCheckpoint, BaseLike, BaseSpec, resolve_base
+from centerprompt.checkpoints import ADAPTER_FIELDS, BaseCheckpoint, BaseLike, BaseSpec, resolve_base
 from centerprompt.data.checks import CHECKS_FILE, check_pair, validate_cases
 from centerprompt.data.labels import NUM_LABELS
 from centerprompt.data.hecktor import (
@@ -298,7 +298,7 @@ def open_base(base: BaseLike, adapter: str | Path | None = None) -> BaseCheckpoi
     if adapter is not None and ckpt.foreign:
         meta, recorded = read_adapter_metadata(adapter), f"adapter {Path(adapter).name}"
         if spec.model_config is None:
-            network = {k: v for k, v in meta["config"].items() if k not in PROMPT_FIELDS}
+            network = {k: v for k, v in meta["config"].items() if k not in ADAPTER_FIELDS}
             ckpt = replace(ckpt, config={**ckpt.config, **network}, assumed=(), given=True)
         if spec.preprocess is None and (trained := meta["extra"].get("preprocess")) is not None:
             ckpt = replace(ckpt, preprocess=PreprocessConfig.from_dict(trained), preprocess_from=recorded, given=True)

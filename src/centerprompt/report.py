@@ -153,8 +153,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {_DASH if fraction is None else format(100 * fraction, '.3g') + '%'} "
             f"| {human_bytes(s.get('artifact_bytes'))} "
             f"| {_fmt(_num(new.get('gtvp')))} | {_fmt(_num(new.get('gtvn')))} | {_fmt(_num(new.get('mean')))} "
-            f"| {_with_ci(s.get('gain'), s.get('gain_ci'))} | {_with_ci(s.get('fraction_of_full'), None, '.0%')} "
-            f"| {_fmt(s.get('gap_closed'), '.0%')} | {_fmt(old_mean)} | {_with_ci(delta, s.get('old_change_ci'))} "
+            f"| {with_ci(s.get('gain'), s.get('gain_ci'))} | {with_ci(s.get('fraction_of_full'), None, '.0%')} "
+            f"| {_fmt(s.get('gap_closed'), '.0%')} | {_fmt(old_mean)} | {with_ci(delta, s.get('old_change_ci'))} "
             f"| {_fmt(seconds, '.1f' if seconds is not None and seconds < 10 else '.0f')} "
             f"| {_fmt(s.get('peak_memory_mb'), '.0f')} |"
         )
@@ -165,7 +165,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                   "model or to the base model, as `predict --bank` routes adapters; each case scored as served):", "",
                   "| Strategy | Gain [95% CI] | Δ old [95% CI] | New scans to the adapter | Old scans to the adapter |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| {n} | {_with_ci(v['gain'], v['gain_ci'])} | {_with_ci(v['old_change'], v['old_change_ci'])} "
+        lines += [f"| {n} | {with_ci(v['gain'], v['gain_ci'])} | {with_ci(v['old_change'], v['old_change_ci'])} "
                   f"| {v['new_center_routed']:.0%} | {v['old_centers_routed']:.0%} |" for n, v in served.items()]  # fmt: skip
 
     centers = sorted({c for s in strategies.values() for c in (_get(s, "old_centers", "per_center") or {})})
@@ -186,7 +186,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with_ci(value: Any, ci: Sequence[float] | None, spec: str = "+.3f") -> str:
+def with_ci(value: Any, ci: Sequence[float] | None, spec: str = "+.3f") -> str:
     """``+0.052 [+0.021, +0.080]``; the value alone when there is no interval."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return _DASH

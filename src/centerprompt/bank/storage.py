@@ -40,10 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from centerprompt.artifacts import PROMPT_FIELDS, backbone_fingerprint, read_adapter_metadata
-from centerprompt.checkpoints import adapter_fields
+from centerprompt.artifacts import ADAPTER_FIELDS, backbone_fingerprint, read_adapter_metadata
 from centerprompt.bank.acquisition import FEATURES
 from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
+from centerprompt.checkpoints import adapter_fields
 from centerprompt.files import atomic_path
 from centerprompt.strategies import bankable_names, is_added_tensor
 
@@ -293,7 +293,7 @@ class PromptBank:
             raise ValueError(f"bank {bank.path} is empty (no {BANK_FILE} or no entries).")
         found = backbone_fingerprint(model)
         config = getattr(model, "config", {})
-        diff = [k for k in index["config"] if k not in PROMPT_FIELDS and config.get(k) != index["config"][k]]
+        diff = [k for k in index["config"] if k not in ADAPTER_FIELDS and config.get(k) != index["config"][k]]
         if diff:
             raise ValueError(f"bank {bank.path} was built for another backbone configuration ({', '.join(diff)}).")
         stacked: dict[str, list[torch.Tensor]] = {}
