@@ -34,7 +34,7 @@ from centerprompt.jobs import adapt, check_base_split, keep_splits, load_index, 
 from centerprompt.reliance import transformer_reliance
 from centerprompt.report import plot_case_slices, write_report
 from centerprompt.scoring import Scorer
-from centerprompt.strategies import BASE, ORACLE, get_strategy, parameter_report
+from centerprompt.strategies import BASE, ORACLE, get_strategy, is_prompt, parameter_report
 from centerprompt.train import default_device
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,15 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         old_scorer = Scorer([cases[i] for i in old_test], preprocess, score_at=run.score_at)
 
     progress = run.progress
+
+    def score(model: torch.nn.Module, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's summaries on the new center's and the old centers' test cases."""
+        return (_summaries(new_scorer.score(model, desc=f"{label}: new center", progress=progress)),
+                _summaries(old_scorer.score(model, desc=f"{label}: old centers", progress=progress)))  # fmt: skip
+
     base_model = build_adapted_model(ckpt).to(device)
     with clock("scoring none"):
-        base_new = _summaries(new_scorer.score(base_model, desc="base: new center", progress=progress))
-        base_old = _summaries(old_scorer.score(base_model, desc="base: old centers", progress=progress))
+        base_new, base_old = score(base_model, "base")
     with clock("transformer reliance"):
         reliance = transformer_reliance(base_model, old_scorer, intact_cases=base_old["per_case"], progress=progress)
     logger.info("transformer reliance of the base model: DSCagg %.3f intact, %.3f with mean tokens (drop %.3f)",
@@ -183,8 +188,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             parts = (summary["artifact"], None) if name == ORACLE else (ckpt, summary["artifact"])
             with clock(f"scoring {name}"):
                 model = build_adapted_model(*parts).to(device)
-                new = _summaries(new_scorer.score(model, desc=f"{name}: new center", progress=progress))
-                old = _summaries(old_scorer.score(model, desc=f"{name}: old centers", progress=progress))
+                new, old = score(model, name)
                 previews[name] = new_scorer.predict(model, slice_case)[0].numpy()
         row = {
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
@@ -200,8 +204,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             # Attribution: the same adapter scored with its prompt tokens removed.
             with clock(f"scoring {name}{WITHOUT_PROMPTS}"):
                 model = build_adapted_model(ckpt, summary["artifact"], without_prompts=True).to(device)
-                new = _summaries(new_scorer.score(model, desc=f"{name}{WITHOUT_PROMPTS}: new", progress=progress))
-                old = _summaries(old_scorer.score(model, desc=f"{name}{WITHOUT_PROMPTS}: old", progress=progress))
+                new, old = score(model, name + WITHOUT_PROMPTS)
             results["strategies"][name + WITHOUT_PROMPTS] = {**row, "new_center": new, "old_centers": old,
                                                              "attribution_of": name}  # fmt: skip
     add_gap_closed(results)
@@ -222,7 +225,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
 
 def _trains_more_than_prompts(artifact: str) -> bool:
     """Whether a prompt adapter also holds other tensors (a head, norm steering)."""
-    return any(not n.startswith("prompts.") for n in read_adapter_metadata(artifact)["tensors"])
+    return any(not is_prompt(n) for n in read_adapter_metadata(artifact)["tensors"])
 
 
 def old_center_tests(test_ids: list[str], cases: dict[str, Any], train_centers: list[str] | None) -> list[str]:
@@ -232,7 +235,8 @@ def old_center_tests(test_ids: list[str], cases: dict[str, Any], train_centers: 
     others, which the base never saw either, as old centers."""
     if not train_centers:
         return list(test_ids)
-    kept = [i for i in test_ids if cases[i].center in set(train_centers)]
+    trained = set(train_centers)
+    kept = [i for i in test_ids if cases[i].center in trained]
     if len(kept) < len(test_ids):
         logger.info("old centers: the base's %s; %d test cases of other centers are not scored",
                     ", ".join(train_centers), len(test_ids) - len(kept))  # fmt: skip
