@@ -98,3 +98,20 @@ def test_no_fraction_of_full_when_full_fine_tuning_gains_nothing() -> None:
     add_intervals(results)
     assert "fraction_of_full" not in results["strategies"]["other"]  # a ratio to a zero gain is no figure
     assert "fraction_of_full" not in pool_experiments({"a": results})["strategies"]["other"]
+
+
+def test_served_scores_the_row_only_where_a_scan_was_routed_to_it() -> None:
+    from centerprompt.intervals import served_from_bank
+
+    hits = [0.3, 0.4, 0.5, 0.6]
+    ref, old = _cases(hits), _cases([0.5] * 3, seed=99)
+    better, old_worse = _cases([h + 0.3 for h in hits]), _cases([0.2] * 3, seed=99)
+    results = _results(ref, {"adapted": better}, old)
+    results["strategies"]["adapted"]["old_centers"]["per_case"] = old_worse
+    results["routing"] = {"new_center": {c["case_id"]: i < 2 for i, c in enumerate(ref)},  # two of four routed
+                          "old_centers": {c["case_id"]: False for c in old}}  # no old scan routed
+    served = served_from_bank(results, "adapted")
+    by_hand = better[:2] + ref[2:]  # the adapted model's cases where routed, the base's elsewhere
+    assert served["gain"] == pytest.approx(paired_difference(ref, by_hand)["difference"])
+    assert 0 < served["gain"] < paired_difference(ref, better)["difference"]
+    assert served["old_change"] == 0 and served["new_center_routed"] == 0.5 and served["old_centers_routed"] == 0
