@@ -73,14 +73,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
     assert torch.equal(reference.prompts.tokens, resumed.prompts.tokens)
 
 
-def test_early_stopping_and_best_epoch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("min_epochs", "stops_after"), [(0, 4), (5, 5)])
+def test_early_stopping_and_best_epoch(tmp_path: Path, min_epochs: int, stops_after: int) -> None:
+    """Patience 2 stops two validations after the best, but never before ``min_epochs``."""
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.6])
     torch.manual_seed(0)
     model = tiny_model(prompt_mode="deep", num_prompts=2)
     params = apply_strategy(model, "deep")
-    cfg = TrainConfig(**{**CFG, "epochs": 6, "patience": 2})
+    cfg = TrainConfig(**{**CFG, "epochs": 6, "patience": 2, "min_epochs": min_epochs})
     result = fit(model, params, toy_data(), cfg, tmp_path, validate=lambda m: next(scores), progress=False)
-    assert result.stopped_early and result.epochs_run == 4
+    assert result.stopped_early and result.epochs_run == stops_after
     assert result.best_epoch == 2 and result.best_metric == pytest.approx(0.7)
     best = torch.load(tmp_path / "best.pt", weights_only=True)["trainable"]["prompts.tokens"]
     assert torch.equal(model.prompts.tokens.detach(), best)
