@@ -115,7 +115,9 @@ class PretrainRun(_Training):
 
     ``oracle_shots`` > 0 trains the in-domain oracle instead: the excluded center's adaptation
     cases join the training set (``jobs.pretrain_case_ids``). ``lr`` defaults to the preset's;
-    ``cases_limit`` caps the training cases (smoke tests).
+    ``cases_limit`` caps the training cases (smoke tests). ``center_prompts`` > 0: prompt-aware
+    pretraining, with deep prompts of that many tokens, one set per training center and a shared
+    set (``models.prompts.CenterPrompts``).
     """
 
     data_dir: Path
@@ -124,6 +126,7 @@ class PretrainRun(_Training):
     preset: str = "cpu"
     oracle_shots: int = 0
     cases_limit: int | None = None
+    center_prompts: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,6 +134,7 @@ class PretrainRun(_Training):
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         _positive("oracle shots", self.oracle_shots, 0)
         _positive("cases_limit", self.cases_limit)
+        _positive("--center-prompts", self.center_prompts, 0, MAX_PROMPTS)
         if self.oracle_shots and not self.exclude_center:
             raise ValueError("an oracle needs the center it stands for: give exclude_center.")
 

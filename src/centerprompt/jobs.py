@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ from centerprompt.train import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, T
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+# Prompt-aware pretraining: share of samples read with the shared prompt set instead of their
+# center's (chosen before any run: most steps teach center prompts, enough teach the shared set).
+SHARED_PROMPT_SHARE = 0.3
 IN_CHANNELS, OUT_CHANNELS = 2, NUM_LABELS  # CT + PET in; background, GTVp, GTVn out
 
 
@@ -222,16 +226,33 @@ def pretrain_config(run: PretrainRun, splits: Splits) -> dict[str, Any]:
     cfg = TrainConfig(epochs=run.epochs or p.pretrain_epochs, lr=run.lr or p.pretrain_lr,
                       batch_size=run.batch_size or p.batch_size, patience=run.patience, seed=run.seed, amp=run.amp,
                       compile=run.compile, class_weights=p.class_weights)  # fmt: skip
+    model: dict[str, Any] = {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model}
+    if run.center_prompts:
+        center_of = {i: center for center, parts in splits.items() for ids in parts.values() for i in ids}
+        model.update(prompt_mode="deep", num_prompts=run.center_prompts,
+                     center_prompts=sorted({center_of[i] for i in train_ids}))  # fmt: skip
     return {
-        "job": "pretrain", **run.provenance(), "model": {"in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS, **p.model},
-        "preprocess": p.preprocess.to_dict(), "train": cfg.__dict__, "splits_sha256": splits.sha256,
-        "train_cases": train_ids, "val_cases": val_ids,
+        "job": "pretrain", **run.provenance(), "model": model, "preprocess": p.preprocess.to_dict(),
+        "train": cfg.__dict__, "splits_sha256": splits.sha256, "train_cases": train_ids, "val_cases": val_ids,
+        **({"shared_prompt_share": SHARED_PROMPT_SHARE} if run.center_prompts else {}),
     }  # fmt: skip
+
+
+def shared_prompts_sometimes(share: float) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """Each sample's center for prompt-aware pretraining, replaced by None (the shared set) with
+    probability ``share``, so the shared set learns to serve any center (``random`` is reseeded
+    every epoch by ``fit``: a resumed run draws the same)."""
+
+    def inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {"centers": [None if random.random() < share else c for c in batch["center"]]}
+
+    return inputs
 
 
 def _train(
     model: PromptedUNETR, params: list[torch.nn.Parameter], train: Sequence[Case], val: Sequence[Case],
     preprocess: PreprocessConfig, cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
+    batch_inputs: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Cache ``train`` and ``val`` (timed), then :func:`fit` with the validation DSCagg; the result's
     fields and ``cache_seconds`` for summary.json (pretraining and adaptation alike)."""
@@ -239,7 +260,8 @@ def _train(
     train_ds = make_dataset(list(train), train_transforms(preprocess))
     scorer = Scorer(list(val), preprocess, score_at="preprocessed")
     cache_seconds = time.perf_counter() - started
-    result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress)
+    result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress,
+                 batch_inputs=batch_inputs)  # fmt: skip
     logger.info("%.0f s to cache the cases, %.0f s to train: %s", cache_seconds, result.train_seconds,
                 result.phase_seconds)  # fmt: skip
     return {**result.__dict__, "cache_seconds": cache_seconds}
@@ -268,8 +290,10 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
         params = apply_strategy(model, FULL)
         logger.info("pretraining on %d cases (%d for validation), excluding %s", len(train_ids), len(val_ids),
                     run.exclude_center)  # fmt: skip
+        share = config.get("shared_prompt_share")
         timing = _train(model, params, [cases[i] for i in train_ids], [cases[i] for i in val_ids], p.preprocess,
-                        TrainConfig(**config["train"]), run_dir, resume=run.resume, progress=run.progress)  # fmt: skip
+                        TrainConfig(**config["train"]), run_dir, resume=run.resume, progress=run.progress,
+                        batch_inputs=shared_prompts_sometimes(share) if share is not None else None)  # fmt: skip
         summary = {"job": "pretrain", **timing, **parameter_report(model), "config_hash": config_hash(config),
                    "splits": splits.record()}  # fmt: skip
         if rank() == 0:
@@ -395,7 +419,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
             logger.warning("center %s was part of the base model's pretraining data", center)
         preprocess = base.preprocess
         torch.manual_seed(run.seed)
-        model = base.build(**strategy.model_fields(run.num_prompts, run.prompt_dropout))
+        model = base.build(**strategy.model_fields(run.num_prompts, run.prompt_dropout, base.config))
         params = apply_strategy(model, run.strategy, **run.options)
         summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
                                    **parameter_report(model), "train_seconds": 0.0, "peak_memory_mb": 0.0,

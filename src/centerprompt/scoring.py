@@ -53,7 +53,13 @@ class Scorer:
         return self.dataset[index]["image"].as_tensor()[None].to(device)
 
     def predict(self, model: torch.nn.Module, index: int, **model_kwargs: Any) -> torch.Tensor:
-        """Label map (1, D, H, W) of ``model`` (sliding window) for case ``index``, in preprocessed space."""
+        """Label map (1, D, H, W) of ``model`` (sliding window) for case ``index``, in preprocessed space.
+
+        A model with center prompts (prompt-aware pretraining) gets the case's center, so a
+        pretraining center's scans are read with its own prompts, as that model serves them.
+        """
+        if getattr(model, "center_prompts", None) is not None and "prompts" not in model_kwargs:
+            model_kwargs.setdefault("centers", [self.cases[index].center])
         image = self.image(index, next(model.parameters()).device)
         probs = sliding_window_predict(model, image, self.preprocess.roi_size, SW_BATCH, **model_kwargs)
         return probs.argmax(1).cpu()

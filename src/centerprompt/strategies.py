@@ -88,8 +88,23 @@ class Strategy:
     def trains(self) -> bool:
         return self.name != BASE
 
-    def model_fields(self, num_prompts: int = 10, prompt_dropout: float = 0.0) -> dict[str, Any]:
-        """The PromptedUNETR fields a model trained with this strategy is built with (beyond the backbone's)."""
+    def model_fields(
+        self, num_prompts: int = 10, prompt_dropout: float = 0.0, base: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The PromptedUNETR fields a model trained with this strategy is built with (beyond the backbone's).
+
+        ``base``: the base model's configuration. A base that was trained with prompts (prompt-aware
+        pretraining) keeps them: a strategy without prompts leaves them in place, frozen, and one
+        with prompts must take the same kind and number (it starts from the base's default set).
+        """
+        base_mode = (base or {}).get("prompt_mode", "none")
+        if base_mode != "none":
+            base_p = int(base["num_prompts"])  # type: ignore[index]
+            if self.prompt_mode == "none":
+                return {"prompt_mode": base_mode, "num_prompts": base_p, "prompt_dropout": 0.0, **self.builds}
+            if (self.prompt_mode, num_prompts) != (base_mode, base_p):
+                raise ValueError(f"the base model was trained with {base_mode} prompts of {base_p} tokens; strategy "
+                                 f"{self.name!r} must train the same (--prompts {base_p}), or none.")  # fmt: skip
         return {"prompt_mode": self.prompt_mode, "num_prompts": num_prompts, "prompt_dropout": prompt_dropout,
                 **self.builds}  # fmt: skip
 

@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,11 +199,14 @@ def cpu_layout(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    model.to(memory_format=torch.channels_last_3d)
+    kernels = [p for p in model.parameters() if p.dim() == 5]  # not ``model.to``: it also takes 4-D tensors
+    for p in kernels:
+        p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
     try:
         yield
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        for p in kernels:
+            p.data = p.data.contiguous()
 
 
 def trains_3d_kernels(params: list[nn.Parameter]) -> bool:
@@ -265,14 +268,15 @@ class NonFiniteLoss(ValueError):
 def train_step(
     net: nn.Module, loss_fn: Callable[..., torch.Tensor], image: torch.Tensor, label: torch.Tensor,
     optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, grad_clip: float = 1.0, amp: bool = False,
-    penalty: Callable[[], torch.Tensor] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None, inputs: Mapping[str, Any] | None = None,
 ) -> float:  # fmt: skip
-    """One optimiser step, the same for ``fit`` and a federated site's round: forward and loss (plus
-    ``penalty``, e.g. FedProx's proximal term), a stop on a non-finite loss before anything is
-    updated, backward, gradient clipping, step. Returns the loss."""
+    """One optimiser step, the same for ``fit`` and a federated site's round: forward (with the
+    model's other ``inputs``, e.g. each sample's center) and loss (plus ``penalty``, e.g. FedProx's
+    proximal term), a stop on a non-finite loss before anything is updated, backward, gradient
+    clipping, step. Returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = loss_fn(net(image), label)
+        loss = loss_fn(net(image, **(inputs or {})), label)
     if penalty is not None:
         loss = loss + penalty()
     if not torch.isfinite(loss):
@@ -305,8 +309,12 @@ def fit(
     progress: bool = True,
     device: torch.device | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    batch_inputs: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``train_data`` (dicts with "image" and "label").
+
+    ``batch_inputs(batch)``: the model's other forward arguments for a batch (prompt-aware
+    pretraining gives each sample's center); drawn after the epoch's reseeding, so resumable.
 
     ``validate(model) -> float`` (higher is better, e.g. the mean aggregated Dice) picks the best
     epoch and drives early stopping; without it the last epoch is the best. The run folder gets
@@ -376,7 +384,7 @@ def fit(
                 phases["data_s"] += (now := time.perf_counter()) - mark
                 try:
                     losses.append(train_step(net, loss_fn, image, label, optimizer, params, grad_clip=cfg.grad_clip,
-                                             amp=cfg.amp))  # fmt: skip
+                                             amp=cfg.amp, inputs=batch_inputs(batch) if batch_inputs else None))  # fmt: skip
                 except NonFiniteLoss as err:
                     raise NonFiniteLoss(_diverged(run_dir, err.loss, epoch, len(losses), state["epoch"], cfg.lr)) from None
                 scheduler.step()

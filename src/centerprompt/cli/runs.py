@@ -139,6 +139,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         data_dir=args.data, out=args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed, resume=args.resume,
         skip_bad_cases=args.skip_bad_cases, amp=args.amp, compile=args.compile, splits=args.splits,
+        center_prompts=args.center_prompts,
     )  # fmt: skip
     init_distributed()
     summary = pretrain(run)
@@ -317,6 +318,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-center", help="center left out of pretraining (the future new center)")
     p.add_argument("--out", required=True, type=out_path, help="run folder (model.safetensors is written there)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES, help="model size and preprocessing")
+    p.add_argument("--center-prompts", type=int, default=0, metavar="P",
+                   help="prompt-aware pretraining: deep prompts of P tokens, one set per training center and a "
+                        "shared set (0: none)")  # fmt: skip
     _common_training(p)
     p.set_defaults(func=_cmd_pretrain, out_kind="folder")
 

@@ -121,7 +121,7 @@ def job_model(job: FederatedJob) -> tuple[PromptedUNETR, PreprocessConfig, Prese
         apply_strategy(model, FULL)
         return model, preset.preprocess, preset
     base: BaseCheckpoint = open_base(job.base)
-    model = base.build(**get_strategy(job.strategy).model_fields(job.prompts))
+    model = base.build(**get_strategy(job.strategy).model_fields(job.prompts, base=base.config))
     apply_strategy(model, job.strategy)
     return model, base.preprocess, get_preset(base.extra.get("preset", "cpu"))
 

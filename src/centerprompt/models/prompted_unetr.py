@@ -19,7 +19,7 @@ from monai.networks.nets.vit import ViT
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from centerprompt.models.prompts import PROMPT_MODES, PromptTokens, vpt_init_bound
+from centerprompt.models.prompts import PROMPT_MODES, CenterPrompts, PromptTokens, vpt_init_bound
 from centerprompt.models.steering import ImagePrompt, add_norm_steering, is_steering
 
 # Constants that monai.networks.nets.UNETR hard-codes; tests check them against MONAI.
@@ -67,6 +67,9 @@ class PromptedUNETR(nn.Module):
             previous layer's prompt outputs are dropped). Defaults to ``"none"``.
         num_prompts: tokens per set (P). Defaults to 10.
         prompt_dropout: dropout on prompt tokens while training. Defaults to 0.0.
+        center_prompts: names of the centers that get their own prompt set besides the default
+            (shared) one, for prompt-aware pretraining (``models.prompts.CenterPrompts``); needs a
+            ``prompt_mode``. ``forward(centers=...)`` picks each sample's set. Defaults to none.
         steer_norms: put a per-channel scale and shift (identity until trained) after every
             affine-free instance norm of the convolutional path (``models.steering``). Defaults to False.
         image_prompt: edge of a learned per-channel image-space map (scale and shift, identity until
@@ -100,6 +103,7 @@ class PromptedUNETR(nn.Module):
         prompt_mode: str = "none",
         num_prompts: int = 10,
         prompt_dropout: float = 0.0,
+        center_prompts: Sequence[str] = (),
         steer_norms: bool = False,
         image_prompt: int = 0,
         use_flash_attention: bool = True,
@@ -111,6 +115,8 @@ class PromptedUNETR(nn.Module):
             raise ValueError("dropout_rate should be between 0 and 1.")
         if hidden_size % num_heads != 0:
             raise ValueError("hidden_size should be divisible by num_heads.")
+        if center_prompts and prompt_mode == "none":
+            raise ValueError("center_prompts need a prompt_mode ('shallow' or 'deep').")
         if isinstance(image_prompt, bool) or not isinstance(image_prompt, int) or image_prompt < 0:
             raise ValueError(f"image_prompt must be a grid edge >= 1, or 0 for none; got {image_prompt!r}.")
         if patch_size not in PATCH_SIZES:
@@ -137,6 +143,8 @@ class PromptedUNETR(nn.Module):
             prompt_mode=prompt_mode, num_prompts=num_prompts, prompt_dropout=prompt_dropout,
             steer_norms=steer_norms, image_prompt=image_prompt,
         )  # fmt: skip
+        if center_prompts:  # only then: the configurations of every other model stay as they were
+            self.config["center_prompts"] = list(center_prompts)
         self.num_layers = num_layers
         self.skip_layers = skip_layers
         self.patch_size = patch
@@ -187,6 +195,9 @@ class PromptedUNETR(nn.Module):
             bound = vpt_init_bound(in_channels, patch, hidden_size)
             num_sets = 1 if prompt_mode == "shallow" else num_layers
             self.prompts = PromptTokens(num_sets, num_prompts, hidden_size, bound, prompt_dropout)
+        self.center_prompts = (
+            CenterPrompts(center_prompts, self.prompts.tokens.shape, bound) if center_prompts else None
+        )
         if steer_norms:
             for name, module in self.named_children():
                 if name not in ("vit", "prompts"):
@@ -227,14 +238,27 @@ class PromptedUNETR(nn.Module):
         return x.movedim(-1, 1).contiguous()  # (B, C, D, H, W)
 
     def forward(
-        self, x_in: torch.Tensor, prompts: torch.Tensor | None = None, adapter: Mapping[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+        self, x_in: torch.Tensor, prompts: torch.Tensor | None = None, adapter: Mapping[str, torch.Tensor] | None = None,
+        centers: Sequence[str | None] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Logits (B, out_channels, *img_size); ``prompts`` as in :meth:`encode`.
 
         ``adapter`` overrides steering tensors (``models.steering``) by state-dict name for this pass:
         a value of the parameter's shape for the whole batch, or (B, *shape) per sample (a batch
-        mixing centers, served from a bank).
+        mixing centers, served from a bank). ``centers`` (one name or None per sample, or one for
+        the batch) picks each sample's prompt set of a model with ``center_prompts``; None and centers without their own
+        set take the default set.
         """
+        if centers is not None:
+            if self.center_prompts is None:
+                raise ValueError("centers were given to a model built without center_prompts.")
+            if prompts is not None:
+                raise ValueError("give prompts or centers, not both.")
+            if len(centers) == 1:  # one center for the whole batch (a case's sliding windows)
+                centers = list(centers) * x_in.shape[0]
+            if len(centers) != x_in.shape[0]:
+                raise ValueError(f"{len(centers)} centers for a batch of {x_in.shape[0]}.")
+            prompts = self.center_prompts.select(centers, self.prompts.tokens)
         if not adapter:
             return self._forward(x_in, prompts)
         modules = {}
@@ -289,14 +313,15 @@ class PromptedUNETR(nn.Module):
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a backbone checkpoint (e.g. from ``monai.networks.nets.UNETR``) into a prompted model.
 
-        Prompt tokens and steering tensors (``models.steering``) may be absent from ``state_dict``; any other missing or unexpected key is an
-        error. A ``module.`` prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are
+        Prompt tokens (center prompts included) and steering tensors (``models.steering``) may be
+        absent from ``state_dict``; any other missing or unexpected key is an error. A ``module.`` prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are
         dropped, so checkpoints load as they are.
         """
         cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
         cleaned = {k: v for k, v in cleaned.items() if ".cross_attn." not in k}
         own = self.state_dict()
-        missing = [k for k in own if k not in cleaned and not k.startswith("prompts.") and not is_steering(k)]
+        missing = [k for k in own if k not in cleaned and not k.startswith(("prompts.", "center_prompts."))
+                   and not is_steering(k)]  # fmt: skip
         unexpected = [k for k in cleaned if k not in own]
         if missing or unexpected:
             raise ValueError(

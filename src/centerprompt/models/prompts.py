@@ -64,3 +64,31 @@ class PromptTokens(nn.Module):
                 f"with prompts of shape {tuple(self.tokens.shape)}."
             )
         return self.dropout(t)
+
+
+class CenterPrompts(nn.Module):
+    """One prompt set per pretraining center, for prompt-aware pretraining (DoPrompt, arXiv 2208.08914).
+
+    The backbone learns with each center's own prompts and, on part of the steps, with the model's
+    default set (``PromptedUNETR.prompts``, the shared set), so it learns to read prompts: a new
+    center then has something to steer with, and starts from the shared set.
+
+    Args:
+        names: the centers, in order.
+        shape: the shape of one set, (S, P, C) as ``PromptTokens.tokens``.
+        init_bound: tokens are drawn from U(-bound, bound).
+    """
+
+    def __init__(self, names: Sequence[str], shape: Sequence[int], init_bound: float) -> None:
+        super().__init__()
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"center prompts need distinct center names, got {list(names)}.")
+        self.names = tuple(names)
+        self.tokens = nn.Parameter(torch.empty(len(names), *shape))
+        nn.init.uniform_(self.tokens, -init_bound, init_bound)
+
+    def select(self, centers: Sequence[str | None], default: torch.Tensor) -> torch.Tensor:
+        """Per-sample prompts (B, S, P, C): each center's own set; ``default`` (S, P, C) for ``None``
+        and for a center without its own set (a new or unknown center)."""
+        index = {name: i for i, name in enumerate(self.names)}
+        return torch.stack([self.tokens[index[c]] if c in index else default for c in centers])
