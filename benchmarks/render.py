@@ -388,24 +388,10 @@ def _ci(d: Mapping[str, Any] | None, key: str = "difference", spec: str = "+.3f"
     return with_ci(d[key], d["ci"], spec) if d else "–"
 
 
-def _factorial_section(f: Mapping[str, Any]) -> list[str]:
-    """The prompt-adapter benchmark (benchmarks/factorial.py): new centers that differ by one thing."""
+def _factorial_tables(f: Mapping[str, Any]) -> list[str]:
+    """One base's pooled table and its per-center table (benchmarks/factorial.py's summary)."""
     rows = f["strategies"]
-    m = f["machine"]
-    lines = ["## Which adapter reaches a new center: factorial new centers, with intervals (issue 24)", "",
-             f"Command: `{f['command']}`; {f['date']}; {m['cpu']}, {m['cores']} cores, {m['device']}, torch "
-             f"{m['torch']}, MONAI {m['monai']}. Base: `{f['base']}`. New centers (benchmarks/factorial_centers.yaml): "
-             "ACQ changes acquisition only, POL contouring only, ACQPOL both; "
-             f"{', '.join(map(str, sorted(set(f['new_test_cases'].values()))))} test cases per new center and seed, {f['old_test_cases']} "
-             "old-center test cases; 8 adaptation and 6 validation cases; seeds 0 and 1 draw other adaptation cases "
-             "and train with other seeds. Gains and old-center changes are DSCagg (mean of GTVp and GTVn) minus the "
-             "base's on the same cases; brackets: stratified paired bootstrap 95% intervals (2000 resamples of test "
-             "cases within each center and seed); × full = mean gain / full fine-tuning's mean gain, interval from "
-             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed. Served per center: "
-             "the new center's model (an adapter in a bank, or full fine-tuning's whole model), keyed by its 8 "
-             "adaptation cases' acquisition fingerprints, gets the test scans routed to it, the base model the "
-             "others; each case scores as served.", "",
-             "Base DSCagg on each new center (and on the old centers): " + ", ".join(
+    lines = ["Base DSCagg on each new center (and on the old centers): " + ", ".join(
                  f"{k} {v['new']:.3f}" for k, v in f["base_dsc"].items()) +
              f" (old {next(iter(f['base_dsc'].values()))['old']:.3f}).", "",
              "| strategy | trainable | mean gain [95% CI] | × full [95% CI] | old-center change [95% CI] "
@@ -430,15 +416,44 @@ def _factorial_section(f: Mapping[str, Any]) -> list[str]:
         cells = [f"{_ci(f['per_center'][c][name]['gain'])} / {_ci(f['per_center'][c][name]['old_change'])}"
                  for c in centers]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _factorial_section(f: Mapping[str, Any], aware: Mapping[str, Any] | None = None) -> list[str]:
+    """The prompt-adapter benchmark (benchmarks/factorial.py): new centers that differ by one thing,
+    on the demo's base and (``aware``) on a prompt-aware base."""
+    m = f["machine"]
+    lines = ["## Which adapter reaches a new center: factorial new centers, with intervals (issue 24)", "",
+             f"Command: `{f['command']}`; {f['date']}; {m['cpu']}, {m['cores']} cores, {m['device']}, torch "
+             f"{m['torch']}, MONAI {m['monai']}. Base: `{f['base']}`. New centers (benchmarks/factorial_centers.yaml): "
+             "ACQ changes acquisition only, POL contouring only, ACQPOL both; "
+             f"{', '.join(map(str, sorted(set(f['new_test_cases'].values()))))} test cases per new center and seed, {f['old_test_cases']} "
+             "old-center test cases; 8 adaptation and 6 validation cases; seeds 0 and 1 draw other adaptation cases "
+             "and train with other seeds. Gains and old-center changes are DSCagg (mean of GTVp and GTVn) minus the "
+             "base's on the same cases; brackets: stratified paired bootstrap 95% intervals (2000 resamples of test "
+             "cases within each center and seed); × full = mean gain / full fine-tuning's mean gain, interval from "
+             "the same resamples. `X:no-prompts` is adapter X scored with its prompt tokens removed. Served per center: "
+             "the new center's model (an adapter in a bank, or full fine-tuning's whole model), keyed by its 8 "
+             "adaptation cases' acquisition fingerprints, gets the test scans routed to it, the base model the "
+             "others; each case scores as served.", "", *_factorial_tables(f)]  # fmt: skip
+    if aware:
+        lines += ["### On a prompt-aware base", "",
+                  f"Command: `{aware['command']}`; {aware['date']}; same machine, centers, cases and seeds. Base: "
+                  f"`{aware['base']}`, pretrained as the demo's base (same cases, epochs and seed) with "
+                  "`--center-prompts 10`: deep prompts, one set per pretraining center and a shared set read on 30% "
+                  "of the samples. A pretraining center's scans are read with its own set (old-center rows), a new "
+                  "center's with the default set, which `deep` trains from the shared set; every other strategy "
+                  "keeps the base's prompts frozen; × full is to this base's own full fine-tuning.", "",
+                  *_factorial_tables(aware)]  # fmt: skip
     notes = Path(__file__).resolve().parent / "factorial_notes.md"  # the reading of these figures, by hand
-    lines += ["", notes.read_text().strip() if notes.is_file() else "", ""]
-    return lines
+    return lines + [notes.read_text().strip() if notes.is_file() else "", ""]
 
 
 def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
            bank: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
            recipes: Mapping[str, Any] | None = None, federated: Mapping[str, Any] | None = None,
-           profile: Mapping[str, Any] | None = None, factorial: Mapping[str, Any] | None = None) -> str:
+           profile: Mapping[str, Any] | None = None, factorial: Mapping[str, Any] | None = None,
+           factorial_aware: Mapping[str, Any] | None = None) -> str:
     """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
     the paper-scale GPU run, summarised in a last section."""
     parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
@@ -460,7 +475,7 @@ def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
     if recipes:
         lines += _recipes_section(recipes)
     if factorial:
-        lines += _factorial_section(factorial)
+        lines += _factorial_section(factorial, factorial_aware)
     if "quality" in results:
         lines += _quality_sections(results["quality"])
     if "recipe" in results:
@@ -498,7 +513,8 @@ def write_markdown(
                                _read(here / "gpu" / "recipes" / "recipes.json") if gpu_path else None,
                                _read(here / "federated" / "federated.json") if gpu_path else None,
                                _read(here / "profile" / "profile.json") if gpu_path else None,
-                               _read(here / "factorial.json") if gpu_path else None))  # fmt: skip
+                               _read(here / "factorial.json") if gpu_path else None,
+                               _read(here / "factorial_aware.json") if gpu_path else None))  # fmt: skip
     return out_path
 
 

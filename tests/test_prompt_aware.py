@@ -107,6 +107,16 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     model = build_adapted_model(out / "model.safetensors", tmp_path / "norm" / "adapter.safetensors")
     assert torch.equal(model.prompts.tokens, base.state["prompts.tokens"])  # frozen, not in the adapter
 
+    run = AdaptRun(data_dir=two_centers, center="MDA", base=out / "model.safetensors", out=tmp_path / "dh",
+                   strategy="deep+head", num_prompts=2, shots=2, epochs=3, progress=False)  # fmt: skip
+    adapt(run)
+    adapted = build_adapted_model(out / "model.safetensors", tmp_path / "dh" / "adapter.safetensors")
+    assert not torch.equal(adapted.prompts.tokens, base.state["prompts.tokens"])  # trained from the shared set
+    stripped = build_adapted_model(out / "model.safetensors", tmp_path / "dh" / "adapter.safetensors",
+                                   without_prompts=True)  # fmt: skip
+    assert torch.equal(stripped.prompts.tokens, base.state["prompts.tokens"])  # the base's own take their place
+    assert torch.equal(stripped.out.conv.conv.weight, adapted.out.conv.conv.weight)
+
     chum = [c for c in find_cases(two_centers) if c.center == "CHUM"][:1]
     seen: list = []
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("centers")), with_kwargs=True)

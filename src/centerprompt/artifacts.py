@@ -182,7 +182,8 @@ def build_adapted_model(base: BaseLike, adapter: str | Path | None = None, *,
     """The base checkpoint (any source :func:`load_model` reads) with an adapter applied (or alone), for inference.
 
     ``without_prompts``: the adapter's other tensors (head, norm steering) without its prompt tokens,
-    to credit a gain to the part that makes it (an adapter without prompts is an error).
+    to credit a gain to the part that makes it (an adapter without prompts is an error); on a base
+    trained with prompts (prompt-aware pretraining), the base's own prompts take their place.
     """
     base = resolve_base(base)
     if adapter is None:
@@ -193,8 +194,12 @@ def build_adapted_model(base: BaseLike, adapter: str | Path | None = None, *,
     model = load_model(base, **adapter_fields(meta["config"]))
     load_adapter(model, adapter)
     if without_prompts:
-        if model.prompts is None:
+        if get_strategy(meta["strategy"]).prompt_mode == "none":
             raise ValueError(f"{adapter}: adapter has no prompt tokens to remove.")
+        if "prompts.tokens" in base.state:  # the backbone reads prompts: give it the base's own
+            model.prompts.tokens.data.copy_(base.state["prompts.tokens"])
+            apply_strategy(model, BASE)
+            return model.eval()
         plain = PromptedUNETR(**{**model.config, "prompt_mode": "none"})
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prompts.")})
         model = plain
