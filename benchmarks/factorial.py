@@ -1,6 +1,9 @@
 """Which strategy adapts a frozen base to a new center, measured on centers that differ by one thing.
 
     python benchmarks/factorial.py [--out runs/factorial] [--centers ACQ,POL,ACQPOL] [--seeds 0,1]
+    # the same centers on a prompt-aware base (pretrain --center-prompts 10), summary beside the first:
+    python benchmarks/factorial.py --base runs/pa/pretrain/model.safetensors --out runs/factorial-aware \
+        --strategies none,full,deep,deep+head,norm --summary benchmarks/factorial_aware.json
 
 The new centers (benchmarks/factorial_centers.yaml) change acquisition only (ACQ), contouring
 only (POL), or both (ACQPOL); each has 40 patients, so 26 test cases after 8 adaptation and 6

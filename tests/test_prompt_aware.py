@@ -122,3 +122,34 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("centers")), with_kwargs=True)
     Scorer(chum, base.preprocess, score_at="preprocessed").predict(model, 0)
     assert seen and all(c == ["CHUM"] for c in seen)
+
+
+def test_prompt_reading_reads_each_case_with_the_sets_it_names(two_centers: Path) -> None:
+    """``inspect --base`` on a prompt-aware base: own set, shared set, the next center's set."""
+    from centerprompt.data.hecktor import find_cases
+    from centerprompt.presets import PRESETS
+    from centerprompt.reliance import prompt_reading
+    from centerprompt.scoring import Scorer
+
+    torch.manual_seed(0)
+    model = tiny_model(**{**PRESETS["tiny"].model, "prompt_mode": "deep", "num_prompts": 2,
+                          "center_prompts": ("CHUM", "MDA")}).eval()  # fmt: skip
+    cases = find_cases(two_centers)
+    scorer = Scorer([next(c for c in cases if c.center == name) for name in ("CHUM", "MDA")],
+                    PRESETS["tiny"].preprocess, score_at="preprocessed")  # fmt: skip
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def spy(module, args, kwargs):
+        chosen = (kwargs.get("prompts") if kwargs.get("prompts") is not None
+                  else model.center_prompts.select(kwargs.get("centers") or [None], model.prompts.tokens)[0])  # fmt: skip
+        seen.append(chosen.detach().clone())
+
+    model.register_forward_pre_hook(spy, with_kwargs=True)
+    r = prompt_reading(model, scorer)
+    assert set(r) == {"own_dsc_agg", "shared_minus_own", "another center's_minus_own"}
+    assert r["shared_minus_own"]["n_cases"] == 2
+    chum, mda, shared = model.center_prompts.tokens[0], model.center_prompts.tokens[1], model.prompts.tokens
+    windows = len(seen) // 6  # own, shared, another's for each of the two cases, the same windows each time
+    expected = [chum, mda, shared, shared, mda, chum]
+    for k, tokens in enumerate(expected):
+        assert all(torch.equal(t, tokens) for t in seen[k * windows:(k + 1) * windows])

@@ -73,6 +73,30 @@ def transformer_reliance(
     }
 
 
+def prompt_reading(model: PromptedUNETR, scorer: Scorer, *, own_cases: list[dict[str, Any]] | None = None,
+                   progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Does a prompt-aware base read its prompts? DSCagg on ``scorer``'s cases read with each case's
+    own center set, with the shared set, and with another center's set (the next center's in the
+    model's list, so each case gets a set learned on other scans and another contouring), with
+    paired bootstrap intervals of the differences. Differences near 0 mean the prompts steer nothing."""
+    from centerprompt.intervals import paired_difference
+
+    names = model.center_prompts.names
+    if own_cases is None:
+        own_cases = scorer.score(model, desc="prompts: own", progress=progress)
+    tokens = model.center_prompts.tokens.detach()
+    other = {c.center: tokens[(names.index(c.center) + 1) % len(names)] for c in scorer.cases if c.center in names}
+    readings = {
+        "shared": scorer.score_predictions(lambda i: scorer.predict(model, i, prompts=model.prompts.tokens.detach()),
+                                           desc="prompts: shared", progress=progress),
+        "another center's": scorer.score_predictions(
+            lambda i: scorer.predict(model, i, prompts=other.get(scorer.cases[i].center, model.prompts.tokens.detach())),
+            desc="prompts: another center's", progress=progress),
+    }  # fmt: skip
+    return {"own_dsc_agg": _dsc_agg(own_cases),
+            **{f"{k}_minus_own": paired_difference(own_cases, v) for k, v in readings.items()}}  # fmt: skip
+
+
 def inspected_cases(
     base: BaseCheckpoint, data_dir: str | Path, centers: Sequence[str] | None, split: str,
     default_centers: Sequence[str] | None, *, skip_bad_cases: bool = False, splits_file: str | Path | None = None,
@@ -102,6 +126,9 @@ def inspect_base(
                                                   skip_bad_cases=skip_bad_cases, splits_file=splits_file)  # fmt: skip
     model = build_adapted_model(base).to(default_device())
     scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
+    intact = scorer.score(model, desc="reliance: intact", progress=progress)
+    reading = {"prompt_reading": prompt_reading(model, scorer, own_cases=intact, progress=progress)
+               } if model.center_prompts is not None else {}  # fmt: skip
     return {"base": str(base.path), "data_dir": str(data_dir), "centers": list(centers), "split": split,
             "splits": splits.record(), "score_at": score_at, "token_grid": list(model.feat_size),
-            **transformer_reliance(model, scorer, progress=progress)}  # fmt: skip
+            **transformer_reliance(model, scorer, intact_cases=intact, progress=progress), **reading}  # fmt: skip
