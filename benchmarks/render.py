@@ -443,7 +443,9 @@ def _factorial_section(f: Mapping[str, Any], aware: Mapping[str, Any] | None = N
                   "`--center-prompts 10`: deep prompts, one set per pretraining center and a shared set read on 30% "
                   "of the samples. A pretraining center's scans are read with its own set (old-center rows), a new "
                   "center's with the default set, which `deep` trains from the shared set; every other strategy "
-                  "keeps the base's prompts frozen; × full is to this base's own full fine-tuning.", "",
+                  "keeps the base's prompts frozen; × full is to this base's own full fine-tuning. `X:everywhere`: "
+                  "adapter X with the old centers' scans read with the new center's prompts, as a model that is "
+                  "not told a scan's center would read them.", "",
                   *_factorial_tables(aware)]  # fmt: skip
     notes = Path(__file__).resolve().parent / "factorial_notes.md"  # the reading of these figures, by hand
     return lines + [notes.read_text().strip() if notes.is_file() else "", ""]

@@ -81,11 +81,13 @@ def test_strategies_on_a_prompted_base_keep_its_prompts() -> None:
 
 def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_path: Path) -> None:
     """The base learns CHUM's set and the shared one; ``deep`` starts from the shared set; ``norm``
-    keeps the base's prompts frozen; the scorer reads a CHUM case with CHUM's set."""
+    keeps the base's prompts frozen; an experiment reads old centers with their own sets (and, in
+    the ``:everywhere`` rows, with the new center's); the scorer reads a CHUM case with CHUM's set."""
     from centerprompt.artifacts import build_adapted_model
     from centerprompt.checkpoints import resolve_base
-    from centerprompt.config import AdaptRun, PretrainRun
+    from centerprompt.config import AdaptRun, ExperimentRun, PretrainRun
     from centerprompt.data.hecktor import find_cases
+    from centerprompt.experiment import run_experiment
     from centerprompt.jobs import adapt, pretrain
     from centerprompt.scoring import Scorer
 
@@ -107,13 +109,18 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     model = build_adapted_model(out / "model.safetensors", tmp_path / "norm" / "adapter.safetensors")
     assert torch.equal(model.prompts.tokens, base.state["prompts.tokens"])  # frozen, not in the adapter
 
-    run = AdaptRun(data_dir=two_centers, center="MDA", base=out / "model.safetensors", out=tmp_path / "dh",
-                   strategy="deep+head", num_prompts=2, shots=2, epochs=3, progress=False)  # fmt: skip
-    adapt(run)
-    adapted = build_adapted_model(out / "model.safetensors", tmp_path / "dh" / "adapter.safetensors")
+    results = run_experiment(ExperimentRun(
+        data_dir=two_centers, new_center="MDA", out=tmp_path / "exp", strategies=("none", "deep", "deep+head"),
+        base=out / "model.safetensors", shots=2, num_prompts=2, adapt_epochs=3, score_at="preprocessed",
+        progress=False))  # fmt: skip
+    rows = results["strategies"]
+    assert set(rows) == {"none", "deep", "deep:everywhere", "deep+head", "deep+head:no-prompts", "deep+head:everywhere"}
+    # deep trains only the default set: old centers, read with their own sets, are exactly as before
+    assert rows["deep"]["old_centers"]["per_case"] == rows["none"]["old_centers"]["per_case"]
+    assert rows["deep:everywhere"]["new_center"] == rows["deep"]["new_center"]
+    adapted = build_adapted_model(out / "model.safetensors", rows["deep+head"]["artifact"])
     assert not torch.equal(adapted.prompts.tokens, base.state["prompts.tokens"])  # trained from the shared set
-    stripped = build_adapted_model(out / "model.safetensors", tmp_path / "dh" / "adapter.safetensors",
-                                   without_prompts=True)  # fmt: skip
+    stripped = build_adapted_model(out / "model.safetensors", rows["deep+head"]["artifact"], without_prompts=True)
     assert torch.equal(stripped.prompts.tokens, base.state["prompts.tokens"])  # the base's own take their place
     assert torch.equal(stripped.out.conv.conv.weight, adapted.out.conv.conv.weight)
 

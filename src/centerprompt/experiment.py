@@ -40,6 +40,9 @@ from centerprompt.train import default_device
 logger = logging.getLogger(__name__)
 
 WITHOUT_PROMPTS = ":no-prompts"  # attribution row: a prompt adapter scored with its prompts removed
+# On a prompt-aware base (one prompt set per pretraining center), a prompt adapter's old-center
+# scans are read with their own sets; this row reads them with the new center's prompts instead.
+EVERYWHERE = ":everywhere"
 MIN_GAP = 0.01  # below this oracle gap (DSCagg) a fraction of it closed is not reported: it is noise
 
 
@@ -207,6 +210,13 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
                 new, old = score(model, name + WITHOUT_PROMPTS)
             results["strategies"][name + WITHOUT_PROMPTS] = {**row, "new_center": new, "old_centers": old,
                                                              "attribution_of": name}  # fmt: skip
+        if name not in (BASE, ORACLE) and get_strategy(name).prompt_mode != "none" and "center_prompts" in ckpt.config:
+            with clock(f"scoring {name}{EVERYWHERE}"):
+                model = build_adapted_model(ckpt, summary["artifact"]).to(device)
+                tokens = model.prompts.tokens.detach()
+                old = _summaries(old_scorer.score_predictions(lambda i: old_scorer.predict(model, i, prompts=tokens),
+                                                              desc=f"{name}{EVERYWHERE}", progress=progress))  # fmt: skip
+            results["strategies"][name + EVERYWHERE] = {**row, "old_centers": old, "everywhere_of": name}
     add_gap_closed(results)
     add_intervals(results)
     with clock("routing the test scans"):

@@ -132,7 +132,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "architecture and budget pretrained with the new center's adaptation cases added; × full = gain / full "
         "fine-tuning's gain. Brackets: paired bootstrap 95% intervals over the test cases (DSCagg recomputed in "
         "each resample); an interval that holds 0 is no measured change. A row `X:no-prompts` is adapter X "
-        "scored with its prompt tokens removed: what the prompts add is X's gain minus that row's.",
+        "scored with its prompt tokens removed (on a prompt-aware base: replaced by the base's own): what the "
+        "prompts add is X's gain minus that row's. On a prompt-aware base an old center's scans are read with its "
+        "own prompt set; a row `X:everywhere` reads them with the new center's prompts instead.",
         "",
         *_context_lines(results),
         "| Strategy | Trainable | % of total | Artifact | New GTVp | New GTVn | New mean | Gain [95% CI] | × full "
