@@ -246,8 +246,8 @@ class PromptedUNETR(nn.Module):
         ``adapter`` overrides steering tensors (``models.steering``) by state-dict name for this pass:
         a value of the parameter's shape for the whole batch, or (B, *shape) per sample (a batch
         mixing centers, served from a bank). ``centers`` (one name or None per sample, or one for
-        the batch) picks each sample's prompt set of a model with ``center_prompts``; None and centers without their own
-        set take the default set.
+        the batch) picks each sample's prompt set of a model with ``center_prompts``; None and
+        centers without their own set take the default set.
         """
         if centers is not None:
             if self.center_prompts is None:
@@ -314,8 +314,9 @@ class PromptedUNETR(nn.Module):
         """Load a backbone checkpoint (e.g. from ``monai.networks.nets.UNETR``) into a prompted model.
 
         Prompt tokens (center prompts included) and steering tensors (``models.steering``) may be
-        absent from ``state_dict``; any other missing or unexpected key is an error. A ``module.`` prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are
-        dropped, so checkpoints load as they are.
+        absent from ``state_dict``; any other missing or unexpected key is an error. A ``module.``
+        prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are dropped, so
+        checkpoints load as they are.
         """
         cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
         cleaned = {k: v for k, v in cleaned.items() if ".cross_attn." not in k}
