@@ -153,8 +153,8 @@ def test_prompt_reading_reads_each_case_with_the_sets_it_names(two_centers: Path
 
     model.register_forward_pre_hook(spy, with_kwargs=True)
     r = prompt_reading(model, scorer)
-    assert set(r) == {"own_dsc_agg", "shared_minus_own", "another center's_minus_own"}
-    assert r["shared_minus_own"]["n_cases"] == 2
+    assert set(r["minus_own"]) == {"the shared set", "another center's set"}
+    assert r["minus_own"]["the shared set"]["n_cases"] == 2
     chum, mda, shared = model.center_prompts.tokens[0], model.center_prompts.tokens[1], model.prompts.tokens
     windows = len(seen) // 6  # own, shared, another's for each of the two cases, the same windows each time
     expected = [chum, mda, shared, shared, mda, chum]

@@ -87,14 +87,15 @@ def prompt_reading(model: PromptedUNETR, scorer: Scorer, *, own_cases: list[dict
     tokens = model.center_prompts.tokens.detach()
     other = {c.center: tokens[(names.index(c.center) + 1) % len(names)] for c in scorer.cases if c.center in names}
     readings = {
-        "shared": scorer.score_predictions(lambda i: scorer.predict(model, i, prompts=model.prompts.tokens.detach()),
-                                           desc="prompts: shared", progress=progress),
-        "another center's": scorer.score_predictions(
+        "the shared set": scorer.score_predictions(
+            lambda i: scorer.predict(model, i, prompts=model.prompts.tokens.detach()), desc="prompts: shared",
+            progress=progress),
+        "another center's set": scorer.score_predictions(
             lambda i: scorer.predict(model, i, prompts=other.get(scorer.cases[i].center, model.prompts.tokens.detach())),
             desc="prompts: another center's", progress=progress),
     }  # fmt: skip
     return {"own_dsc_agg": _dsc_agg(own_cases),
-            **{f"{k}_minus_own": paired_difference(own_cases, v) for k, v in readings.items()}}  # fmt: skip
+            "minus_own": {k: paired_difference(own_cases, v) for k, v in readings.items()}}  # fmt: skip
 
 
 def inspected_cases(

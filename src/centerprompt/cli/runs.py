@@ -206,10 +206,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"DSCagg intact {r['intact_dsc_agg']:.3f}, with mean tokens {r['ablated_dsc_agg']:.3f}: "
           f"transformer reliance {r['drop']:.3f}"
           + ("  (the decoder barely uses the transformer: prompts have little to steer)" if r["drop"] < 0.05 else ""))
-    for name, d in r.get("prompt_reading", {}).items():
-        if name.endswith("_minus_own"):
-            print(f"read with the {name.removesuffix('_minus_own')} prompt set instead of each center's own: "
-                  f"DSCagg {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")  # fmt: skip
+    for name, d in r.get("prompt_reading", {}).get("minus_own", {}).items():
+        print(f"read with {name} instead of each center's own prompt set: DSCagg {d['difference']:+.3f} "
+              f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")  # fmt: skip
     return 0
 
 
