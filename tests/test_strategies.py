@@ -16,7 +16,7 @@ def model_for(strategy: str, **kwargs) -> PromptedUNETR:
 
 
 @pytest.mark.parametrize("strategy", ["full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit", "head", "norm",
-                                      "deep+norm", "image"])
+                                      "deep+norm", "image", "spt"])
 def test_training_changes_only_trainable_tensors(strategy: str) -> None:
     torch.manual_seed(0)
     model = model_for(strategy)
@@ -94,6 +94,7 @@ MONAI_UNETR_PARAMS = 95_948_467
     "strategy,options,trainable",
     [
         ("deep", {}, 12 * 10 * 768),
+        ("spt", {}, 12 * 10 * 768),  # deep prompts, only initialised otherwise
         ("shallow", {}, 10 * 768),
         ("lora", {"rank": 8}, 442_368),
         # A scale and a shift per channel of every conv-path instance norm: encoder1 3 x 16, encoder2's two
@@ -113,6 +114,9 @@ def test_vit_b_parameter_counts(strategy: str, options: dict, trainable: int) ->
         assert report["trainable_fraction"] < 0.01
 
 
+PREPARED: list[tuple[int, ...]] = []  # what the test strategy's ``prepare`` was given
+
+
 def _norms(model: PromptedUNETR, options: dict) -> list:
     from centerprompt.strategies import set_trainable
 
@@ -127,15 +131,16 @@ def layernorm_strategy():
 
     parse = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     yield register(Strategy("layernorm", "the ViT's LayerNorm weights", _norms, lr=1e-2, tier=EXTRA,
-                            options=(Option("blocks", None, parse, "ViT blocks to train"),)))  # fmt: skip
+                            options=(Option("blocks", None, parse, "ViT blocks to train"),),
+                            prepare=lambda model, images: PREPARED.append(tuple(images.shape))))  # fmt: skip
     unregister("layernorm")
 
 
 def test_a_strategy_added_through_the_registry_alone_runs_through_adapt(
     layernorm_strategy, hecktor_dir, tmp_path
 ) -> None:
-    """The registry entry is all it takes: the CLI lists and parses it, adapt trains exactly its
-    tensors, the adapter file holds them and loads back onto the base."""
+    """The registry entry is all it takes: the CLI lists and parses it, adapt prepares and trains
+    exactly its tensors, the adapter file holds them and loads back onto the base."""
     from safetensors.torch import load_file
 
     from centerprompt.artifacts import build_adapted_model, load_model, read_adapter_metadata
@@ -149,6 +154,7 @@ def test_a_strategy_added_through_the_registry_alone_runs_through_adapt(
     args = ["adapt", "--data", str(hecktor_dir), "--center", "MDA", "--base", str(base), "--strategy", "layernorm",
             "--shots", "1", "--epochs", "3", "--out", str(tmp_path / "ln")]  # fmt: skip
     assert main([*args, "--option", "blocks=1"]) == 0
+    assert PREPARED == [(1, 2, 32, 32, 32)]  # prepared once, with a crop of the one adaptation case
     adapter = tmp_path / "ln" / "adapter.safetensors"
     meta = read_adapter_metadata(adapter)
     assert meta["strategy"] == "layernorm" and meta["options"] == {"blocks": [1]}
@@ -171,3 +177,23 @@ def test_registry_refuses_a_taken_name_and_lists_tiers(layernorm_strategy) -> No
         register(Strategy("deep", "again", _norms))
     assert set(strategy_names(QUICK)) < set(strategy_names(STANDARD)) < set(strategy_names())
     assert "layernorm" in strategy_names() and "layernorm" not in strategy_names(STANDARD)
+
+
+def test_spt_prompts_start_as_the_new_centers_token_means() -> None:
+    """With one prompt per layer, each layer's prototype is the mean of every patch token entering it."""
+    from centerprompt.models.prompts import token_prototypes
+
+    torch.manual_seed(0)
+    model = model_for("spt").eval()
+    images = torch.randn(3, 2, 32, 32, 32)
+    one = token_prototypes(model, images, 1)
+    with torch.no_grad():
+        _, hidden = model.encode(images)
+        entering = [model.vit.patch_embedding(images), *hidden[:-1]]
+    for layer, tokens in enumerate(entering):
+        assert torch.allclose(one[layer, 0], tokens.reshape(-1, tokens.shape[-1]).mean(0), atol=1e-5)
+    four = token_prototypes(model, images, 4)
+    assert four.shape == model.prompts.tokens.shape
+    assert torch.allclose(four.mean(1), one[:, 0], atol=0.2)  # four group means around the overall mean
+    STRATEGIES["spt"].prepare(model, images)
+    assert torch.equal(model.prompts.tokens, four)  # the strategy's preparation, with the same seed

@@ -253,13 +253,22 @@ def _train(
     model: PromptedUNETR, params: list[torch.nn.Parameter], train: Sequence[Case], val: Sequence[Case],
     preprocess: PreprocessConfig, cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
     batch_inputs: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    prepare: Callable[[PromptedUNETR, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Cache ``train`` and ``val`` (timed), then :func:`fit` with the validation DSCagg; the result's
-    fields and ``cache_seconds`` for summary.json (pretraining and adaptation alike)."""
+    fields and ``cache_seconds`` for summary.json (pretraining and adaptation alike). ``prepare``
+    (a strategy's) first sees the model and one crop of each training case, drawn with the seed."""
     started = time.perf_counter()
     train_ds = make_dataset(list(train), train_transforms(preprocess))
     scorer = Scorer(list(val), preprocess, score_at="preprocessed")
     cache_seconds = time.perf_counter() - started
+    if prepare is not None:
+        train_ds.transform.set_random_state(seed=cfg.seed)
+        crops = [train_ds[i] for i in range(len(train_ds))]
+        crops = [c[0] if isinstance(c, list) else c for c in crops]  # RandCropByPosNegLabeld gives lists
+        model.eval()
+        images = torch.stack([torch.as_tensor(c["image"]) for c in crops])  # MetaTensors become plain tensors
+        prepare(model, images.to(next(model.parameters()).device))
     result = fit(model, params, train_ds, cfg, run_dir, validator(scorer), resume=resume, progress=progress,
                  batch_inputs=batch_inputs)  # fmt: skip
     logger.info("%.0f s to cache the cases, %.0f s to train: %s", cache_seconds, result.train_seconds,
@@ -429,7 +438,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
             logger.info("adapting to %s with %s on %d cases", run.center, run.strategy, len(config["adapt_train"]))
             summary.update(_train(model, params, [cases[i] for i in config["adapt_train"]],
                                   [cases[i] for i in config["adapt_val"]], preprocess, TrainConfig(**config["train"]),
-                                  run_dir, resume=run.resume, progress=run.progress))  # fmt: skip
+                                  run_dir, resume=run.resume, progress=run.progress, prepare=strategy.prepare))  # fmt: skip
             if rank() == 0:
                 extra = {"center": "+".join(run.centers), "shots": run.shots, "base": str(run.base),
                          "preprocess": preprocess.to_dict(), "splits_sha256": splits.sha256}  # fmt: skip

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from centerprompt.models.prompted_unetr import PromptedUNETR
@@ -36,6 +37,12 @@ _TIERS = (QUICK, STANDARD, EXTRA)
 
 # MONAI's ViT attention projections; the names PEFT's target_modules match.
 DEFAULT_LORA_TARGETS = ("qkv", "out_proj")
+
+
+def _prototype_prompts(model: PromptedUNETR, images: torch.Tensor) -> None:
+    from centerprompt.models.prompts import token_prototypes
+
+    model.prompts.tokens.data.copy_(token_prototypes(model, images, model.num_prompts))
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -73,6 +80,9 @@ class Strategy:
     adds: Callable[[str], bool] | None = None  # names of the tensors it adds on top of the backbone
     tier: str = STANDARD
     reference: str = ""
+    # Called once before training with the model and a batch of the new center's training crops
+    # (B, C, *img_size), e.g. to initialise prompts from its tokens; None: nothing to prepare.
+    prepare: Callable[["PromptedUNETR", "torch.Tensor"], None] | None = None
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every option with its value: ``given`` over the defaults; an unknown option is an error."""
@@ -270,6 +280,10 @@ for _strategy in (
     Strategy("deep", "P prompt tokens at every layer", lambda m, o: set_trainable(m, is_prompt),
              prompt_mode="deep", lr=1e-2, weight_decay=0.0, bankable=True, adds=is_prompt, tier=QUICK,
              reference="Jia et al. 2022, VPT; Saeed et al. 2023 (arXiv 2305.18948)"),  # fmt: skip
+    Strategy("spt", "deep prompts initialised from the new center's token prototypes",
+             lambda m, o: set_trainable(m, is_prompt), prompt_mode="deep", lr=1e-2, weight_decay=0.0, bankable=True,
+             adds=is_prompt, tier=EXTRA, prepare=_prototype_prompts,
+             reference="Self-Prompt Tuning, Wang et al. 2024 (arXiv 2402.02382)"),  # fmt: skip
     Strategy(
         "deep+head", "deep prompts and the output head", _deep_head, prompt_mode="deep", lr=1e-2, weight_decay=0.0,
         adds=is_prompt,

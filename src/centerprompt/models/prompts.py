@@ -92,3 +92,26 @@ class CenterPrompts(nn.Module):
         and for a center without its own set (a new or unknown center)."""
         index = {name: i for i, name in enumerate(self.names)}
         return torch.stack([self.tokens[index[c]] if c in index else default for c in centers])
+
+
+@torch.no_grad()
+def token_prototypes(model: nn.Module, images: torch.Tensor, num_prompts: int, seed: int = 0) -> torch.Tensor:
+    """Deep prompts from the new center's own tokens (Self-Prompt Tuning, arXiv 2402.02382): for each
+    layer, the patch tokens that enter it on ``images`` (B, C, *img_size), split at random into
+    ``num_prompts`` groups and averaged. Returns (layers, P, C) for ``model.prompts.tokens``.
+
+    The tokens come from ``model.encode`` with the model's current prompts, as the layer will see
+    them; each prototype then starts inside the distribution the layer's attention already reads.
+    """
+    x = model.vit.patch_embedding(images)  # the tokens entering layer 1
+    _, hidden = model.encode(images)  # the patch tokens leaving layers 1 .. L
+    inputs = [x, *hidden[:-1]]
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = []
+    for tokens in inputs:
+        flat = tokens.reshape(-1, tokens.shape[-1]).float().cpu()
+        if flat.shape[0] < num_prompts:
+            raise ValueError(f"{flat.shape[0]} tokens cannot make {num_prompts} prototypes: give more images.")
+        groups = torch.randperm(flat.shape[0], generator=generator).tensor_split(num_prompts)
+        prototypes.append(torch.stack([flat[g].mean(0) for g in groups]))
+    return torch.stack(prototypes)
