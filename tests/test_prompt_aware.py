@@ -117,7 +117,7 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     assert set(rows) == {"none", "deep", "deep:everywhere", "deep+head", "deep+head:no-prompts", "deep+head:everywhere"}
     # deep trains only the default set: old centers, read with their own sets, are exactly as before
     assert rows["deep"]["old_centers"]["per_case"] == rows["none"]["old_centers"]["per_case"]
-    assert rows["deep:everywhere"]["new_center"] == rows["deep"]["new_center"]
+    assert rows["deep:everywhere"]["everywhere_of"] == "deep"
     adapted = build_adapted_model(out / "model.safetensors", rows["deep+head"]["artifact"])
     assert not torch.equal(adapted.prompts.tokens, base.state["prompts.tokens"])  # trained from the shared set
     stripped = build_adapted_model(out / "model.safetensors", rows["deep+head"]["artifact"], without_prompts=True)

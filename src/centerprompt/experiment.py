@@ -202,6 +202,12 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
             "artifact": summary["artifact"],
         }  # fmt: skip
         results["strategies"][name] = row
+        if name not in (BASE, ORACLE) and get_strategy(name).prompt_mode != "none" and "center_prompts" in ckpt.config:
+            with clock(f"scoring {name}{EVERYWHERE}"):  # the adapted model just scored, told no scan's center
+                tokens = model.prompts.tokens.detach()
+                old = _summaries(old_scorer.score_predictions(lambda i: old_scorer.predict(model, i, prompts=tokens),
+                                                              desc=f"{name}{EVERYWHERE}", progress=progress))  # fmt: skip
+            results["strategies"][name + EVERYWHERE] = {**row, "old_centers": old, "everywhere_of": name}
         if name != ORACLE and get_strategy(name).prompt_mode != "none" \
                 and _trains_more_than_prompts(summary["artifact"]):
             # Attribution: the same adapter scored with its prompt tokens removed.
@@ -210,13 +216,6 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
                 new, old = score(model, name + WITHOUT_PROMPTS)
             results["strategies"][name + WITHOUT_PROMPTS] = {**row, "new_center": new, "old_centers": old,
                                                              "attribution_of": name}  # fmt: skip
-        if name not in (BASE, ORACLE) and get_strategy(name).prompt_mode != "none" and "center_prompts" in ckpt.config:
-            with clock(f"scoring {name}{EVERYWHERE}"):
-                model = build_adapted_model(ckpt, summary["artifact"]).to(device)
-                tokens = model.prompts.tokens.detach()
-                old = _summaries(old_scorer.score_predictions(lambda i: old_scorer.predict(model, i, prompts=tokens),
-                                                              desc=f"{name}{EVERYWHERE}", progress=progress))  # fmt: skip
-            results["strategies"][name + EVERYWHERE] = {**row, "old_centers": old, "everywhere_of": name}
     add_gap_closed(results)
     add_intervals(results)
     with clock("routing the test scans"):
