@@ -137,7 +137,7 @@ def test_bankability_comes_from_the_registry(tmp_path: Path, base_file: Path) ->
         PromptBank(tmp_path / "bank2").add("CHUM", tmp_path / "a.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["deep", "norm", "deep+norm", "image", "spt"])
+@pytest.mark.parametrize("strategy", ["deep", "norm", "deep+norm", "image", "spt", "kv"])
 def test_mixed_center_batch_equals_single_runs(tmp_path: Path, base_file: Path, strategy: str) -> None:
     adapters = {c: _adapter(base_file, tmp_path / f"{c}.safetensors", strategy, seed=i) for i, c in enumerate("AB")}
     bank = PromptBank(tmp_path / "bank")

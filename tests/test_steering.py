@@ -14,7 +14,7 @@ from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.presets import get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report
 
-NEW = ("head", "norm", "deep+norm", "image")
+NEW = ("head", "norm", "deep+norm", "image", "kv")
 
 
 def _cpu_model(strategy: str) -> PromptedUNETR:

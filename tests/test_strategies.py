@@ -16,7 +16,7 @@ def model_for(strategy: str, **kwargs) -> PromptedUNETR:
 
 
 @pytest.mark.parametrize("strategy", ["full", "partial", "shallow", "deep", "deep+head", "lora", "bitfit", "head", "norm",
-                                      "deep+norm", "image", "spt"])
+                                      "deep+norm", "image", "spt", "kv"])
 def test_training_changes_only_trainable_tensors(strategy: str) -> None:
     torch.manual_seed(0)
     model = model_for(strategy)
@@ -101,6 +101,7 @@ MONAI_UNETR_PARAMS = 95_948_467
         # up-blocks 2 x 2 x 32, encoder3's one 2 x 64 (encoder4 has none), decoder5..2 3 x (128, 64, 32, 16).
         ("norm", {}, 2 * (3 * 16 + 4 * 32 + 2 * 64 + 3 * (128 + 64 + 32 + 16))),
         ("image", {}, 2 * 2 * 8**3),  # an 8^3 scale and shift map for CT and PET
+        ("kv", {}, 12 * 10 * 2 * 768),  # a key and a value of width 768 per prompt and layer
     ],
 )
 def test_vit_b_parameter_counts(strategy: str, options: dict, trainable: int) -> None:

@@ -73,17 +73,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
     assert torch.equal(reference.prompts.tokens, resumed.prompts.tokens)
 
 
-@pytest.mark.parametrize(("min_epochs", "stops_after"), [(0, 4), (5, 5)])
-def test_early_stopping_and_best_epoch(tmp_path: Path, min_epochs: int, stops_after: int) -> None:
-    """Patience 2 stops two validations after the best, but never before ``min_epochs``."""
-    scores = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.6])
+@pytest.mark.parametrize(
+    ("scores", "patience_from", "stops_after", "best_epoch"),
+    [
+        ([0.5, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], 0, 4, 2),  # two validations without improvement
+        ([0.5, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], 4, 6, 2),  # epochs 3-4 do not count
+        ([0.7, 0.5, 0.5, 0.5, 0.8, 0.6, 0.6, 0.6], 0, 3, 1),  # an adaptation that dips first keeps its start...
+        ([0.7, 0.5, 0.5, 0.5, 0.8, 0.6, 0.6, 0.6], 3, 7, 5),  # ...unless patience waits for the recovery
+    ],
+)
+def test_early_stopping_and_best_epoch(
+    tmp_path: Path, scores: list[float], patience_from: int, stops_after: int, best_epoch: int
+) -> None:
+    """Patience 2 stops two counted validations after the best; validations up to ``patience_from`` do not count."""
+    given = iter(scores)
     torch.manual_seed(0)
     model = tiny_model(prompt_mode="deep", num_prompts=2)
     params = apply_strategy(model, "deep")
-    cfg = TrainConfig(**{**CFG, "epochs": 6, "patience": 2, "min_epochs": min_epochs})
-    result = fit(model, params, toy_data(), cfg, tmp_path, validate=lambda m: next(scores), progress=False)
+    cfg = TrainConfig(**{**CFG, "epochs": len(scores), "patience": 2, "patience_from": patience_from})
+    result = fit(model, params, toy_data(), cfg, tmp_path, validate=lambda m: next(given), progress=False)
     assert result.stopped_early and result.epochs_run == stops_after
-    assert result.best_epoch == 2 and result.best_metric == pytest.approx(0.7)
+    assert result.best_epoch == best_epoch and result.best_metric == pytest.approx(scores[best_epoch - 1])
     best = torch.load(tmp_path / "best.pt", weights_only=True)["trainable"]["prompts.tokens"]
     assert torch.equal(model.prompts.tokens.detach(), best)
 

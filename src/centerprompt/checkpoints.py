@@ -58,10 +58,10 @@ CENTERPROMPT = "centerprompt model"  # BaseCheckpoint.kind of our own files
 # Config fields that describe what an adapter adds (prompts, norm steering, image prompt), not the backbone:
 # set by the strategy (an adapter may change them), never by a base; with the values of a model that adds nothing.
 ADAPTER_DEFAULTS = {"prompt_mode": "none", "num_prompts": 10, "prompt_dropout": 0.0, "steer_norms": False,
-                    "image_prompt": 0}  # fmt: skip
+                    "image_prompt": 0, "kv_prompts": 0}  # fmt: skip
 ADAPTER_FIELDS = tuple(ADAPTER_DEFAULTS)
 # Those that shape the adapter's tensors: an adapter loads only onto a model built with the same.
-ADAPTER_SHAPE_FIELDS = ("prompt_mode", "num_prompts", "steer_norms", "image_prompt")
+ADAPTER_SHAPE_FIELDS = ("prompt_mode", "num_prompts", "steer_norms", "image_prompt", "kv_prompts")
 NETWORK_KEYS = ("net", "network", "model", "state_dict", "model_state_dict", "module")  # searched first, in order
 POSITION_KEY = "vit.patch_embedding.position_embeddings"  # (1, N, C): every UNETR state dict has it
 ARG_ALIASES = {"pos_embed": "proj_type"}  # MONAI < 1.3 names

@@ -388,7 +388,7 @@ def adapt_config(run: AdaptRun, splits: Splits, base: BaseCheckpoint | None = No
     strategy = get_strategy(run.strategy)
     adapt_train, adapt_val = adaptation_case_ids(splits, run.centers, shots=run.shots, seed=run.seed)
     epochs = run.epochs or preset.adapt_epochs
-    cfg = TrainConfig(epochs=epochs, lr=run.lr or strategy.lr, min_epochs=epochs // 2,
+    cfg = TrainConfig(epochs=epochs, lr=run.lr or strategy.lr, patience_from=epochs // 2,
                       batch_size=run.batch_size or preset.batch_size, patience=run.patience, seed=run.seed,
                       weight_decay=strategy.weight_decay, amp=run.amp, compile=run.compile,
                       optimizer=run.optimizer, class_weights=preset.class_weights)  # fmt: skip

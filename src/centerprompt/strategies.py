@@ -217,6 +217,14 @@ def is_norm_steering(name: str) -> bool:
 
 
 IMAGE_PROMPT_GRID = 8  # the image prompt's map edge: 2 x 2 x 8^3 = 2048 numbers for CT and PET
+KV_PROMPTS = 10  # key-value prompts per layer: 2 x 10 x width numbers per transformer layer
+
+
+def is_key_value(name: str) -> bool:
+    """A key-value prompt tensor (``models.key_value``)."""
+    from centerprompt.models.key_value import is_key_value as key_value
+
+    return key_value(name)
 
 
 def _modules(model: PromptedUNETR, modules: Sequence[str], strategy: str) -> tuple[str, ...]:
@@ -284,6 +292,10 @@ for _strategy in (
              lambda m, o: set_trainable(m, is_prompt), prompt_mode="deep", lr=1e-2, weight_decay=0.0, bankable=True,
              adds=is_prompt, tier=EXTRA, prepare=_prototype_prompts,
              reference="Self-Prompt Tuning, Wang et al. 2024 (arXiv 2402.02382)"),  # fmt: skip
+    Strategy("kv", "learned keys and values appended to every layer's attention", 
+             lambda m, o: set_trainable(m, is_key_value), builds={"kv_prompts": KV_PROMPTS}, lr=1e-2,
+             weight_decay=0.0, bankable=True, adds=is_key_value, tier=EXTRA,
+             reference="E2VPT, Han et al. 2023 (arXiv 2307.13770)"),  # fmt: skip
     Strategy(
         "deep+head", "deep prompts and the output head", _deep_head, prompt_mode="deep", lr=1e-2, weight_decay=0.0,
         adds=is_prompt,

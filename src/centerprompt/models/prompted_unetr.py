@@ -19,6 +19,7 @@ from monai.networks.nets.vit import ViT
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from centerprompt.models.key_value import KeyValuePrompts, is_key_value
 from centerprompt.models.prompts import PROMPT_MODES, CenterPrompts, PromptTokens, vpt_init_bound
 from centerprompt.models.steering import ImagePrompt, add_norm_steering, is_steering
 
@@ -74,6 +75,8 @@ class PromptedUNETR(nn.Module):
             affine-free instance norm of the convolutional path (``models.steering``). Defaults to False.
         image_prompt: edge of a learned per-channel image-space map (scale and shift, identity until
             trained) applied to the input before everything else; 0 for none. Defaults to 0.
+        kv_prompts: learned keys and values appended to every layer's attention (E2VPT,
+            ``models.key_value``); 0 for none. Independent of ``prompt_mode``. Defaults to 0.
         use_flash_attention: use PyTorch's fused scaled-dot-product attention in MONAI's attention
             blocks. It is numerically equivalent and only used when ``save_attn`` is off and
             ``dropout_rate`` is 0 (MONAI's fused path would apply attention dropout in eval too).
@@ -106,6 +109,7 @@ class PromptedUNETR(nn.Module):
         center_prompts: Sequence[str] = (),
         steer_norms: bool = False,
         image_prompt: int = 0,
+        kv_prompts: int = 0,
         use_flash_attention: bool = True,
     ) -> None:
         super().__init__()
@@ -119,6 +123,8 @@ class PromptedUNETR(nn.Module):
             raise ValueError("center_prompts need a prompt_mode ('shallow' or 'deep').")
         if isinstance(image_prompt, bool) or not isinstance(image_prompt, int) or image_prompt < 0:
             raise ValueError(f"image_prompt must be a grid edge >= 1, or 0 for none; got {image_prompt!r}.")
+        if isinstance(kv_prompts, bool) or not isinstance(kv_prompts, int) or kv_prompts < 0:
+            raise ValueError(f"kv_prompts must be a count >= 1, or 0 for none; got {kv_prompts!r}.")
         if patch_size not in PATCH_SIZES:
             raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}.")
         img_size = ensure_tuple_rep(img_size, spatial_dims)
@@ -145,6 +151,8 @@ class PromptedUNETR(nn.Module):
         )  # fmt: skip
         if center_prompts:  # only then: the configurations of every other model stay as they were
             self.config["center_prompts"] = list(center_prompts)
+        if kv_prompts:
+            self.config["kv_prompts"] = kv_prompts
         self.num_layers = num_layers
         self.skip_layers = skip_layers
         self.patch_size = patch
@@ -203,6 +211,11 @@ class PromptedUNETR(nn.Module):
                 if name not in ("vit", "prompts"):
                     add_norm_steering(module)
         self.image_prompt = ImagePrompt(in_channels, image_prompt) if image_prompt else None
+        self.kv_prompts: KeyValuePrompts | None = None
+        if kv_prompts:
+            bound = vpt_init_bound(in_channels, patch, hidden_size)
+            self.kv_prompts = KeyValuePrompts(num_layers, kv_prompts, self.vit.blocks[0].attn.qkv.out_features // 3, bound)
+            self.kv_prompts.attach(self.vit.blocks)
 
     @property
     def num_prompts(self) -> int:
@@ -313,7 +326,7 @@ class PromptedUNETR(nn.Module):
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a backbone checkpoint (e.g. from ``monai.networks.nets.UNETR``) into a prompted model.
 
-        Prompt tokens (center prompts included) and steering tensors (``models.steering``) may be
+        Prompt tokens (center prompts and key-value prompts included) and steering tensors (``models.steering``) may be
         absent from ``state_dict``; any other missing or unexpected key is an error. A ``module.``
         prefix (DDP) is removed and stale ``cross_attn`` keys of MONAI < 1.6 are dropped, so
         checkpoints load as they are.
@@ -322,7 +335,7 @@ class PromptedUNETR(nn.Module):
         cleaned = {k: v for k, v in cleaned.items() if ".cross_attn." not in k}
         own = self.state_dict()
         missing = [k for k in own if k not in cleaned and not k.startswith(("prompts.", "center_prompts."))
-                   and not is_steering(k)]  # fmt: skip
+                   and not is_steering(k) and not is_key_value(k)]  # fmt: skip
         unexpected = [k for k in cleaned if k not in own]
         if missing or unexpected:
             raise ValueError(
