@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -46,6 +47,24 @@ def test_prompts_take_attention_and_reach_the_token_grids() -> None:
     assert len(share) == len(adapted.vit.blocks) and all(0 < s < 1 for s in share)
     assert effect["stages"]["tokens->encoder2"]["relative_change"] > 0
     assert adapted.vit.blocks[0].attn.use_flash_attention  # the measurement put the fused path back
+
+
+def test_key_value_prompts_count_as_prompt_attention() -> None:
+    """Attention on the appended keys counts; the rows their zero queries add do not."""
+    from centerprompt.diagnostic import _prompt_share
+
+    # 1 prompt token, 2 patches, 1 key-value prompt: queries (prompt, patch, patch, kv row), keys the same.
+    att = torch.tensor([[9.0, 9.0, 9.0, 9.0],  # the prompt token's query: not a patch
+                        [0.1, 0.5, 0.2, 0.2],  # patch queries: 0.1 on the prompt token + 0.2 on the kv prompt
+                        [0.3, 0.1, 0.1, 0.5],
+                        [7.0, 7.0, 7.0, 7.0]]).reshape(1, 1, 4, 4)  # fmt: skip  # the kv row: never a query
+    assert _prompt_share(att, prompts=1, kv=1) == pytest.approx((0.3 + 0.8) / 2)
+    base, adapted = _pair("kv")
+    with torch.no_grad():
+        adapted.kv_prompts.key.normal_(std=3.0)
+        adapted.kv_prompts.value.normal_()
+    share = adapter_effect(base, adapted, [torch.randn(1, 2, 32, 32, 32)])["prompt_attention_share"]
+    assert len(share) == len(adapted.vit.blocks) and all(0 < s < 1 for s in share)
 
 
 def test_inspect_with_an_adapter_writes_the_measurements_and_a_figure(world, capsys) -> None:

@@ -73,6 +73,16 @@ def _change(base: torch.Tensor, adapted: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def _prompt_share(att: torch.Tensor, prompts: int, kv: int) -> float:
+    """Mean attention of the patch-token queries on prompt keys: the ``prompts`` tokens in front and
+    the ``kv`` key-value prompts appended at the end (whose own query rows, last, are not tokens).
+
+    ``att`` is MONAI's ``att_mat`` (B, heads, queries, keys).
+    """
+    n = att.shape[2] - kv  # the queries of real tokens (prompt tokens first, then patches)
+    return float((att[:, :, prompts:n, :prompts].sum(-1) + att[:, :, prompts:n, n:].sum(-1)).mean())
+
+
 def adapter_effect(base: PromptedUNETR, adapted: PromptedUNETR, windows: Sequence[torch.Tensor]) -> dict[str, Any]:
     """The measurements for ``adapted`` against ``base`` on ``windows`` (each (1, C, *roi)), averaged
     over the windows: per-layer prompt attention share, per-stage change and uniform share, logits."""
@@ -81,6 +91,7 @@ def adapter_effect(base: PromptedUNETR, adapted: PromptedUNETR, windows: Sequenc
     stages: dict[str, list[tuple[float, float]]] = {}
     logits_rel, flipped = [], []
     p = adapted.num_prompts
+    kv = 0 if adapted.kv_prompts is None else adapted.kv_prompts.num_prompts
     for x in windows:
         rec_b: dict[str, torch.Tensor] = {}
         rec_a: dict[str, torch.Tensor] = {}
@@ -88,9 +99,8 @@ def adapter_effect(base: PromptedUNETR, adapted: PromptedUNETR, windows: Sequenc
             out_b = base(x)
         with _recording(adapted, rec_a), _saving_attention(adapted):
             out_a = adapted(x)
-        if p:
-            # att_mat (B, heads, queries, keys): patch-token queries, summed over the prompt keys.
-            layers.append([float(b.attn.att_mat[:, :, p:, :p].sum(-1).mean()) for b in adapted.vit.blocks])
+        if p or kv:
+            layers.append([_prompt_share(b.attn.att_mat, p, kv) for b in adapted.vit.blocks])
         for name in rec_b:
             stages.setdefault(name, []).append(_change(rec_b[name], rec_a[name]))
         logits_rel.append(_change(out_b, out_a))
