@@ -72,7 +72,6 @@ def _change(base: torch.Tensor, adapted: torch.Tensor) -> tuple[float, float]:
     return rel, float((uniform**2).sum()) / total if total > 0 else 0.0  # no change: nothing of it is uniform
 
 
-@torch.no_grad()
 def _prompt_share(att: torch.Tensor, prompts: int, kv: int) -> float:
     """Mean attention of the patch-token queries on prompt keys: the ``prompts`` tokens in front and
     the ``kv`` key-value prompts appended at the end (whose own query rows, last, are not tokens).
@@ -83,6 +82,7 @@ def _prompt_share(att: torch.Tensor, prompts: int, kv: int) -> float:
     return float((att[:, :, prompts:n, :prompts].sum(-1) + att[:, :, prompts:n, n:].sum(-1)).mean())
 
 
+@torch.no_grad()
 def adapter_effect(base: PromptedUNETR, adapted: PromptedUNETR, windows: Sequence[torch.Tensor]) -> dict[str, Any]:
     """The measurements for ``adapted`` against ``base`` on ``windows`` (each (1, C, *roi)), averaged
     over the windows: per-layer prompt attention share, per-stage change and uniform share, logits."""
