@@ -22,8 +22,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/centerprompt demo --quick
 
+# One pytest-xdist worker per core, each file on one worker (its module fixtures built once), one
+# torch thread per worker: processes that each take every core slow each other down several times.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
