@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own layer and the layers below, never a higher one.
 LAYERS: list[set[str]] = [
-    {"files", "data.labels", "data.profiles", "models.prompts", "models.steering", "models.cpu_conv", "data", "models"},
+    {"files", "data.labels", "data.profiles", "models.prompts", "models.steering", "models.key_value", "models.cpu_conv", "data", "models"},
     {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "models.prompted_unetr", "evaluate"},
     {"strategies", "presets", "checkpoints"},
     {"config", "artifacts", "train", "report", "scoring", "intervals"},
