@@ -22,7 +22,8 @@ def _common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's)")
     p.add_argument("--lr", type=float, help="learning rate (default: per strategy)")
     p.add_argument("--batch-size", type=int, help="volumes per step (default: the preset's)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: validations without improvement")
+    p.add_argument("--patience", type=int, default=10,
+                   help="early stopping: validations without improvement (an adaptation counts them from half its epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--skip-bad-cases", action="store_true",

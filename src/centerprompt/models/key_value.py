@@ -77,11 +77,15 @@ class KeyValuePrompts(nn.Module):
         return torch.cat((torch.zeros_like(key), key, value), dim=-1).to(dtype)
 
 
-def _append_key_values(prompts: KeyValuePrompts, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _append_key_values(
+    prompts: KeyValuePrompts, layer: int, module: nn.Module, args: tuple, output: torch.Tensor
+) -> torch.Tensor:
+    """Forward hook on ``attn.qkv``: (B, N, 3W) -> (B, N + P, 3W)."""
     return torch.cat((output, prompts.rows(layer, output.shape[0], output.dtype)), dim=1)
 
 
-def _drop_prompt_outputs(prompts: KeyValuePrompts, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _drop_prompt_outputs(prompts: KeyValuePrompts, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on ``attn``: (B, N + P, C) -> (B, N, C)."""
     return output[:, : output.shape[1] - prompts.num_prompts]
 
 
