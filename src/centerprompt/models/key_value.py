@@ -16,6 +16,10 @@ path included.
 Not the identity at initialisation (as VPT's prompts are not): the values start at zero, but the
 keys take a share of each query's attention, which scales that query's attention output by
 ``1 - share`` (the share is small at the start, ``P / (P + sum_j exp(q.k_j / sqrt(d)))``).
+
+Measured on the cpu preset's UNETR (benchmarks/RESULTS.md): they gain nothing there, because its
+attention is sharp (a query's best content key scores 13-26 before the softmax), so keys that
+start small get almost no attention and almost no gradient.
 """
 
 from __future__ import annotations
