@@ -185,3 +185,31 @@ def test_center_names_that_read_as_options_or_modes_are_refused(name: str) -> No
     with pytest.raises(ValueError, match=f"center name {name!r}"):
         validate_center(name)
     assert validate_center("USZ") == "USZ" and validate_center("site_1") == "site_1"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_header_larger_than_its_file_is_named_not_a_memory_error(world: Path, capsys: pytest.CaptureFixture,
+                                                                   suffix: str) -> None:  # fmt: skip
+    """A header declaring 10000^3 voxels over a few kB: the sizes in one line, before any voxel is read."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    data = world / "data"
+    pet = data / "imagesTr" / f"MDA-001__PT{suffix}"
+    real = nib.load(data / "imagesTr" / "MDA-001__PT.nii.gz")
+    header = real.header.copy()
+    header.set_data_shape((10000, 10000, 10000))
+    raw = io.BytesIO()
+    header.write_to(raw)
+    blob = raw.getvalue().ljust(int(header.get_data_offset()), b"\0") + np.asanyarray(real.dataobj).tobytes()
+    (data / "imagesTr" / "MDA-001__PT.nii.gz").unlink()
+    pet.write_bytes(gzip.compress(blob) if suffix == ".nii.gz" else blob)
+    before = file_hashes(data)
+    status, errors = run_cli(capsys, "predict", "--base", str(world / "runs/b/model.safetensors"), "--ct",
+                             str(data / "imagesTr/MDA-001__CT.nii.gz"), "--pet", str(pet), "--out",
+                             str(world / "p.nii.gz"))  # fmt: skip
+    assert status == 2 and len(errors) == 1
+    assert str(pet) in errors[0] and "declares 10000x10000x10000 voxels" in errors[0] and "MemoryError" not in errors[0]
+    assert not (world / "p.nii.gz").exists() and file_hashes(data) == before

@@ -41,7 +41,9 @@ PET_MIN_SPREAD = 0.5
 _PROGRESS_MIN_CASES = 5
 #: Name of the file in a run folder that keeps check results across processes.
 CHECKS_FILE = "data_checks.json"
-_CHECKS_FORMAT = "centerprompt-checks/3"  # /2: CT and PET intensity ranges; /3: a PET without uptake
+_CHECKS_FORMAT = "centerprompt-checks/4"  # /2: intensity ranges; /3: a PET without uptake; /4: data size
+# Deflate cannot compress more than 1032:1, so a .nii.gz of n bytes holds less than this many times n.
+GZIP_MAX_RATIO = 1100
 # A file changed within the file system's timestamp granularity of its check may keep its (size,
 # mtime) although its content changed; such a result is not reused (git's "racy clean" rule).
 _RACY_NS = 2_000_000_000
@@ -111,8 +113,28 @@ def _open(case_id: str, files: dict[str, Path]) -> tuple[dict[str, nib.Nifti1Ima
         if len(img.shape) != 3:
             problems.append(f"{case_id}: {what} file {path} is not 3D (shape {img.shape})")
             continue
+        too_large = _declared_beyond_file(path, img)
+        if too_large:
+            problems.append(f"{case_id}: {what} file {path}: {too_large}")
+            continue
         images[what] = img
     return images, problems
+
+
+def _declared_beyond_file(path: Path, img: nib.Nifti1Image) -> str | None:
+    """Why the voxels the header declares cannot be in the file (a truncated file or a wrong
+    header, which would otherwise end in a bare MemoryError or a short read); None if they can be."""
+    header = img.header
+    declared = int(np.prod(img.shape, dtype=np.float64)) * header.get_data_dtype().itemsize
+    size = Path(path).stat().st_size
+    compressed = str(path).endswith(".gz")
+    room = size * GZIP_MAX_RATIO if compressed else size - int(header.get_data_offset())
+    if declared <= room:
+        return None
+    shape = "x".join(map(str, img.shape))
+    held = f"{size:,} bytes, compressed: at most {room:,} bytes of data" if compressed else f"{max(room, 0):,} bytes of data"
+    return (f"its header declares {shape} voxels of {header.get_data_dtype()} ({declared:,} bytes), but the file "
+            f"holds {held}: a truncated file or a wrong header")
 
 
 def _overlap(case_id: str, files: dict[str, Path], images: dict[str, nib.Nifti1Image]) -> list[str]:
