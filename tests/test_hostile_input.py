@@ -213,3 +213,21 @@ def test_a_header_larger_than_its_file_is_named_not_a_memory_error(world: Path, 
     assert status == 2 and len(errors) == 1
     assert str(pet) in errors[0] and "declares 10000x10000x10000 voxels" in errors[0] and "MemoryError" not in errors[0]
     assert not (world / "p.nii.gz").exists() and file_hashes(data) == before
+
+
+def test_a_symbolic_link_loop_or_a_dangling_link_is_named(world: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not "No such file" (check-data) or a RuntimeError traceback (predict): what the link is."""
+    images = world / "data" / "imagesTr"
+    loop, dangling = images / "MDA-001__PT.nii.gz", images / "MDA-002__PT.nii.gz"
+    loop.unlink()
+    loop.symlink_to(loop.name)
+    dangling.unlink()
+    dangling.symlink_to("gone.nii.gz")
+    assert main(["check-data", str(world / "data")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any(str(loop) in line and "symbolic link loop" in line for line in out)
+    assert any(str(dangling) in line and "symbolic link to a missing file (gone.nii.gz)" in line for line in out)
+    status, errors = run_cli(capsys, "predict", "--base", str(world / "runs/b/model.safetensors"), "--ct",
+                             str(images / "MDA-001__CT.nii.gz"), "--pet", str(loop), "--out", str(world / "p.nii.gz"))  # fmt: skip
+    assert status == 2 and len(errors) == 1 and f"{loop} (given as --pet): is a symbolic link loop" in errors[0]
+    assert not (world / "p.nii.gz").exists()

@@ -8,6 +8,7 @@ under the final name. This module is the lowest layer: it imports nothing from c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -135,14 +136,37 @@ def check_output(path: str | Path, kind: str) -> Path:
     return path
 
 
+def link_problem(path: str | Path) -> str | None:
+    """Why nothing can be read through ``path`` if it is a symbolic link that leads nowhere: a loop
+    or a dangling link (both otherwise surface as "No such file" or a RuntimeError); else None."""
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (following it leads back to itself)"
+        if err.errno == errno.ENOENT:
+            return f"is a symbolic link to a missing file ({os.readlink(path)})"
+    return None
+
+
+def _resolved(path: str | Path, arg: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError on a link loop
+        raise ValueError(f"{path} (given as {arg}): {link_problem(path) or err}") from None
+
+
 def check_not_input(out: str | Path, inputs: Mapping[str, str | Path]) -> Path:
     """Refuse an output that is an input, holds one, or lies inside an input folder (``inputs``:
     the argument that names it, e.g. ``"--data"``, to its path). A run clears and rewrites its
     output, so any of these would overwrite or delete what the command reads (a base model, the
     labels of the data folder). Paths are compared resolved, so links and ``..`` do not hide it."""
-    target = Path(out).resolve()
+    target = _resolved(out, "--out")
     for arg, path in inputs.items():
-        source = Path(path).resolve()
+        source = _resolved(path, arg)
         if target == source:
             raise ValueError(f"{out}: is the input given as {arg}; write the output somewhere else.")
         if target in source.parents:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from centerprompt.data.hecktor import Case, DataError, format_problems
 from centerprompt.data.labels import GTVN, GTVP, LABEL_VALUES
-from centerprompt.files import bars, write_json
+from centerprompt.files import bars, link_problem, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def _open(case_id: str, files: dict[str, Path]) -> tuple[dict[str, nib.Nifti1Ima
         try:
             img = nib.load(path)
         except Exception as err:  # any failure to parse is a data problem, reported not raised
-            problems.append(f"{case_id}: cannot read {what} file {path}: {type(err).__name__}: {err}")
+            why = link_problem(path) or f"{type(err).__name__}: {err}"
+            problems.append(f"{case_id}: cannot read {what} file {path}: {why}")
             continue
         if len(img.shape) != 3:
             problems.append(f"{case_id}: {what} file {path} is not 3D (shape {img.shape})")
