@@ -231,3 +231,4 @@ def test_a_symbolic_link_loop_or_a_dangling_link_is_named(world: Path, capsys: p
                              str(images / "MDA-001__CT.nii.gz"), "--pet", str(loop), "--out", str(world / "p.nii.gz"))  # fmt: skip
     assert status == 2 and len(errors) == 1 and f"{loop} (given as --pet): is a symbolic link loop" in errors[0]
     assert not (world / "p.nii.gz").exists()
+

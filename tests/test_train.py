@@ -104,6 +104,27 @@ def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
         _trained(tmp_path, resume=True)
 
 
+class _Payload:
+    """What a malicious checkpoint holds: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_malicious_last_checkpoint_is_refused_without_advice_to_unpickle_it(tmp_path: Path) -> None:
+    """--resume on a last.pt holding a pickled object: the file, what it holds, what to do; never
+    PyTorch's advice to set weights_only=False, and the object is never unpickled."""
+    torch.save({"state": _Payload(tmp_path / "unpickled.marker")}, tmp_path / "last.pt")
+    with pytest.raises(ValueError) as err:
+        _trained(tmp_path, resume=True)
+    text = str(err.value)
+    assert str(tmp_path / "last.pt") in text and "pickled Python objects" in text and "delete it" in text
+    assert "weights_only=False" not in text and not (tmp_path / "unpickled.marker").exists()
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 

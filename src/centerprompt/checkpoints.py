@@ -272,8 +272,13 @@ def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and containers only; anything else is refused unread."""
+STATE_DICT_REMEDY = "save the network's state_dict() instead"
+
+
+def load_weights_only(path: Path, remedy: str | None = None) -> Any:
+    """``torch.load(weights_only=True)``: tensors and containers only; anything else is refused unread,
+    in one line naming the file and what to do (``remedy``; for pickled objects by default: save a
+    state dict), never PyTorch's advice to set ``weights_only=False``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the error that follows says more
@@ -284,11 +289,12 @@ def _torch_load(path: Path) -> Any:
         if found:
             raise ValueError(
                 f"{path}: holds pickled Python objects ({found.group(1)}), not only tensors; centerprompt loads "
-                "weights only and never unpickles objects: save the network's state_dict() instead."
+                f"weights only and never unpickles objects: {remedy or STATE_DICT_REMEDY}."
             ) from err
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         detail = next((ln for ln in lines if not ln.lower().startswith(_BOILERPLATE)), lines[0] if lines else "")
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({detail[:160]}).") from err
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({detail[:160]})"
+                         + (f"; {remedy}." if remedy else ".")) from err
 
 
 def _is_tensor_map(obj: Any) -> bool:
@@ -333,7 +339,7 @@ def _read_weights(path: Path) -> tuple[dict[str, str] | None, dict[str, torch.Te
         head = f.read(4)
     torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save's zip, or a legacy pickle
     if path.suffix != ".safetensors" and (torch_file or path.suffix in TORCH_SUFFIXES):
-        state, key = _network_state(_torch_load(path), path)
+        state, key = _network_state(load_weights_only(path), path)
         check_finite(state, path)
         return None, state, "MONAI state dict" if key is None else f"checkpoint (network under {key!r})"
     meta, tensors = read_safetensors(path, None)

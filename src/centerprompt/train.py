@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from centerprompt.checkpoints import load_weights_only
 from centerprompt.files import atomic_path, bars
 from centerprompt.models.cpu_conv import onednn_conv3d
 
@@ -243,10 +244,7 @@ def _save(obj: dict[str, Any], path: Path) -> None:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors are varied; all mean a damaged file
-        raise ValueError(f"{path}: cannot read checkpoint ({err}); delete it to start over.") from err
+    return load_weights_only(path, remedy="delete it to start over")
 
 
 def _reseed_epoch(cfg: TrainConfig, epoch: int, dataset: Dataset, loader_gen: torch.Generator) -> None:

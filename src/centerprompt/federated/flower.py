@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
 
 from centerprompt.artifacts import save_adapter, save_model  # noqa: E402
+from centerprompt.checkpoints import load_weights_only  # noqa: E402
 from centerprompt.federated.site import FederatedJob, Site, job_model, round_lr, trainable_tensors  # noqa: E402
 from centerprompt.files import write_json  # noqa: E402
 from centerprompt.jobs import open_base  # noqa: E402
@@ -139,7 +140,7 @@ def _resume(out: Path, job: FederatedJob, model: PromptedUNETR) -> tuple[int, li
     last, metrics = out / "last_round.pt", out / METRICS_FILE
     if not last.exists():
         return 0, []
-    saved = torch.load(last, weights_only=True)
+    saved = load_weights_only(last, remedy="delete it to start over")
     if saved.get("job") != json.dumps(job.to_config(), sort_keys=True):
         raise ValueError(f"{out} holds an interrupted federated run of another job; use another --out or delete it.")
     model.load_state_dict(saved["tensors"], strict=False)
