@@ -232,3 +232,15 @@ def test_a_symbolic_link_loop_or_a_dangling_link_is_named(world: Path, capsys: p
     assert status == 2 and len(errors) == 1 and f"{loop} (given as --pet): is a symbolic link loop" in errors[0]
     assert not (world / "p.nii.gz").exists()
 
+
+
+def test_a_wrong_model_config_is_named_not_the_checkpoint(world: Path, capsys: pytest.CaptureFixture) -> None:
+    """The arguments the user gave are named as the suspect; no advice to give --model-config again."""
+    config = world / "model.json"
+    config.write_text(json.dumps({"feature_size": 8}))
+    status, errors = run_cli(capsys, "predict", "--base", str(world / "runs/b/model.safetensors"), "--model-config",
+                             str(config), "--ct", str(world / "data/imagesTr/MDA-001__CT.nii.gz"), "--pet",
+                             str(world / "data/imagesTr/MDA-001__PT.nii.gz"), "--out", str(world / "p.nii.gz"))  # fmt: skip
+    assert status == 2 and len(errors) == 1
+    assert "does not fit the network --model-config describes (feature_size=8)" in errors[0]
+    assert "give --model-config" not in errors[0] and not (world / "p.nii.gz").exists()

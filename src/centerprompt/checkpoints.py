@@ -116,6 +116,7 @@ class BaseCheckpoint:
     assumed: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     given: bool = False  # a --model-config or --preprocess changed what the file alone says
+    model_given: tuple[str, ...] = ()  # the network arguments --model-config set
     state: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -124,11 +125,15 @@ class BaseCheckpoint:
 
     def build(self, **overrides: Any) -> PromptedUNETR:
         """A PromptedUNETR with these weights; ``overrides`` change configuration fields (e.g. ``prompt_mode``)."""
-        hint = " (give --model-config with the arguments the network was built with)" if self.foreign else ""
         try:
             model = PromptedUNETR(**{**self.config, **overrides})
             model.load_backbone_state_dict(self.state)
         except (ValueError, TypeError) as err:
+            if self.model_given:  # the arguments the user gave are the first suspect, not the file
+                shown = ", ".join(f"{k}={self.config[k]!r}" for k in self.model_given)
+                raise ValueError(f"{self.path} does not fit the network --model-config describes ({shown}): {err} "
+                                 "Check those arguments against the network the file was saved from.") from err
+            hint = " (give --model-config with the arguments the network was built with)" if self.foreign else ""
             raise ValueError(f"{self.path}: {err}{hint}") from err
         tokens = self.state.get("prompts.tokens")
         if tokens is not None and model.prompts is not None and tokens.shape == model.prompts.tokens.shape:
@@ -544,5 +549,6 @@ def resolve_base(base: BaseLike) -> BaseCheckpoint:
     _check_window(path, config, preprocess)
     return BaseCheckpoint(path=path, kind=kind, weights=weights, config=config, preprocess=preprocess,
                           preprocess_from=source, assumed=assumed, extra=extra,
-                          given=bool(given_model or given_pre), state=state)  # fmt: skip
+                          given=bool(given_model or given_pre), model_given=tuple(sorted(given_model)),
+                          state=state)  # fmt: skip
 
