@@ -244,3 +244,19 @@ def test_a_wrong_model_config_is_named_not_the_checkpoint(world: Path, capsys: p
     assert status == 2 and len(errors) == 1
     assert "does not fit the network --model-config describes (feature_size=8)" in errors[0]
     assert "give --model-config" not in errors[0] and not (world / "p.nii.gz").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["adapt", "predict"])
+def test_an_out_where_nothing_can_be_created_is_refused_before_work(world: Path, capsys: pytest.CaptureFixture,
+                                                                    command: str) -> None:  # fmt: skip
+    """/proc passes every permission test, even for root, yet holds no new file: found by trying, up front."""
+    base, data = str(world / "runs/b/model.safetensors"), world / "data"
+    args = (["adapt", "--data", str(data), "--center", "MDA", "--shots", "1", "--base", base, "--out", "/proc/x"]
+            if command == "adapt" else
+            ["predict", "--base", base, "--ct", str(data / "imagesTr/MDA-001__CT.nii.gz"), "--pet",
+             str(data / "imagesTr/MDA-001__PT.nii.gz"), "--out", "/proc/x/p.nii.gz"])  # fmt: skip
+    before = file_hashes(world)
+    status, errors = run_cli(capsys, *args)
+    assert status == 2 and len(errors) == 1 and "cannot be written: nothing can be created in /proc" in errors[0]
+    assert file_hashes(world) == before

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ def check_output(path: str | Path, kind: str) -> Path:
         raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{path}: cannot be written: no permission to write in {existing}.")
+    try:  # what permissions do not tell: a read-only or virtual file system (/proc), for root too
+        os.rmdir(tempfile.mkdtemp(prefix=".centerprompt-probe-", dir=existing))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be written: nothing can be created in {existing} ({err.strerror}).") from None
     return path
 
 
