@@ -24,6 +24,33 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path: Path) -
     assert path.read_text() == "one" and sorted(p.name for p in path.parent.iterdir()) == ["a.txt"]
 
 
+def test_a_full_disk_is_named_once_and_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """torch.save on a full disk raises a RuntimeError from its zip writer ("unexpected pos"), which
+    escaped as chained tracebacks; it is now one line naming the file, from any command."""
+    import shutil
+
+    import torch
+
+    from centerprompt import files
+    from centerprompt.train import _save
+
+    full = shutil.disk_usage(tmp_path)._replace(free=4096)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: full)
+
+    def no_room(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 320 vs 226")
+
+    monkeypatch.setattr(torch, "save", no_room)
+    with pytest.raises(OSError, match=f"^no space left on device: {tmp_path / 'last.pt'}$"):
+        _save({"x": torch.zeros(1)}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: full._replace(free=10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # not a full disk: the writer's own error stays
+        _save({"x": torch.zeros(1)}, tmp_path / "last.pt")
+
+
 def test_atomic_path_can_keep_the_suffix(tmp_path: Path) -> None:
     with atomic_path(tmp_path / "pred.nii.gz", keep_suffix=True) as tmp:
         assert tmp.name.endswith(".tmp.nii.gz")

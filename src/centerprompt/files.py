@@ -14,6 +14,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,7 +31,8 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
     given the usual permissions (0666 under the umask) before the rename, whatever the writer chose. The
     temporary name is ``.NAME.<pid>-<random>.tmp``, hidden and unique per process and call; with
     ``keep_suffix=True`` it also ends in ``path``'s suffixes (``.nii.gz``), for writers that pick
-    the format from the name (nibabel). On any error the temporary file is removed.
+    the format from the name (nibabel). On any error the temporary file is removed; one on a full
+    disk becomes ``OSError("no space left on device: PATH")``, whatever the writer raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,24 @@ def atomic_path(path: str | Path, *, keep_suffix: bool = False) -> Iterator[Path
         # Readable as the user's other files are: some writers (safetensors' save_file) create 0600.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as err:
+        # Writers report a full disk their own way (torch.save: a RuntimeError from its zip writer,
+        # "unexpected pos"); name it once, for the file meant to be written.
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or _nearly_full(path.parent):
+            raise OSError(f"no space left on device: {path}") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this free is taken for a full disk
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def _umask() -> int:
