@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,3 +83,27 @@ def test_temporaries_of_killed_writers_are_removed_when_a_run_starts(tmp_path):
     assert open_run(run, {"job": "test"}, resume=False) is None
     assert not stale.exists() and live.exists() and mine.exists()
     assert remove_stale_temporaries(run) == []
+
+
+@pytest.mark.parametrize(("recorded", "reused"), [
+    ({}, True),  # from before patience_from existed: trained as patience_from=0 does
+    ({"min_epochs": 0}, True),  # the retired field at its neutral value
+    ({"min_epochs": 10}, False),  # it changed how that run stopped: not the same run
+    ({"patience_from": 5}, False),
+])  # fmt: skip
+def test_a_run_recorded_before_a_training_setting_existed_is_reused_when_it_trained_the_same(
+    tmp_path: Path, recorded: dict, reused: bool
+) -> None:
+    from centerprompt.train import TrainConfig
+
+    train = {k: v for k, v in TrainConfig(epochs=3).__dict__.items() if k != "patience_from"}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"job": "pretrain", "train": {**train, **recorded}}))
+    (run / "summary.json").write_text(json.dumps({"best_metric": 0.5}))
+    today = {"job": "pretrain", "train": TrainConfig(epochs=3).__dict__}
+    if reused:
+        assert open_run(run, today, resume=True) == {"best_metric": 0.5}
+    else:
+        with pytest.raises(ValueError, match="another configuration"):
+            open_run(run, today, resume=True)

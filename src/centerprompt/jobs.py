@@ -165,6 +165,25 @@ def _clear(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+# Training settings older runs recorded that no longer exist, with the value under which the run
+# trained exactly as one without the setting does (``min_epochs``: patience_from's predecessor).
+RETIRED_TRAIN_FIELDS = {"min_epochs": 0}
+
+
+def _recorded_as_today(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded configuration in today's terms: training settings it predates take their
+    defaults, retired ones at their neutral value are dropped, so a run that would train the same
+    way today is reused rather than trained again (a 14-minute base model, say)."""
+    train = config.get("train")
+    if not isinstance(train, dict):
+        return config
+    upgraded = {**jsonable(TrainConfig().__dict__), **train}
+    for name, neutral in RETIRED_TRAIN_FIELDS.items():
+        if upgraded.get(name, neutral) == neutral:
+            upgraded.pop(name, None)
+    return {**config, "train": upgraded}
+
+
 def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: str = "refuse") -> dict[str, Any] | None:
     """Prepare ``run_dir`` for a job with ``config``; return the finished summary when it can be reused.
 
@@ -175,7 +194,7 @@ def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: 
     """
     path = run_dir / "config.json"
     new = jsonable(config)  # as write_json stores it, so that an unchanged run compares equal
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = _recorded_as_today(json.loads(path.read_text())) if path.exists() else None
     if resume and old is not None and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if on_change == "refuse":
