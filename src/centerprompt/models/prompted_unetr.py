@@ -198,9 +198,9 @@ class PromptedUNETR(nn.Module):
             self.add_module(f"decoder{level + 1}", dec(fs * 2**level, fs * 2 ** (level - 1)))
         self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=fs, out_channels=out_channels)
 
+        bound = vpt_init_bound(in_channels, patch, hidden_size)  # every prompt kind starts as VPT's
         self.prompts: PromptTokens | None = None
         if prompt_mode != "none":
-            bound = vpt_init_bound(in_channels, patch, hidden_size)
             num_sets = 1 if prompt_mode == "shallow" else num_layers
             self.prompts = PromptTokens(num_sets, num_prompts, hidden_size, bound, prompt_dropout)
         self.center_prompts = (
@@ -213,7 +213,6 @@ class PromptedUNETR(nn.Module):
         self.image_prompt = ImagePrompt(in_channels, image_prompt) if image_prompt else None
         self.kv_prompts: KeyValuePrompts | None = None
         if kv_prompts:
-            bound = vpt_init_bound(in_channels, patch, hidden_size)
             self.kv_prompts = KeyValuePrompts(num_layers, kv_prompts, self.vit.blocks[0].attn.qkv.out_features // 3, bound)
             self.kv_prompts.attach(self.vit.blocks)
 
