@@ -107,3 +107,22 @@ def test_a_run_recorded_before_a_training_setting_existed_is_reused_when_it_trai
     else:
         with pytest.raises(ValueError, match="another configuration"):
             open_run(run, today, resume=True)
+
+
+@pytest.mark.parametrize(("asked", "reused"), [(0, True), (4, False)])
+def test_a_base_recorded_before_a_run_field_existed_is_reused_only_at_its_default(
+    tmp_path: Path, asked: int, reused: bool
+) -> None:
+    """The demo's base was recorded before center_prompts existed: pretraining it again took 14 min."""
+    from centerprompt.config import PretrainRun
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"job": "pretrain", "preset": "cpu"}))
+    (run / "summary.json").write_text(json.dumps({"best_metric": 0.5}))
+    today = {"job": "pretrain", "preset": "cpu", "center_prompts": asked}
+    if reused:
+        assert open_run(run, today, resume=True, predates=PretrainRun.defaults()) == {"best_metric": 0.5}
+    else:
+        with pytest.raises(ValueError, match=r"another configuration \(center_prompts\)"):
+            open_run(run, today, resume=True, predates=PretrainRun.defaults())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,13 @@ class _Run:
         ``preprocess`` appear only when given, so runs without them keep the configuration they had."""
         return jsonable({k: v for k, v in asdict(self).items()
                           if k not in EXECUTION_FIELDS and not (k in BASE_FIELDS and v is None)})  # fmt: skip
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The provenance fields that have a default, at it: what a run recorded before a field
+        existed trained with (a new field defaults to the behaviour before it)."""
+        return jsonable({f.name: f.default for f in fields(cls) if f.default is not MISSING
+                         and f.name not in EXECUTION_FIELDS + BASE_FIELDS})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -170,10 +170,12 @@ def _clear(run_dir: Path) -> None:
 RETIRED_TRAIN_FIELDS = {"min_epochs": 0}
 
 
-def _recorded_as_today(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's recorded configuration in today's terms: training settings it predates take their
-    defaults, retired ones at their neutral value are dropped, so a run that would train the same
-    way today is reused rather than trained again (a 14-minute base model, say)."""
+def _recorded_as_today(config: dict[str, Any], predates: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """A run's recorded configuration in today's terms: settings it predates take their defaults
+    (``predates``: the run's own fields, e.g. ``center_prompts``; every training setting), retired
+    ones at their neutral value are dropped, so a run that would train the same way today is reused
+    rather than trained again (a 14-minute base model, say)."""
+    config = {**jsonable(predates), **config}
     train = config.get("train")
     if not isinstance(train, dict):
         return config
@@ -184,17 +186,20 @@ def _recorded_as_today(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "train": upgraded}
 
 
-def open_run(run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: str = "refuse") -> dict[str, Any] | None:
+def open_run(
+    run_dir: Path, config: dict[str, Any], *, resume: bool, on_change: str = "refuse", predates: Mapping[str, Any] = {},
+) -> dict[str, Any] | None:  # fmt: skip
     """Prepare ``run_dir`` for a job with ``config``; return the finished summary when it can be reused.
 
     A run folder never mixes two runs. Without ``resume`` it starts clean. With ``resume``: a
     folder whose ``config.json`` equals ``config`` is resumed from its last checkpoint, or reused
     as it is when finished; one made with another configuration is refused (``on_change="refuse"``,
-    naming the fields that differ) or cleared and run again (``"rerun"``).
+    naming the fields that differ) or cleared and run again (``"rerun"``). ``predates``: the
+    defaults of the run's fields, which a run recorded before a field existed trained with.
     """
     path = run_dir / "config.json"
     new = jsonable(config)  # as write_json stores it, so that an unchanged run compares equal
-    old = _recorded_as_today(json.loads(path.read_text())) if path.exists() else None
+    old = _recorded_as_today(json.loads(path.read_text()), {k: v for k, v in predates.items() if k in new}) if path.exists() else None
     if resume and old is not None and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if on_change == "refuse":
@@ -308,7 +313,7 @@ def pretrain(run: PretrainRun, *, on_change: str = "refuse") -> dict[str, Any]:
         cases, splits = load_index(run.data_dir, skip_bad_cases=run.skip_bad_cases, seed=run.seed, cache_dir=run_dir,
                                    splits_file=run.splits, split_defaults=split_defaults(None, run_dir))  # fmt: skip
         config = pretrain_config(run, splits)
-        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
+        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change, predates=run.defaults())
         if finished is not None:
             return finished
         keep_splits(splits, run_dir)
@@ -439,7 +444,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
                                    splits_file=run.splits, split_defaults=split_defaults(base, run_dir))  # fmt: skip
         check_base_split(base, splits)
         config = adapt_config(run, splits, base)
-        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change)
+        finished = open_run(run_dir, config, resume=run.resume, on_change=on_change, predates=run.defaults())
         if finished is not None:
             return finished
         keep_splits(splits, run_dir)
