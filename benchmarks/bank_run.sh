@@ -13,7 +13,7 @@ WORK=${WORK:-runs/bank}
 mkdir -p "$WORK"
 for C in CHUM CHUV HGJ; do
   [ -f "$WORK/adapt_$C/adapter.safetensors" ] || \
-    "$BIN/centerprompt" adapt --data "$DATA" --center "$C" --base "$BASE" --strategy deep --prompts 10 --shots 8 \
+    "$BIN/centerprompt" adapt --data "$DATA" --center "$C" --base "$BASE" --strategy deep --num-prompts 10 --shots 8 \
       --out "$WORK/adapt_$C" --resume
 done
 rm -rf "$WORK/bank"

@@ -27,11 +27,13 @@ from centerprompt.artifacts import build_adapted_model
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.data.transforms import PreprocessConfig
-from centerprompt.config import PretrainRun
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, load_index, pretrain
+from centerprompt.training.config import PretrainRun
+from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS
+from centerprompt.runs.selection import load_index
+from centerprompt.runs.pretrain import pretrain
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import PRESETS, Preset, register_preset
+from centerprompt.training.presets import PRESETS, Preset, register_preset
 from centerprompt.reliance import transformer_reliance
 
 CHOSEN = "p8-48@4mm-fs8-1crop-lr1e-3"  # the candidate that became PRESETS["cpu"]

@@ -32,11 +32,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from centerprompt.artifacts import save_adapter, save_model
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS
+from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS
 from centerprompt.models.prompted_unetr import MONAI_NUM_LAYERS, PromptedUNETR
-from centerprompt.presets import PRESETS
+from centerprompt.training.presets import PRESETS
 from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report, strategy_names
-from centerprompt.train import peak_memory
+from centerprompt.training.devices import peak_memory
 
 COST_STRATEGIES = tuple(n for n in strategy_names() if STRATEGIES[n].trains)  # every registered strategy that trains
 # The two configurations compared: the CPU demo and the paper's ViT-B (PromptedUNETR defaults).

@@ -42,8 +42,8 @@ def make_data(data: Path, base_data: Path) -> None:
 
 def make_base(base_data: Path, out: Path) -> Path:
     """The demo's base: every weight trained on the default centers but MDA (reused when finished)."""
-    from centerprompt.config import PretrainRun
-    from centerprompt.jobs import pretrain
+    from centerprompt.training.config import PretrainRun
+    from centerprompt.runs.pretrain import pretrain
 
     pretrain(PretrainRun(data_dir=base_data, out=out, exclude_center="MDA", resume=True, progress=False),
              on_change="rerun")  # fmt: skip
@@ -51,7 +51,7 @@ def make_base(base_data: Path, out: Path) -> Path:
 
 
 def run(data: Path, base: Path, out: Path, centers: list[str], seeds: list[int], strategies: list[str]) -> None:
-    from centerprompt.config import ExperimentRun
+    from centerprompt.training.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
     for center in centers:
@@ -84,7 +84,7 @@ def main() -> int:
     run(args.data, base, args.out, centers, seeds, args.strategies.split(","))
     from centerprompt.experiment import add_served_from_bank
     from centerprompt.intervals import add_intervals, pool_experiments
-    from centerprompt.jobs import load_index
+    from centerprompt.runs.selection import load_index
 
     experiments = {}
     for c in centers:

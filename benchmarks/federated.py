@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from centerprompt.artifacts import build_adapted_model
-from centerprompt.config import AdaptRun
+from centerprompt.training.config import AdaptRun
 from centerprompt.data.hecktor import leave_one_center_out
-from centerprompt.data.profiles import load_profiles
-from centerprompt.data.synthetic import generate_dataset
+from centerprompt.data.synthetic import generate_dataset, load_profiles
 from centerprompt.evaluate import aggregate
 from centerprompt.experiment import machine_info
 from centerprompt.federated.flower import simulate
 from centerprompt.federated.site import FederatedJob
 from centerprompt.files import write_json
-from centerprompt.jobs import adapt, base_preprocess, load_index, open_base, split_defaults
-from centerprompt.presets import get_preset
+from centerprompt.runs.adapt import adapt
+from centerprompt.runs.base import base_preprocess, open_base
+from centerprompt.runs.selection import load_index, split_defaults
+from centerprompt.training.presets import get_preset
 from centerprompt.scoring import Scorer
 
 HERE = Path(__file__).resolve().parent

@@ -30,7 +30,7 @@ started=$SECONDS
 gpu_synth
 echo "synthetic data: $((SECONDS - started)) s" | tee -a "$LOG"
 # The split once, before the processes start, so that none of them races to write it.
-python3 -c "from pathlib import Path; from centerprompt.jobs import load_index; load_index(Path('$DATA'), seed=0)" >/dev/null 2>&1
+python3 -c "from pathlib import Path; from centerprompt.runs.selection import load_index; load_index(Path('$DATA'), seed=0)" >/dev/null 2>&1
 
 names=${ONLY:-$(python3 -c "import candidates; print(' '.join(candidates.RECIPES))")}
 for name in ${names//,/ }; do

@@ -124,7 +124,7 @@ def sweep_table(runs: Sequence[dict[str, Any]], kind: str, key: str = "new") -> 
 def _shots(data_dir: Path, center: str, value: int | str) -> int:
     if value != ALL:
         return int(value)
-    from centerprompt.jobs import load_index
+    from centerprompt.runs.selection import load_index
 
     own = load_index(data_dir, check=False)[1][center]
     return len(own["train"]) + len(own["val"]) - max(1, len(own["val"]))  # leave_one_center_out's validation
@@ -135,7 +135,7 @@ def _experiment(
 ) -> dict[str, Any]:
     """run_experiment unless ``out`` already holds results for every requested strategy with the same
     center, seed, shots and P (run_experiment itself re-checks every stage's full provenance)."""
-    from centerprompt.config import ExperimentRun
+    from centerprompt.training.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
     run = ExperimentRun(data_dir=data_dir, new_center=center, out=out, strategies=tuple(strategies), preset=preset,
@@ -170,7 +170,7 @@ def _pool_init(threads: int) -> None:
 
 
 def _pretrain_task(run: Any) -> None:
-    from centerprompt.jobs import pretrain
+    from centerprompt.runs.pretrain import pretrain
 
     pretrain(run)
 
@@ -191,8 +191,9 @@ def _prefetch(
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    from centerprompt.config import ExperimentRun, PretrainRun
-    from centerprompt.jobs import SUMMARY, load_index
+    from centerprompt.training.config import ExperimentRun, PretrainRun
+    from centerprompt.runs.folder import SUMMARY
+    from centerprompt.runs.selection import load_index
 
     load_index(data_dir, seed=seeds[0])  # the data's split file, written once before the processes read it
     pretrains, experiments = [], []
@@ -236,8 +237,9 @@ def run_quality(
     Sweep points equal to the headline setting (8 shots, P=10) reuse the headline's runs for the
     strategies it has.
     """
-    from centerprompt.config import PretrainRun
-    from centerprompt.jobs import SUMMARY, pretrain
+    from centerprompt.training.config import PretrainRun
+    from centerprompt.runs.folder import SUMMARY
+    from centerprompt.runs.pretrain import pretrain
 
     data_dir, work = Path(data_dir), Path(work)
     if not (data_dir / "imagesTr").is_dir():

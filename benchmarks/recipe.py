@@ -37,8 +37,10 @@ def run_recipes(
     from centerprompt.artifacts import build_adapted_model
     from centerprompt.data.hecktor import leave_one_center_out
     from centerprompt.evaluate import aggregate
-    from centerprompt.config import AdaptRun
-    from centerprompt.jobs import adapt, base_preprocess, load_index
+    from centerprompt.training.config import AdaptRun
+    from centerprompt.runs.adapt import adapt
+    from centerprompt.runs.base import base_preprocess
+    from centerprompt.runs.selection import load_index
     from centerprompt.scoring import Scorer
 
     root = work / f"seed{seed}" / center

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from centerprompt.bank.acquisition import acquisition_features
     from centerprompt.experiment import machine_info
     from centerprompt.files import write_json
-    from centerprompt.jobs import load_index, open_base, predict
+    from centerprompt.runs.selection import load_index
+    from centerprompt.runs.base import open_base
+    from centerprompt.runs.predict import AdaptedModel, predict
 
     cases, splits = load_index(args.data, check=False)
     pairs = [(cases[i].ct, cases[i].pet) for c in sorted(splits) for i in splits[c]["test"]][: args.scans]
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             acquisition_features(ct, pet)
             fingerprint_s.append(time.perf_counter() - started)
             started = time.perf_counter()
-            predict(base, [(ct, pet, Path(tmp) / f"{k}.nii.gz")], progress=False)
+            predict(AdaptedModel(base), [(ct, pet, Path(tmp) / f"{k}.nii.gz")], progress=False)
             predict_s.append(time.perf_counter() - started)
     result = {"scans": len(pairs), "fingerprint_s": statistics.median(fingerprint_s),
               "predict_s": statistics.median(predict_s),

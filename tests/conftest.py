@@ -121,7 +121,7 @@ def world(tmp_path: Path) -> Path:
     from tiny import TINY, tiny_model
 
     from centerprompt.artifacts import save_model
-    from centerprompt.presets import PRESETS
+    from centerprompt.training.presets import PRESETS
 
     for case in ("MDA-001", "MDA-002"):
         write_case(tmp_path / "data", case)

@@ -19,10 +19,13 @@ from centerprompt.bank import (
     BankModel,
     PromptBank,
     Route,
-    predict_with_bank,
     validate_center,
 )
-from centerprompt.bank.evaluation import evaluate_with_bank, routing_summary, run_bank
+from centerprompt.bank.evaluation import routing_summary, run_bank
+from centerprompt.bank.serving import BankSource
+from centerprompt.runs.predict import predict
+from centerprompt.runs.score import evaluate
+from centerprompt.runs.selection import CaseSelection
 from centerprompt.cli.bank import register
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.scoring import Scorer
@@ -215,7 +218,7 @@ def test_bank_predictions_equal_separately_built_models(
 
     monkeypatch.setattr(Scorer, "score_predictions", record)
     modes = (FALLBACK, "oracle", "CHUM", "MDA")  # oracle and the single centers reuse earlier predictions
-    result = run_bank(synthetic_data, base_file, bank, modes=modes, score_at="preprocessed", progress=False)
+    result = run_bank(CaseSelection(synthetic_data, score_at="preprocessed"), base_file, bank, modes=modes, progress=False)
     assert set(served) == set(modes)
 
     scorer, references = scorers[0], {}
@@ -267,14 +270,14 @@ def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path
     mda = next(c["route"] for c in routed["per_case"] if c["center"] == "MDA")
     assert mda["nearest"] == "CHUM" and "outside every banked center's range" in mda["reason"]
 
-    single = evaluate_with_bank(data, base_file, bank, center="CHUM", centers=["CHUM"], score_at="preprocessed",
-                                progress=False)  # fmt: skip
+    single = evaluate(CaseSelection(data, centers=("CHUM",), score_at="preprocessed"), BankSource(base_file, bank, "CHUM"),
+                      progress=False)  # fmt: skip
     assert single["per_center"]["CHUM"]["dsc_agg"] == result["modes"]["CHUM"]["per_center"]["CHUM"]["dsc_agg"]
-    assert [case["used"] for case in single["per_case"]] == ["CHUM"]
+    assert [case["center"] for case in single["per_case"]] == ["CHUM"]
 
     ct = next((data / "imagesTr").glob("MDA-*__CT.nii.gz"))
     pet, out_file = ct.with_name(ct.name.replace("__CT", "__PT")), tmp_path / "pred" / "MDA.nii.gz"
-    (record,) = predict_with_bank(base_file, bank, [(ct, pet, out_file)], progress=False)
+    (record,) = predict(BankSource(base_file, bank), [(ct, pet, out_file)], progress=False)
     assert record["center"] == FALLBACK and record["route"]["nearest"] == "CHUM" and record["route"]["reason"]
     assert nib.load(out_file).shape == nib.load(ct).shape
 

@@ -67,7 +67,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from centerprompt.checkpoints import resolve_base
     from centerprompt.data.transforms import PreprocessConfig
     from centerprompt.models.prompted_unetr import PromptedUNETR
-    from centerprompt.presets import get_preset
+    from centerprompt.training.presets import get_preset
     from centerprompt.strategies import apply_strategy
 
     root, tiny = tmp_path_factory.mktemp("models"), get_preset("tiny")

@@ -23,9 +23,10 @@ from tiny import TINY
 from centerprompt.artifacts import backbone_fingerprint, load_model, read_adapter_metadata, save_adapter, save_model
 from centerprompt.checkpoints import BaseSpec, resolve_base
 from centerprompt.cli import main
-from centerprompt.config import AdaptRun, ExperimentRun, file_sha256
+from centerprompt.training.config import AdaptRun, ExperimentRun, file_sha256
 from centerprompt.data.transforms import PreprocessConfig
-from centerprompt.jobs import adapt_config, load_index
+from centerprompt.runs.adapt import adapt_config
+from centerprompt.runs.selection import load_index
 from centerprompt.strategies import apply_strategy
 
 # 6 mm voxels and a 192 mm crop give 32^3 volumes: one window of the tiny model, and one crop per case.
@@ -112,7 +113,7 @@ def test_issue_reproduction_a_bare_monai_state_dict_adapts(
     """The issue's commands as they are: adapt says, once, what it assumes, and records it."""
     # Validation slides 32^3 windows over a 2 mm volume (about 80 windows, ~30 s on 2 cores); what this
     # test checks comes before and after it.
-    monkeypatch.setattr("centerprompt.jobs.validator", lambda scorer: lambda model: 0.0)
+    monkeypatch.setattr("centerprompt.training.cases.validator", lambda scorer: lambda model: 0.0)
     base = tmp_path / "unetr.pt"
     torch.save(unetr_state, base)
     run = tmp_path / "ad"
@@ -141,7 +142,7 @@ def test_each_source_runs_adapt_evaluate_predict_and_bank_add(
     base, flags = _write_source(kind, unetr_state, tmp_path)
     with_base = ["--base", str(base), *flags]
     run = tmp_path / "adapt"
-    assert main(["adapt", "--data", str(data), "--center", "MDA", *with_base, "--strategy", "deep", "--prompts", "2",
+    assert main(["adapt", "--data", str(data), "--center", "MDA", *with_base, "--strategy", "deep", "--num-prompts", "2",
                  "--epochs", "1", "--shots", "2", "--out", str(run)]) == 0  # fmt: skip
     adapter = run / "adapter.safetensors"
     config = json.loads((run / "config.json").read_text())

@@ -167,7 +167,7 @@ def _backdate(root: Path, seconds: float = 60.0) -> None:
 
 
 def test_load_index_checks_each_case_once(hecktor_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from centerprompt import jobs
+    from centerprompt.runs import selection
     from centerprompt.data import checks
 
     read: list[str] = []
@@ -176,21 +176,21 @@ def test_load_index_checks_each_case_once(hecktor_dir: Path, tmp_path: Path, mon
     monkeypatch.setattr(checks, "_MEMO", {})
     _backdate(hecktor_dir)
     run = tmp_path / "run"
-    cases, _ = jobs.load_index(hecktor_dir, cache_dir=run)
+    cases, _ = selection.load_index(hecktor_dir, cache_dir=run)
     assert sorted(read) == sorted(cases) and (run / checks.CHECKS_FILE).exists()
     assert not list(hecktor_dir.glob("*checks*"))  # never written into the data folder
     read.clear()
-    assert jobs.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []  # same process
+    assert selection.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []  # same process
     monkeypatch.setattr(checks, "_MEMO", {})  # a new process of the same run: the run folder's file answers
-    assert jobs.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []
+    assert selection.load_index(hecktor_dir, cache_dir=run)[0] == cases and read == []
 
     touched = cases["MDA-002"].pet
     mtime = touched.stat().st_mtime_ns
     os.utime(touched, ns=(mtime, mtime + 10**9))  # a new mtime, still well in the past
-    jobs.load_index(hecktor_dir, cache_dir=run)
+    selection.load_index(hecktor_dir, cache_dir=run)
     assert read == ["MDA-002"]
     read.clear()
-    jobs.load_index(hecktor_dir)
+    selection.load_index(hecktor_dir)
     assert read == []
 
     label = cases["CHUM-001"].label  # new content and size, old mtime: only the size tells
@@ -200,7 +200,7 @@ def test_load_index_checks_each_case_once(hecktor_dir: Path, tmp_path: Path, mon
     assert label.stat().st_size != size
     for _ in range(2):  # the bad case stays bad when its result is reused
         with pytest.raises(DataError, match=r"CHUM-001: label .* has shape"):
-            jobs.load_index(hecktor_dir, cache_dir=run)
+            selection.load_index(hecktor_dir, cache_dir=run)
     assert read == ["CHUM-001"]
     monkeypatch.setattr(checks, "_MEMO", {})
     good = validate_cases(find_cases(hecktor_dir), skip_bad_cases=True, cache_file=run / checks.CHECKS_FILE)

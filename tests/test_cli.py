@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from centerprompt.cli import main
-from centerprompt.presets import PRESETS
+from centerprompt.training.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_resume_of_a_finished_run_and_of_a_changed_configuration(data: Path, bas
 def test_adapt_then_evaluate_with_the_adapter(data: Path, base: Path, tmp_path: Path, strategy: str) -> None:
     run = tmp_path / strategy
     args = ["adapt", "--data", str(data), "--center", "MDA", "--base", str(base), "--strategy", strategy,
-            "--prompts", "4", "--shots", "2", "--epochs", "2", "--out", str(run)]  # fmt: skip
+            "--num-prompts", "4", "--shots", "2", "--epochs", "2", "--out", str(run)]  # fmt: skip
     assert main(args) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["artifact_bytes"] == (run / "adapter.safetensors").stat().st_size
@@ -88,7 +88,7 @@ def test_bad_input_gives_one_clear_error(data: Path, tmp_path: Path, capsys: pyt
 def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "exp"
     args = ["experiment", "--data", str(data), "--new-center", "MDA", "--strategies", "none,deep,full,deep+head,oracle",
-            "--base", str(base), "--shots", "2", "--prompts", "4", "--adapt-epochs", "1", "--out", str(out)]  # fmt: skip
+            "--base", str(base), "--shots", "2", "--num-prompts", "4", "--adapt-epochs", "1", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     reliance = results["base"]["transformer_reliance"]
@@ -176,3 +176,18 @@ def test_bad_input_traceback_only_with_verbose(tmp_path: Path, capsys: pytest.Ca
     assert "centerprompt predict: error: give --ct and --pet" in err
     assert ("Traceback (most recent call last)" in err) == verbose
     assert ("raise ValueError" in err) == verbose
+
+
+@pytest.mark.parametrize(("command", "old", "new", "dest"), [
+    (["adapt", "--data", "d", "--center", "MDA", "--base", "b", "--out", "o"], "--prompts", "--num-prompts", "num_prompts"),
+    (["predict", "--base", "b", "--bank", "k", "--input", "i", "--out", "o"], "--center", "--route", "route"),
+])  # fmt: skip
+def test_renamed_flags_keep_their_old_spelling_with_a_warning(
+    command: list[str], old: str, new: str, dest: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from centerprompt.cli import build_parser
+
+    args = build_parser().parse_args([*command, old, "4"])
+    assert getattr(args, dest) in (4, "4") and f"{old} is deprecated; use {new}" in capsys.readouterr().err
+    args = build_parser().parse_args([*command, new, "4"])
+    assert getattr(args, dest) in (4, "4") and capsys.readouterr().err == ""

@@ -21,7 +21,7 @@ pytest.importorskip("ray")
 
 from centerprompt.federated.site import FederatedJob  # noqa: E402
 
-TINY_JOB = dict(preset="tiny", rounds=1, local_steps=1, seed=0)
+TINY_JOB = dict(preset="tiny", rounds=1, local_steps=2, seed=0)  # the first step of a warm-up has rate 0
 
 
 def _replies(box: list[tuple[int, list[Any]]]):
@@ -33,7 +33,7 @@ def _replies(box: list[tuple[int, list[Any]]]):
 
 @pytest.fixture(scope="module")
 def federated_base(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One FedAvg round of one local step at CHUM and MDA (tiny preset), with every site reply kept."""
+    """One FedAvg round of two local steps at CHUM and MDA (tiny preset), with every site reply kept."""
     from centerprompt.federated.flower import simulate
 
     out = tmp_path_factory.mktemp("fed") / "pretrain"
@@ -43,11 +43,11 @@ def federated_base(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) 
     return {"out": out, "summary": summary, "seen": seen}
 
 
-def test_one_round_one_step_is_fedavg_by_hand(federated_base: dict[str, Any], two_centers: Path) -> None:
+def test_one_round_is_fedavg_by_hand(federated_base: dict[str, Any], two_centers: Path) -> None:
     from safetensors.torch import load_file
 
     from centerprompt.federated.site import job_model
-    from centerprompt.jobs import load_index
+    from centerprompt.runs.selection import load_index
 
     train = [r for _, replies in federated_base["seen"] for r in replies if "arrays" in r.content]
     assert len(train) == 2
@@ -86,7 +86,7 @@ def test_no_case_id_or_voxel_leaves_a_site(federated_base: dict[str, Any]) -> No
             if "arrays" in content:
                 for name, array in content["arrays"].items():
                     assert name in shapes and tuple(array.shape) == shapes[name] and array.dtype == "float32"
-    assert kinds == {("num-examples", "train-loss"), ("num-examples", "val-dsc-agg")}
+    assert kinds == {("lr", "num-examples", "train-loss"), ("num-examples", "val-dsc-agg")}  # lr: the shared schedule
 
 
 def test_federated_adapter_is_an_ordinary_adapter(federated_base: dict[str, Any], two_centers: Path,
@@ -95,11 +95,11 @@ def test_federated_adapter_is_an_ordinary_adapter(federated_base: dict[str, Any]
     from centerprompt.federated.flower import simulate
 
     base = federated_base["out"] / "model.safetensors"
-    job = FederatedJob(job="adapt", base=str(base), strategy="deep", prompts=2, shots=2, rounds=2, local_steps=1)
+    job = FederatedJob(job="adapt", base=str(base), strategy="deep", num_prompts=2, shots=2, rounds=2, local_steps=1)
     summary = simulate(job, two_centers, ["CHUM", "MDA"], tmp_path / "adapt", cpus=2)
     adapter = Path(summary["artifact"])
     meta = read_adapter_metadata(adapter)
-    assert meta["strategy"] == "deep" and meta["extra"]["center"] == "CHUM+MDA"
+    assert meta["strategy"] == "deep" and meta["extra"]["center"] == "CHUM,MDA"
     model = build_adapted_model(base, adapter)  # refuses an adapter of another backbone
     assert model.num_prompts == 2
     rows = [json.loads(line) for line in (tmp_path / "adapt" / "metrics.jsonl").read_text().splitlines()]
@@ -226,3 +226,33 @@ def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="another job"):
         _resume(tmp_path, FederatedJob(job="pretrain", preset="tiny", rounds=4), job_model(job)[0])
     assert _resume(tmp_path / "fresh", job, job_model(job)[0]) == (0, [])
+
+
+def test_one_site_trains_exactly_as_a_central_run_of_the_same_epochs(two_centers: Path, tmp_path: Path) -> None:
+    """Round r of a site is epochs (r-1) x local_epochs onwards of the Trainer a central run uses,
+    with its optimizer moments and schedule kept between rounds: two rounds at one site (FedProx off)
+    give the weights of two central epochs on the same cases, seed and settings, bit for bit. A
+    site that rebuilt its optimizer, reseeded its loader its own way or decayed prompts differently
+    would differ."""
+    from centerprompt.federated.site import Site, job_model, trainable_tensors
+    from centerprompt.training.cases import CachedCases
+    from centerprompt.training.loop import Trainer, fit
+
+    job = FederatedJob(job="pretrain", preset="tiny", rounds=2, seed=3)
+    site = Site(two_centers, job, "CHUM")
+    state, lrs = trainable_tensors(site.model), []
+    for server_round in (1, 2):
+        state, metrics = site.train_round(state, server_round)
+        lrs.append(metrics["lr"])
+    assert lrs[0] < lrs[1]  # one warm-up over both rounds' steps, as over a central run's epochs
+
+    model, preprocess, preset = job_model(job)  # the same seeded initialisation
+    params = [p for p in model.parameters() if p.requires_grad]
+    cached = CachedCases.load(site.train_cases, site.val_cases, preprocess)
+    cfg = job.train_config(preset)
+    assert cfg.epochs == 2 and cfg.lr == preset.pretrain_lr and cfg.class_weights == preset.class_weights
+    fit(Trainer(model, params, cached.train, cfg), tmp_path / "central", progress=False)
+    central = trainable_tensors(model)
+    assert set(central) == set(state)
+    assert all(torch.equal(central[n], state[n]) for n in state)
+    assert not torch.equal(central[next(iter(state))], trainable_tensors(job_model(job)[0])[next(iter(state))])

@@ -33,7 +33,7 @@ def test_a_full_disk_is_named_once_and_leaves_no_temporary(tmp_path: Path, monke
     import torch
 
     from centerprompt import files
-    from centerprompt.train import _save
+    from centerprompt.training.loop import _save
 
     full = shutil.disk_usage(tmp_path)._replace(free=4096)
     monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: full)

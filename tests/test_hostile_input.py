@@ -20,12 +20,12 @@ from centerprompt.checkpoints import resolve_base
 from centerprompt.cli import main
 from centerprompt.data.hecktor import DataError, read_splits
 from centerprompt.files import folder_lock
-from centerprompt.train import LAST_CHECKPOINT, NonFiniteLoss, TrainConfig, fit
+from centerprompt.training.loop import LAST_CHECKPOINT, NonFiniteLoss, TrainConfig, Trainer, fit
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [
     ("--lr", "inf", "--lr must be a finite number"), ("--lr", "nan", "--lr must be a finite number"),
-    ("--prompts", "100000", "--prompts must be at most 1000"),
+    ("--num-prompts", "100000", "--num-prompts must be at most 1000"),
     ("--seed", "99999999999999999999999", "--seed must be at most"),
 ])  # fmt: skip
 def test_unusable_numbers_are_refused_before_any_work(
@@ -65,7 +65,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path
 
     cfg = TrainConfig(epochs=3, lr=1e-3, batch_size=2, warmup_epochs=0, patience=0)
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at epoch 2, step 1.*keeps epoch 1.*lower --lr"):
-        fit(model, params, data, cfg, tmp_path, progress=False, on_epoch_end=poison)
+        fit(Trainer(model, params, data, cfg), tmp_path, progress=False, on_epoch_end=poison)
     kept = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
     assert kept["state"]["epoch"] == 1 and all(torch.isfinite(t).all() for t in kept["trainable"].values())
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
@@ -122,12 +122,12 @@ def test_a_second_writer_of_a_run_folder_is_refused_with_the_holders_pid(world: 
 
 def test_ctrl_c_ends_with_one_line_and_status_130(world: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import centerprompt.jobs
+    import centerprompt.runs.pretrain
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(centerprompt.jobs, "pretrain", interrupted)
+    monkeypatch.setattr(centerprompt.runs.pretrain, "pretrain", interrupted)
     status = main(["pretrain", "--data", str(world / "data"), "--preset", "tiny", "--out", str(world / "runs/p")])
     err = capsys.readouterr().err.strip()
     assert status == 130 and "\n" not in err and "interrupted" in err and "--resume" in err

@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_model
 
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import get_preset
+from centerprompt.training.presets import get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report
 
 

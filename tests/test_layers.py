@@ -9,14 +9,19 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own layer and the layers below, never a higher one.
 LAYERS: list[set[str]] = [
-    {"files", "data.labels", "data.profiles", "models.prompts", "models.steering", "models.key_value", "models.cpu_conv", "data", "models"},
-    {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "models.prompted_unetr", "evaluate"},
-    {"strategies", "presets", "checkpoints"},
-    {"config", "artifacts", "train", "report", "scoring", "intervals"},
-    {"jobs"},
+    {"files", "data.labels", "data.synthetic.profiles", "data.synthetic.anatomy", "models.prompts", "models.steering",
+     "models.key_value", "models.cpu_conv", "data", "models"},
+    {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
+     "data.synthetic.writer", "models.prompted_unetr", "evaluate"},
+    {"weights", "strategies", "checkpoints", "scoring"},
+    {"artifacts", "training", "training.devices", "training.presets", "training.loop", "report", "intervals"},
+    {"training.config", "training.cases"},
+    {"runs", "runs.base"},
+    {"runs.folder", "runs.selection", "runs.predict"},
+    {"runs.pretrain", "runs.adapt", "runs.score"},
     {"reliance", "diagnostic"},
-    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.serving", "bank.evaluation", "bundle",
-     "federated", "federated.site", "federated.flower", "federated.app"},
+    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.keys", "bank.serving",
+     "bank.evaluation", "bundle", "federated", "federated.site", "federated.flower", "federated.app"},
     {"cli", "cli.paths", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", "__main__", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
@@ -51,3 +56,26 @@ def test_every_module_has_a_layer_and_imports_only_downwards() -> None:
     assert not upward, "\n".join(upward)
     unknown = {dep for path in modules.values() for dep in _imports(path)} - set(LEVEL)
     assert not unknown, f"imports of modules that do not exist: {sorted(unknown)}"
+
+
+MAX_LINES, MAX_PARAMETERS = 450, 8
+WIDE_BY_DESIGN = {("models/prompted_unetr.py", "__init__")}  # MONAI's UNETR signature, argument for argument
+
+
+def test_modules_stay_readable_in_one_sitting() -> None:
+    """No module over 450 lines and no function over 8 parameters (self aside): a wider one wants a
+    configuration object (../shared/STYLE.md, conventions 11)."""
+    long, wide = [], []
+    for path in (SRC / "centerprompt").rglob("*.py"):
+        text = path.read_text()
+        name = str(path.relative_to(SRC / "centerprompt"))
+        if len(text.splitlines()) > MAX_LINES:
+            long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (name, node.name) not in WIDE_BY_DESIGN:
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [x.arg for x in (a.vararg, a.kwarg) if x]
+                count = len([n for n in names if n not in ("self", "cls")])
+                if count > MAX_PARAMETERS:
+                    wide.append(f"{name}: {node.name} takes {count}")
+    assert not long and not wide, "\n".join(long + wide)

@@ -75,7 +75,7 @@ def test_a_new_site_is_pretrained_around_and_adapted_to(data: tuple[Path, dict],
     assert config["train_cases"] and not any(i.startswith(NEW) for i in config["train_cases"] + config["val_cases"])
     run = tmp_path / "adapt"
     assert main(["adapt", "--data", str(data[0]), "--center", NEW, "--base", str(base), "--strategy", "deep",
-                 "--prompts", "2", "--shots", "1", *TINY[2:], "--out", str(run)]) == 0  # fmt: skip
+                 "--num-prompts", "2", "--shots", "1", *TINY[2:], "--out", str(run)]) == 0  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     assert summary["center"] == NEW and (run / "adapter.safetensors").exists()
     adapt_cases = json.loads((run / "config.json").read_text())["adapt_train"]
@@ -149,7 +149,7 @@ def test_a_splits_file_is_honoured_and_shared(data: tuple[Path, dict], base: Pat
 
     exp = tmp_path / "exp"
     assert main(["experiment", "--data", str(root), "--new-center", NEW, "--base", str(base), "--strategies", "deep",
-                 "--shots", "1", "--prompts", "2", "--adapt-epochs", "1", "--splits", str(shared),
+                 "--shots", "1", "--num-prompts", "2", "--adapt-epochs", "1", "--splits", str(shared),
                  "--score-at", "preprocessed", "--out", str(exp)]) == 0  # fmt: skip
     results = json.loads((exp / "results.json").read_text())
     assert results["splits"]["sha256"] == split.sha256 and _split(exp / "splits.json") == split
@@ -180,7 +180,7 @@ def test_a_new_sites_own_folder_is_adapted_to_with_the_bases_split(data: tuple[P
     run = tmp_path / "adapt"
     # Before: "the split in <base> lists 6 case(s) that are not usable labelled cases" (exit 2).
     assert main(["adapt", "--data", str(hospital), "--center", f"{NEW},SITE2", "--base", str(base), "--strategy", "deep",
-                 "--prompts", "2", "--shots", "1", *TINY[2:], "--out", str(run)]) == 0  # fmt: skip
+                 "--num-prompts", "2", "--shots", "1", *TINY[2:], "--out", str(run)]) == 0  # fmt: skip
     own = make_splits(find_cases(hospital), seed=0)
     kept = _split(run / "splits.json")
     assert {c: kept[c] for c in (NEW, "SITE2")} == own  # what a split of the folder alone gives

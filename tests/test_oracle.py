@@ -11,7 +11,7 @@ from test_report import fake_results
 
 from centerprompt.data.hecktor import leave_one_center_out, make_splits
 from centerprompt.experiment import MIN_GAP, add_gap_closed
-from centerprompt.jobs import pretrain_case_ids
+from centerprompt.runs.selection import pretrain_case_ids
 from centerprompt.report import results_markdown
 from centerprompt.strategies import ORACLE
 

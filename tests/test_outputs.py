@@ -10,7 +10,7 @@ import pytest
 
 from centerprompt.cli import main
 from centerprompt.files import check_output, remove_stale_temporaries
-from centerprompt.jobs import open_run
+from centerprompt.runs.folder import open_run
 
 DEAD_PID = 4_194_305  # above Linux's largest pid_max: no process has it
 
@@ -94,7 +94,7 @@ def test_temporaries_of_killed_writers_are_removed_when_a_run_starts(tmp_path):
 def test_a_run_recorded_before_a_training_setting_existed_is_reused_when_it_trained_the_same(
     tmp_path: Path, recorded: dict, reused: bool
 ) -> None:
-    from centerprompt.train import TrainConfig
+    from centerprompt.training.loop import TrainConfig
 
     train = {k: v for k, v in TrainConfig(epochs=3).__dict__.items() if k != "patience_from"}
     run = tmp_path / "run"
@@ -114,7 +114,7 @@ def test_a_base_recorded_before_a_run_field_existed_is_reused_only_at_its_defaul
     tmp_path: Path, asked: int, reused: bool
 ) -> None:
     """The demo's base was recorded before center_prompts existed: pretraining it again took 14 min."""
-    from centerprompt.config import PretrainRun
+    from centerprompt.training.config import PretrainRun
 
     run = tmp_path / "run"
     run.mkdir()

@@ -14,13 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny import TINY, tiny_model
 
-from centerprompt import apply_strategy, jobs
+from centerprompt import apply_strategy
+from centerprompt.runs import predict as prediction
 from centerprompt.artifacts import read_adapter_metadata, save_adapter, save_model
-from centerprompt.checkpoints import CONTENT_HASH_KEY, resolve_base
+from centerprompt.checkpoints import resolve_base
+from centerprompt.weights import CONTENT_HASH_KEY
 from centerprompt.cli import main
 from centerprompt.data.checks import check_case
 from centerprompt.data.hecktor import find_cases
-from centerprompt.presets import PRESETS
+from centerprompt.training.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def test_a_pair_monai_cannot_read_is_one_line_too(
         except ValueError as err:
             raise RuntimeError("applying transform <LoadImaged>") from err
 
-    monkeypatch.setattr(jobs, "inference_transforms", lambda *a, **k: transform)
+    monkeypatch.setattr(prediction, "inference_transforms", lambda *a, **k: transform)
     out = tmp_path / "pred.nii.gz"
     args = ["--base", str(base), "--ct", str(pair["ct"]), "--pet", str(pair["pet"]), "--out", str(out)]
     status, errors, err = _predict(capsys, *args)

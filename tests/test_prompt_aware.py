@@ -74,7 +74,7 @@ def test_strategies_on_a_prompted_base_keep_its_prompts() -> None:
     assert get_strategy("deep").model_fields(3, 0.0, base)["num_prompts"] == 3
     with pytest.raises(ValueError, match="deep prompts of 3 tokens"):
         get_strategy("deep").model_fields(10, 0.0, base)
-    with pytest.raises(ValueError, match="--prompts 3"):
+    with pytest.raises(ValueError, match="--num-prompts 3"):
         get_strategy("shallow").model_fields(3, 0.0, base)
     assert get_strategy("norm").model_fields(10, 0.0, TINY)["prompt_mode"] == "none"  # a plain base: as before
 
@@ -85,10 +85,11 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     the ``:everywhere`` rows, with the new center's); the scorer reads a CHUM case with CHUM's set."""
     from centerprompt.artifacts import build_adapted_model
     from centerprompt.checkpoints import resolve_base
-    from centerprompt.config import AdaptRun, ExperimentRun, PretrainRun
+    from centerprompt.training.config import AdaptRun, ExperimentRun, PretrainRun
     from centerprompt.data.hecktor import find_cases
     from centerprompt.experiment import run_experiment
-    from centerprompt.jobs import adapt, pretrain
+    from centerprompt.runs.adapt import adapt
+    from centerprompt.runs.pretrain import pretrain
     from centerprompt.scoring import Scorer
 
     out = tmp_path / "base"
@@ -134,7 +135,7 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
 def test_prompt_reading_reads_each_case_with_the_sets_it_names(two_centers: Path) -> None:
     """``inspect --base`` on a prompt-aware base: own set, shared set, the next center's set."""
     from centerprompt.data.hecktor import find_cases
-    from centerprompt.presets import PRESETS
+    from centerprompt.training.presets import PRESETS
     from centerprompt.reliance import prompt_reading
     from centerprompt.scoring import Scorer
 

@@ -41,24 +41,24 @@ def _deep_adapter(out: Path) -> tuple[dict, dict, dict]:
 
 def test_changed_prompts_shots_and_seed_retrain_what_they_change(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "exp"
-    assert _experiment(data, out, "--shots", "1", "--prompts", "4", strategies="none,deep,full") == 0
+    assert _experiment(data, out, "--shots", "1", "--num-prompts", "4", strategies="none,deep,full") == 0
     results, config, adapter = _deep_adapter(out)
     assert adapter["num_prompts"] == 4 and config["adapt_train"] == results["adapt_train_cases"]
     first = results["stages"]
 
-    assert _experiment(data, out, "--shots", "1", "--prompts", "16", strategies="none,deep,full") == 0
+    assert _experiment(data, out, "--shots", "1", "--num-prompts", "16", strategies="none,deep,full") == 0
     results, config, adapter = _deep_adapter(out)
     assert results["prompts"] == 16 and adapter["num_prompts"] == 16  # not the P=4 adapter
     assert results["stages"]["deep"]["config_hash"] != first["deep"]["config_hash"]
     assert results["stages"]["full"] == first["full"]  # full fine-tuning has no prompts: P does not retrain it
     assert results["stages"]["pretrain"] == first["pretrain"]  # nor the base model
 
-    assert _experiment(data, out, "--shots", "2", "--prompts", "16") == 0
+    assert _experiment(data, out, "--shots", "2", "--num-prompts", "16") == 0
     results, config, adapter = _deep_adapter(out)
     assert len(results["adapt_train_cases"]) == 2 and config["adapt_train"] == results["adapt_train_cases"]
     assert adapter["extra"]["shots"] == 2
 
-    assert _experiment(data, out, "--shots", "2", "--prompts", "16", "--seed", "1") == 0
+    assert _experiment(data, out, "--shots", "2", "--num-prompts", "16", "--seed", "1") == 0
     results, config, adapter = _deep_adapter(out)
     assert config["seed"] == 1 and config["adapt_train"] == results["adapt_train_cases"]
     assert not set(config["adapt_train"]) & set(results["new_center_test_cases"])
@@ -70,9 +70,9 @@ def test_changed_prompts_shots_and_seed_retrain_what_they_change(data: Path, tmp
 def test_on_change_refuse_stops_instead_of_retraining(data: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     out = tmp_path / "exp"
-    assert _experiment(data, out, "--shots", "1", "--prompts", "4") == 0
+    assert _experiment(data, out, "--shots", "1", "--num-prompts", "4") == 0
     before = (out / "adapt" / "deep" / "adapter.safetensors").read_bytes()
-    assert _experiment(data, out, "--shots", "1", "--prompts", "8", "--on-change", "refuse") == 2
+    assert _experiment(data, out, "--shots", "1", "--num-prompts", "8", "--on-change", "refuse") == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "num_prompts" in err
     assert (out / "adapt" / "deep" / "adapter.safetensors").read_bytes() == before
@@ -85,17 +85,17 @@ def test_a_rerun_without_resume_never_leaves_the_old_runs_files(data: Path, tmp_
                  "--out", str(base_run)]) == 0  # fmt: skip
     run = tmp_path / "adapt"
     args = ["adapt", "--data", str(data), "--center", "MDA", "--base", str(base_run / "model.safetensors"),
-            "--prompts", "4", "--shots", "1", "--epochs", "1", "--out", str(run)]  # fmt: skip
+            "--num-prompts", "4", "--shots", "1", "--epochs", "1", "--out", str(run)]  # fmt: skip
     assert main(args) == 0
     assert (run / "adapter.safetensors").exists() and (run / "summary.json").exists()
 
-    import centerprompt.jobs
+    import centerprompt.runs.adapt
 
     def killed(*_, **__):
         raise KeyboardInterrupt  # the user stops the new run during training
 
-    monkeypatch.setattr(centerprompt.jobs, "fit", killed)
-    assert main([*args[:-2], "--prompts", "8", "--out", str(run)]) == 130  # interrupted: one line, exit 130
+    monkeypatch.setattr(centerprompt.runs.adapt, "fit_cases", killed)
+    assert main([*args[:-2], "--num-prompts", "8", "--out", str(run)]) == 130  # interrupted: one line, exit 130
     assert not (run / "adapter.safetensors").exists() and not (run / "summary.json").exists()
     assert json.loads((run / "config.json").read_text())["num_prompts"] == 8  # the folder describes the new run only
 
@@ -106,7 +106,7 @@ def test_zero_budgets_are_refused_not_replaced_by_defaults(data: Path, tmp_path:
     assert main(["pretrain", *common, "--preset", "tiny", "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
     base = tmp_path / "missing.safetensors"
-    for flag in ("--shots", "--batch-size", "--prompts"):
+    for flag in ("--shots", "--batch-size", "--num-prompts"):
         assert main(["adapt", *common, "--center", "MDA", "--base", str(base), flag, "0"]) == 2
         assert f"{flag} must be at least 1" in capsys.readouterr().err
     assert main(["experiment", *common, "--new-center", "MDA", "--shots", "0"]) == 2

@@ -11,7 +11,7 @@ from tiny import tiny_model
 
 from centerprompt.artifacts import build_adapted_model, load_model, save_adapter, save_model
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import get_preset
+from centerprompt.training.presets import get_preset
 from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report
 
 NEW = ("head", "norm", "deep+norm", "image", "kv")

@@ -146,8 +146,8 @@ def test_a_strategy_added_through_the_registry_alone_runs_through_adapt(
 
     from centerprompt.artifacts import build_adapted_model, load_model, read_adapter_metadata
     from centerprompt.cli import main
-    from centerprompt.config import PretrainRun
-    from centerprompt.jobs import pretrain
+    from centerprompt.training.config import PretrainRun
+    from centerprompt.runs.pretrain import pretrain
 
     pretrain(PretrainRun(data_dir=hecktor_dir, out=tmp_path / "base", exclude_center="MDA", preset="tiny", epochs=1,
                          progress=False))  # fmt: skip

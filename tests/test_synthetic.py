@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from centerprompt.data.profiles import DEFAULT_PROFILES, CenterProfile, load_profiles, profiles_markdown_table
 from centerprompt.data.synthetic import case_rng, generate_dataset, make_case, sample_patient
+from centerprompt.data.synthetic.profiles import DEFAULT_PROFILES, CenterProfile, load_profiles, profiles_markdown_table
 
 CENTERS = ["CHUM", "MDA"]
 

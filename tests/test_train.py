@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from tiny import tiny_model
 
 from centerprompt import apply_strategy
-from centerprompt.train import PHASES, TrainConfig, fit
+from centerprompt.training.loop import PHASES, TrainConfig, Trainer, fit
 
 
 def toy_data(n: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -36,7 +36,7 @@ def _trained(tmp: Path, strategy: str = "deep", **kwargs) -> tuple[torch.nn.Modu
     torch.manual_seed(0)
     model = tiny_model(prompt_mode="deep", num_prompts=2)
     params = apply_strategy(model, strategy)
-    result = fit(model, params, toy_data(), TrainConfig(**CFG), tmp, progress=False, **kwargs)
+    result = fit(Trainer(model, params, toy_data(), TrainConfig(**CFG)), tmp, progress=False, **kwargs)
     return model, result
 
 
@@ -91,7 +91,7 @@ def test_early_stopping_and_best_epoch(
     model = tiny_model(prompt_mode="deep", num_prompts=2)
     params = apply_strategy(model, "deep")
     cfg = TrainConfig(**{**CFG, "epochs": len(scores), "patience": 2, "patience_from": patience_from})
-    result = fit(model, params, toy_data(), cfg, tmp_path, validate=lambda m: next(given), progress=False)
+    result = fit(Trainer(model, params, toy_data(), cfg), tmp_path, validate=lambda m: next(given), progress=False)
     assert result.stopped_early and result.epochs_run == stops_after
     assert result.best_epoch == best_epoch and result.best_metric == pytest.approx(scores[best_epoch - 1])
     best = torch.load(tmp_path / "best.pt", weights_only=True)["trainable"]["prompts.tokens"]
@@ -158,7 +158,7 @@ def test_sgd_is_vpts_optimizer_and_others_are_refused(tmp_path: Path) -> None:
     params = apply_strategy(model, "deep")
     before = model.prompts.tokens.detach().clone()
     cfg = TrainConfig(**{**CFG, "epochs": 1, "optimizer": "sgd", "lr": 1.0})
-    fit(model, params, toy_data(), cfg, tmp_path, progress=False)
+    fit(Trainer(model, params, toy_data(), cfg), tmp_path, progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]
     assert state["momentum"] == 0.9 and "betas" not in state
     assert not torch.equal(model.prompts.tokens, before)
@@ -173,7 +173,7 @@ def test_class_weights_weight_the_cross_entropy(tmp_path: Path) -> None:
         cfg = TrainConfig(**{**CFG, "epochs": 1, "class_weights": weights})
         torch.manual_seed(0)
         model = tiny_model()
-        fit(model, apply_strategy(model, "full"), toy_data(), cfg, tmp_path / str(weights), progress=False)
+        fit(Trainer(model, apply_strategy(model, "full"), toy_data(), cfg), tmp_path / str(weights), progress=False)
         losses.append(json.loads((tmp_path / str(weights) / "metrics.jsonl").read_text())["loss"])
     assert TrainConfig(class_weights=[1, 10, 1]).class_weights == (1.0, 10.0, 1.0)
     assert losses[1] > losses[0] + 0.1  # the background dominates the toy volumes: weighting class 1 raises the CE

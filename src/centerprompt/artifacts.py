@@ -20,23 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from centerprompt.checkpoints import (
-    ADAPTER_FIELDS,
-    ADAPTER_SHAPE_FIELDS,
-    CONTENT_HASH_KEY,
-    MODEL_FORMAT,
-    BaseLike,
-    adapter_fields,
-    check_finite,
-    content_hash,
-    read_safetensors,
-    resolve_base,
-    update_digest,
-)
-from centerprompt.checkpoints import config_from_state_dict as config_from_state_dict  # re-exported (older imports)
+from centerprompt.checkpoints import ADAPTER_FIELDS, ADAPTER_SHAPE_FIELDS, MODEL_FORMAT, BaseLike, adapter_fields, resolve_base
 from centerprompt.files import atomic_path
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.strategies import BASE, apply_strategy, get_strategy, is_added_tensor
+from centerprompt.weights import CONTENT_HASH_KEY, check_finite, content_hash, read_safetensors, update_digest
 
 ADAPTER_FORMAT = "centerprompt-adapter/1"
 
@@ -77,12 +65,6 @@ def save_model(model: PromptedUNETR, path: str | Path, extra: Mapping[str, Any] 
     return Path(path)
 
 
-def read_model_metadata(path: str | Path) -> dict[str, Any]:
-    """Configuration and extra metadata (e.g. the preprocessing it was trained with) of a checkpoint."""
-    meta, _ = read_safetensors(Path(path), MODEL_FORMAT, with_tensors=False)
-    return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
-
-
 def load_model(base: BaseLike, **overrides: Any) -> PromptedUNETR:
     """Build a PromptedUNETR from a base checkpoint of any supported source.
 
@@ -116,7 +98,6 @@ def save_adapter(
     meta = {
         "format": ADAPTER_FORMAT,
         "strategy": strategy,
-        "num_prompts": str(model.num_prompts),
         "options": json.dumps(dict(options or {})),
         "config": json.dumps(model.config),
         "backbone_fingerprint": backbone_fingerprint(model, exclude=replaced),
@@ -127,13 +108,17 @@ def save_adapter(
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
-    """Strategy, options, configuration, fingerprint and tensor names of an adapter file."""
+    """Strategy, options, configuration, fingerprint and tensor names of an adapter file; P
+    (``num_prompts``) is the configuration's, 0 when the adapter has no prompt tokens (files written
+    before 2026-12-06 also kept a second copy beside it, which is not read)."""
     meta, tensors = read_safetensors(Path(path), ADAPTER_FORMAT)
+    config = json.loads(meta["config"])
+    fields = adapter_fields(config)
     return {
         "strategy": meta["strategy"],
-        "num_prompts": int(meta["num_prompts"]),
+        "num_prompts": fields["num_prompts"] if fields["prompt_mode"] != "none" else 0,  # tokens per set in use
         "options": json.loads(meta["options"]),
-        "config": json.loads(meta["config"]),
+        "config": config,
         "backbone_fingerprint": meta["backbone_fingerprint"],
         "extra": json.loads(meta.get("extra", "{}")),
         "tensors": sorted(tensors),

@@ -38,12 +38,12 @@ import torch
 from centerprompt.artifacts import backbone_fingerprint, build_adapted_model, read_adapter_metadata
 from centerprompt.bank.storage import PromptBank
 from centerprompt.checkpoints import SHOWN_PREPROCESS, BaseCheckpoint, BaseLike
-from centerprompt.config import file_sha256
+from centerprompt.training.config import file_sha256
 from centerprompt.data.labels import LABEL_NAMES
 from centerprompt.data.transforms import PreprocessConfig, head_neck_mask
 from centerprompt.evaluate import sliding_window_predict
 from centerprompt.files import atomic_path, check_output, write_json
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, open_base
+from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS, open_base
 from centerprompt.scoring import SW_BATCH
 
 logger = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def export_bundle(
     """Write the MONAI Bundle of ``base`` with ``adapter`` (or alone) into the new folder ``out``.
 
     ``center`` names the center (default: the one the adapter was adapted to). The base is read as
-    ``predict`` reads it (:func:`centerprompt.jobs.open_base`), so the bundle uses the same
+    ``predict`` reads it (:func:`centerprompt.runs.base.open_base`), so the bundle uses the same
     preprocessing. The folder is written beside ``out`` and renamed into place when complete.
     """
     out = check_out(out)

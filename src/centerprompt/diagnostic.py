@@ -152,25 +152,21 @@ def plot_effect(effect: dict[str, Any], path: str | Path, title: str = "") -> Pa
     return _save_figure(fig, path)
 
 
-def inspect_adapter(
-    base: Any, adapter: str | Path, data_dir: str | Path, *, centers: Sequence[str] | None = None,
-    split: str = "test", limit: int | None = 8, skip_bad_cases: bool = False,
-    splits_file: str | Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """:func:`adapter_effect` of ``adapter`` on ``split`` cases of ``centers`` (default: the adapter's own)."""
+def inspect_adapter(base: Any, adapter: str | Path, selection: Any, *, limit: int | None = 8) -> dict[str, Any]:
+    """:func:`adapter_effect` of ``adapter`` on the first ``limit`` cases of ``selection`` (a
+    :class:`~centerprompt.runs.selection.CaseSelection`, centers by default the adapter's own)."""
     from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
-    from centerprompt.jobs import open_base
-    from centerprompt.reliance import inspected_cases
+    from centerprompt.data.hecktor import split_centers
+    from centerprompt.runs.base import open_base
     from centerprompt.scoring import Scorer
 
     base = open_base(base, adapter)
     meta = read_adapter_metadata(adapter)
-    own = str(meta["extra"].get("center", "")).split("+")  # the adapter's center(s)
-    cases, ids, centers, _ = inspected_cases(base, data_dir, centers, split, own, skip_bad_cases=skip_bad_cases,
-                                             splits_file=splits_file)  # fmt: skip
-    ids = ids[:limit]
+    own = split_centers(str(meta["extra"].get("center", "")))  # the adapter's center(s)
+    selected = selection.open(base, own)
+    ids = selected.ids[:limit]
     plain, adapted = build_adapted_model(base), build_adapted_model(base, adapter)
-    dataset = Scorer([cases[i] for i in ids], base.preprocess, score_at="preprocessed").dataset
+    dataset = Scorer([selected.cases[i] for i in ids], base.preprocess, score_at="preprocessed").dataset
     effect = adapter_effect(plain, adapted, windows_of(dataset, plain.config["img_size"]))
-    return {"base": str(base.path), "adapter": str(adapter), "strategy": meta["strategy"], "centers": list(centers),
-            "split": split, "cases": ids, **effect}  # fmt: skip
+    return {"base": str(base.path), "adapter": str(adapter), "strategy": meta["strategy"], "centers": selected.centers,
+            "split": selection.split, "cases": ids, **effect}  # fmt: skip

@@ -11,21 +11,20 @@ transformer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from centerprompt.artifacts import build_adapted_model
-from centerprompt.checkpoints import BaseCheckpoint, BaseLike
-from centerprompt.data.hecktor import Case, Splits
+from centerprompt.checkpoints import BaseLike
 from centerprompt.evaluate import aggregate
-from centerprompt.jobs import check_base_split, load_index, open_base, split_case_ids, split_defaults
+from centerprompt.runs.base import open_base
+from centerprompt.runs.selection import CaseSelection
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.train import default_device
+from centerprompt.training.devices import default_device
 
 
 def _mean_token_grid(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -98,38 +97,18 @@ def prompt_reading(model: PromptedUNETR, scorer: Scorer, *, own_cases: list[dict
             "minus_own": {k: paired_difference(own_cases, v) for k, v in readings.items()}}  # fmt: skip
 
 
-def inspected_cases(
-    base: BaseCheckpoint, data_dir: str | Path, centers: Sequence[str] | None, split: str,
-    default_centers: Sequence[str] | None, *, skip_bad_cases: bool = False, splits_file: str | Path | None = None,
-) -> tuple[dict[str, Case], list[str], list[str], Splits]:  # fmt: skip
-    """What ``inspect`` reads: the index, the split chosen as for ``base`` and checked against it (its
-    test cases must not be ones it trained on), and the ``split`` case IDs of ``centers``, by default
-    ``default_centers`` (or every labelled center) found in the data. Returns (cases, ids, centers, splits)."""
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=split_defaults(base, None))  # fmt: skip
-    check_base_split(base, splits)
-    if not centers:
-        centers = [c for c in (default_centers or sorted(splits)) if c in splits]
-    return cases, split_case_ids(splits, centers, split, data_dir), list(centers), splits
-
-
-def inspect_base(
-    base: BaseLike, data_dir: str | Path, *, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Transformer reliance of a base checkpoint on its own (pretraining) centers' ``split`` cases.
-
-    ``centers`` defaults to the centers the checkpoint was trained on (its metadata), or every
-    labelled center for a checkpoint without that record (e.g. a bare MONAI UNETR).
+def inspect_base(base: BaseLike, selection: CaseSelection, *, progress: bool = True) -> dict[str, Any]:
+    """Transformer reliance of a base checkpoint on ``selection``, whose centers default to those
+    the checkpoint was trained on (its metadata), or every labelled center for a checkpoint without
+    that record (e.g. a bare MONAI UNETR).
     """
     base = open_base(base)
-    cases, ids, centers, splits = inspected_cases(base, data_dir, centers, split, base.extra.get("train_centers"),
-                                                  skip_bad_cases=skip_bad_cases, splits_file=splits_file)  # fmt: skip
+    selected = selection.open(base, base.extra.get("train_centers"))
     model = build_adapted_model(base).to(default_device())
-    scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
+    scorer = selected.scorer(base.preprocess)
     intact = scorer.score(model, desc="reliance: intact", progress=progress)
     reading = {"prompt_reading": prompt_reading(model, scorer, own_cases=intact, progress=progress)
                } if model.center_prompts is not None else {}  # fmt: skip
-    return {"base": str(base.path), "data_dir": str(data_dir), "centers": list(centers), "split": split,
-            "splits": splits.record(), "score_at": score_at, "token_grid": list(model.feat_size),
+    return {"base": str(base.path), **selected.record(), "centers": selected.centers,
+            "token_grid": list(model.feat_size),
             **transformer_reliance(model, scorer, intact_cases=intact, progress=progress), **reading}  # fmt: skip

@@ -114,7 +114,7 @@ class Strategy:
                 return {"prompt_mode": base_mode, "num_prompts": base_p, "prompt_dropout": 0.0, **self.builds}
             if (self.prompt_mode, num_prompts) != (base_mode, base_p):
                 raise ValueError(f"the base model was trained with {base_mode} prompts of {base_p} tokens; strategy "
-                                 f"{self.name!r} must train the same (--prompts {base_p}), or none.")  # fmt: skip
+                                 f"{self.name!r} must train the same (--num-prompts {base_p}), or none.")  # fmt: skip
         return {"prompt_mode": self.prompt_mode, "num_prompts": num_prompts, "prompt_dropout": prompt_dropout,
                 **self.builds}  # fmt: skip
 

@@ -32,9 +32,10 @@ from centerprompt.bank.serving import load_bank_model
 from centerprompt.files import atomic_path
 from centerprompt.evaluate import aggregate
 from centerprompt.checkpoints import BaseLike
-from centerprompt.jobs import check_base_split, load_index, open_base, split_case_ids, split_defaults
+from centerprompt.runs.base import open_base
+from centerprompt.runs.selection import CaseSelection
 from centerprompt.scoring import Predictor, Scorer
-from centerprompt.train import default_device
+from centerprompt.training.devices import default_device
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +124,12 @@ def _cached_predictor(scorer: Scorer, model: nn.Module) -> Callable[[list[str]],
 
 
 def run_bank(
-    data_dir: str | Path, base: BaseLike, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
-    false_fallback: float = FALSE_FALLBACK, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
+    selection: CaseSelection, base: BaseLike, bank: str | Path, *, modes: Sequence[str] = (FALLBACK, "oracle", "auto"),
+    false_fallback: float = FALSE_FALLBACK, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Route every scan of ``split`` (of ``splits_file``, else as :func:`centerprompt.jobs.load_index`
-    chooses, the base model's own split included) and score each mode: ``base``, ``oracle``, ``auto`` or a bank center.
+    """Route every scan of ``selection`` (its split as :func:`centerprompt.runs.selection.load_index`
+    chooses, the base model's own split included) and score each mode: ``base``, ``oracle``,
+    ``auto`` or a bank center.
 
     Each (scan, chosen center) is predicted once and shared by the modes that choose it. With no
     modes only routing is done. Returns ``{"bank", "base", "data_dir", "split", "threshold",
@@ -136,13 +137,11 @@ def run_bank(
     "per_case": [...]}``.
     """
     base = open_base(base)
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=split_defaults(base, None))  # fmt: skip
-    check_base_split(base, splits)
-    ids = split_case_ids(splits, list(centers) if centers else sorted(splits), split, data_dir)
+    selected = selection.open(base)
+    ids = selected.ids
     model = load_bank_model(base, bank, default_device())
     choosers = {mode: _chooser(mode, model.names) for mode in modes}
-    scorer = Scorer([cases[i] for i in ids], base.preprocess, score_at=score_at)
+    scorer = selected.scorer(base.preprocess)
     routed_predictor = _cached_predictor(scorer, model)
     truth = [c.center for c in scorer.cases]
     routed = bool(model.bank.key_names) or "auto" in modes or not modes  # keyless banks serve named centers
@@ -162,7 +161,7 @@ def run_bank(
             record["scores"][mode] = {"used": used, **metrics}
         summaries[mode] = aggregate(results)
     return {
-        "data_dir": str(data_dir), "base": str(base.path), "bank": str(bank), "split": split, "score_at": score_at,
+        **selected.record(), "base": str(base.path), "bank": str(bank),
         "bank_centers": model.names, "distance": DISTANCE, "false_fallback": false_fallback,
         "threshold": false_fallback_threshold(false_fallback),
         "threshold_rule": f"chi-square quantile at false-fallback rate {false_fallback:g}, leave-one-out scale",
@@ -171,25 +170,6 @@ def run_bank(
         if routed else None,
         "per_case": per_case,
     }  # fmt: skip
-
-
-def evaluate_with_bank(
-    data_dir: str | Path, base: BaseLike, bank: str | Path, *, center: str = "auto",
-    false_fallback: float = FALSE_FALLBACK, centers: Sequence[str] | None = None, split: str = "test",
-    score_at: str = "ct", skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Like ``jobs.evaluate``, every scan served from the bank: ``center="auto"`` routes each scan,
-    a bank center name gives every scan that center's prompts. Adds ``routing`` (the summary) and
-    each case's ``route`` and ``used`` center.
-    """
-    run = run_bank(data_dir, base, bank, modes=(center,), false_fallback=false_fallback, centers=centers, split=split,
-                   score_at=score_at, skip_bad_cases=skip_bad_cases, progress=progress,
-                   splits_file=splits_file)  # fmt: skip
-    per_case = [{"case_id": r["case_id"], "center": r["center"], "route": r["route"], **r["scores"][center]}
-                for r in run["per_case"]]  # fmt: skip
-    return {"data_dir": str(data_dir), "base": run["base"], "bank": str(bank), "center": center, "split": split,
-            "score_at": score_at, "threshold": run["threshold"], "routing": run["routing"],
-            **run["modes"][center], "per_case": per_case}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- report

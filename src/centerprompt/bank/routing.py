@@ -25,12 +25,8 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import chi2, norm, t
-from tqdm.auto import tqdm
 
 from centerprompt.bank.acquisition import FEATURES, FLOORS, acquisition_features
-from centerprompt.checkpoints import BaseLike
-from centerprompt.files import bars
-from centerprompt.jobs import load_index, open_base, split_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -124,26 +120,6 @@ class RoutingKey:
         loo = None if self.loo is None else float((self.loo / self.scale > threshold).mean())
         return {"n_cases": self.n_cases, "features": self.mean.size, "scale": self.scale,
                 "false_fallback": false_fallback, "threshold": threshold, "loo_fallback_rate": loo}  # fmt: skip
-
-
-def routing_key_from_data(
-    data_dir: str | Path, center: str, base: BaseLike | None = None, *, split: str = "train",
-    skip_bad_cases: bool = False, progress: bool = True, splits_file: str | Path | None = None,
-) -> RoutingKey:  # fmt: skip
-    """Routing key of ``center`` from its ``split`` cases' original files (default: training cases,
-    never the test set); the split as :func:`centerprompt.jobs.load_index` chooses it (``splits_file``,
-    else the data folder's, else the base model's own)."""
-    defaults = split_defaults(open_base(base), None) if base is not None else ()
-    cases, splits = load_index(data_dir, skip_bad_cases=skip_bad_cases, splits_file=splits_file,
-                               split_defaults=defaults)  # fmt: skip
-    if center not in splits or not splits[center][split]:
-        raise ValueError(f"center {center!r} has no labelled {split} cases in {data_dir} to compute its routing key.")
-    ids = splits[center][split]
-    if len(ids) < 3:
-        logger.warning("routing key of %s from %d case(s): its threshold is uncalibrated", center, len(ids))
-    features = [acquisition_features(cases[i].ct, cases[i].pet)
-                for i in tqdm(ids, desc=f"key {center}", unit="case", disable=bars(progress))]  # fmt: skip
-    return RoutingKey.from_features(np.stack(features))
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ to the plain base model (:data:`~centerprompt.bank.routing.FALLBACK`); ``center=
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,11 @@ from torch import nn
 from centerprompt.artifacts import load_model
 from centerprompt.bank.routing import FALLBACK, FALSE_FALLBACK, Route, route_scan
 from centerprompt.bank.storage import PROMPT_TENSOR, LoadedBank, PromptBank
-from centerprompt.checkpoints import BaseLike
-from centerprompt.data.transforms import save_prediction
-from centerprompt.evaluate import sliding_window_predict
-from centerprompt.jobs import check_prediction_outputs, open_base, prediction_inputs
+from centerprompt.checkpoints import BaseCheckpoint, BaseLike
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.scoring import SW_BATCH
-from centerprompt.train import default_device
+from centerprompt.runs.base import open_base
+from centerprompt.runs.predict import Served
+from centerprompt.training.devices import default_device
 
 logger = logging.getLogger(__name__)
 
@@ -115,30 +114,32 @@ def load_bank_model(base: BaseLike, bank: str | Path, device: torch.device | Non
     return model.to(device) if device is not None else model
 
 
-def predict_with_bank(
-    base: BaseLike, bank: str | Path, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *,
-    center: str = "auto", false_fallback: float = FALSE_FALLBACK, progress: bool = True,
-    on_bad_case: Callable[[str], Any] | None = None, overwrite: bool = False,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Like ``jobs.predict``, with each scan's prompts from the bank: ``center`` names one bank
-    center (or ``"base"``) for every scan, or ``"auto"`` routes each scan. Returns one record per
-    scan: input, output path, the center used and, when routed, the distances (and why it fell
-    back, if it did), at most ``false_fallback`` of a banked center's scans falling back. Outputs and inputs
-    are checked as ``jobs.predict`` checks them; ``on_bad_case`` and ``overwrite`` as there.
-    """
-    check_prediction_outputs(pairs, overwrite=overwrite)
-    base = open_base(base)
-    model = load_bank_model(base, bank, default_device())
-    if center not in ("auto", FALLBACK):
-        model.inputs_for([center])
-    preprocess = base.preprocess
-    records, pets = [], {Path(ct): Path(pet) for ct, pet, _ in pairs}
-    for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):
-        route = model.route(ct, pets[ct], false_fallback) if center == "auto" else None
-        chosen = route.center if route else center
-        net, kwargs = model.member(chosen)
-        pred = sliding_window_predict(net, image, preprocess.roi_size, SW_BATCH, **kwargs).argmax(1).cpu()
-        save_prediction(pred, data, out, transform)
-        records.append({"ct": str(ct), "out": str(out), "center": chosen, "route": route.to_dict() if route else None})
-        logger.info("%s -> %s with %s", ct, out, chosen)
-    return records
+class BankSource:
+    """A bank as a model source for ``predict`` and ``evaluate``: ``center`` names one bank center
+    (or ``"base"``) for every scan, or ``"auto"`` routes each scan by its acquisition fingerprint
+    (at most ``false_fallback`` of a banked center's own scans falling back). Opened lazily."""
+
+    def __init__(self, base: BaseLike, bank: str | Path, center: str = "auto",
+                 false_fallback: float = FALSE_FALLBACK) -> None:  # fmt: skip
+        self._spec, self.bank, self.center, self.false_fallback = base, bank, center, false_fallback
+
+    @functools.cached_property
+    def base(self) -> BaseCheckpoint:
+        return open_base(self._spec)
+
+    @functools.cached_property
+    def model(self) -> BankModel:
+        model = load_bank_model(self.base, self.bank, default_device())
+        if self.center not in ("auto", FALLBACK):
+            model.inputs_for([self.center])  # an unknown center is refused before any scan
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {"base": str(self.base.path), "bank": str(self.bank), "center": self.center,
+                "false_fallback": self.false_fallback}  # fmt: skip
+
+    def serve(self, ct: Path, pet: Path) -> Served:
+        route = self.model.route(ct, pet, self.false_fallback) if self.center == "auto" else None
+        chosen = route.center if route else self.center
+        net, kwargs = self.model.member(chosen)
+        return Served(net, kwargs, chosen, route.to_dict() if route else None)

@@ -44,6 +44,7 @@ from centerprompt.artifacts import ADAPTER_FIELDS, backbone_fingerprint, read_ad
 from centerprompt.bank.acquisition import FEATURES
 from centerprompt.bank.routing import DISTANCE, RESERVED, RoutingKey
 from centerprompt.checkpoints import adapter_fields
+from centerprompt.data.hecktor import split_centers
 from centerprompt.files import atomic_path
 from centerprompt.strategies import bankable_names, is_added_tensor
 
@@ -234,8 +235,9 @@ class PromptBank:
         adds of different centers all land and two adds of one center cannot both succeed.
         """
         meta, adapter = self.check(center, adapter), Path(adapter)
-        if meta["extra"].get("center") not in (None, center):
-            logger.warning("%s was adapted to center %s, banked as %s", adapter, meta["extra"]["center"], center)
+        adapted = meta["extra"].get("center")
+        if adapted is not None and center not in split_centers(str(adapted)):
+            logger.warning("%s was adapted to %s, banked as %s", adapter, adapted, center)
         with self._locked() as locked_at:
             return self._add_locked(center, adapter, key, locked_at)
 

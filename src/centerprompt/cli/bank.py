@@ -11,6 +11,7 @@ from centerprompt.cli.export import add_format_arguments
 from centerprompt.cli.runs import (  # import-light, like the registry
     base_arguments,
     base_spec,
+    case_selection,
     false_fallback_option,
     splits_argument,
 )
@@ -27,12 +28,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
     bank.check(args.center, args.adapter)  # refuse before the slow key computation
     if args.base is not None:  # the backbone check predict and evaluate run: the adapter must fit this base
         from centerprompt.artifacts import build_adapted_model
-        from centerprompt.jobs import open_base
+        from centerprompt.runs.base import open_base
 
         build_adapted_model(open_base(base, args.adapter), args.adapter)
     if args.data is not None:
-        key = routing_key_from_data(args.data, args.center, base, skip_bad_cases=args.skip_bad_cases,
-                                    splits_file=args.splits)  # fmt: skip
+        key = routing_key_from_data(case_selection(args, centers=(args.center,), split="train"), base)
     entry = bank.add(args.center, args.adapter, key=key)
     routing = "no key"
     if entry.routing:
@@ -71,10 +71,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
     modes: tuple[str, ...] = ()
     if args.command_name == "evaluate":
         modes = (FALLBACK, "oracle", "auto") + ((args.single_center,) if args.single_center else ())
-    centers = args.centers.split(",") if args.centers else None
-    result = run_bank(args.data, base_spec(args), args.bank, modes=modes, **false_fallback_option(args), centers=centers,
-                      split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases,
-                      splits_file=args.splits)  # fmt: skip
+    result = run_bank(case_selection(args), base_spec(args), args.bank, modes=modes, **false_fallback_option(args))
     paths = write_routing_report(result, args.out)
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from centerprompt.cli.paths import out_path
+from centerprompt.cli.paths import add_num_prompts, out_path
 from typing import Any
 
 from centerprompt import strategies as registry  # import-light: the registry names the choices
@@ -14,14 +14,14 @@ from centerprompt import strategies as registry  # import-light: the registry na
 
 def _job(args: argparse.Namespace, job: str) -> Any:
     from centerprompt.federated.site import FederatedJob
-    from centerprompt.presets import get_preset
+    from centerprompt.training.presets import get_preset
 
     preset = get_preset(args.preset)
     rounds = args.rounds or (preset.pretrain_epochs if job == "pretrain" else preset.adapt_epochs)
     return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs,
-                        local_steps=args.local_steps, lr=args.lr or 0.0, mu=args.mu, seed=args.seed,
+                        local_steps=args.local_steps, lr=args.lr, mu=args.mu, seed=args.seed,
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
-                        strategy=getattr(args, "strategy", "deep"), prompts=getattr(args, "prompts", 10),
+                        strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
                         shots=getattr(args, "shots", 8))  # fmt: skip
 
 
@@ -82,14 +82,14 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
     p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's pretraining or adaptation epochs)")
     p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's cases per round (default 1)")
     p.add_argument("--local-steps", type=int, default=0, help="stop a site's round after this many steps (0: no cap)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), cosine over rounds")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), warm-up then cosine over all local epochs")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)
     if adapt:
         p.add_argument("--base", required=base_required, type=Path,
                        help="base model.safetensors (adaptation; the same file at every site and on the server)")
         p.add_argument("--strategy", default="deep", choices=[n for n in registry.strategy_names() if n != "none"])
-        p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set, P (default 10)")
+        add_num_prompts(p)
         p.add_argument("--shots", type=int, default=8, help="labelled cases per site (default 8)")
 
 

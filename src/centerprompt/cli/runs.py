@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from centerprompt.cli.paths import out_path
+from centerprompt.cli.paths import DeprecatedAlias, add_num_prompts, out_path
 from typing import Any
 
 from centerprompt import strategies as registry  # import-light: no torch until a command runs
 
-PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.presets.PRESETS, named here to keep --help instant
+PRESET_NAMES = ("cpu", "vit-b", "tiny")  # centerprompt.training.presets.PRESETS, named here to keep --help instant
 DEMO_DATA = Path("data/synth")
 PHASE_HEADING = "\nWhere the time went"  # results.md's phase table, which the demo prints whole with data generation
 DEMO_CENTER = "MDA"  # contrast CT, liberal contours, all nodes contoured: the most distinct profile
@@ -82,10 +82,38 @@ def base_spec(args: argparse.Namespace) -> Any:
 
 def _bank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", type=Path, help="prompt bank folder: serve every center from one backbone")
-    p.add_argument("--center", help="with --bank: a center's prompts, 'base', or 'auto' (route each scan; default)")
+    p.add_argument("--route", metavar="auto|base|CENTER",
+                   help="with --bank: 'auto' routes each scan by its acquisition (default), a banked center's name "
+                        "serves every scan with its prompts, 'base' with none")  # fmt: skip
+    p.add_argument("--center", dest="route", action=DeprecatedAlias, help=argparse.SUPPRESS)  # before --route
     p.add_argument("--false-fallback", type=float, metavar="RATE",
                    help="with --bank and auto routing: share of a banked center's own scans allowed to fall back to "
                         "the base model; sets the distance threshold (default: 0.05)")  # fmt: skip
+
+
+def case_selection(args: argparse.Namespace, **fixed: Any) -> Any:
+    """The :class:`~centerprompt.runs.selection.CaseSelection` a scoring command's flags describe
+    (``--data``, ``--centers``, ``--split``, ``--score-at``, ``--skip-bad-cases``, ``--splits``)."""
+    from centerprompt.runs.selection import CaseSelection
+
+    given = {"data_dir": args.data, "centers": tuple(args.centers.split(",")) if getattr(args, "centers", None) else (),
+             "split": getattr(args, "split", "test"), "score_at": getattr(args, "score_at", "ct"),
+             "skip_bad_cases": args.skip_bad_cases, "splits_file": args.splits}  # fmt: skip
+    return CaseSelection(**{**given, **fixed})
+
+
+def model_source(args: argparse.Namespace) -> Any:
+    """What serves predict's and evaluate's scans: ``--bank`` (``--center`` of it, or routed), else
+    ``--base`` with ``--adapter`` if given."""
+    if args.bank:
+        from centerprompt.bank.serving import BankSource
+
+        return BankSource(base_spec(args), args.bank, args.route or "auto", **false_fallback_option(args))
+    if args.route is not None:
+        raise ValueError("--route chooses among a bank's centers: give --bank.")
+    from centerprompt.runs.predict import AdaptedModel
+
+    return AdaptedModel(base_spec(args), args.adapter)
 
 
 def false_fallback_option(args: argparse.Namespace) -> dict[str, float]:
@@ -132,9 +160,9 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from centerprompt.config import PretrainRun
-    from centerprompt.jobs import pretrain
-    from centerprompt.train import init_distributed
+    from centerprompt.training.config import PretrainRun
+    from centerprompt.runs.pretrain import pretrain
+    from centerprompt.training.devices import init_distributed
 
     run = PretrainRun(
         data_dir=args.data, out=args.out, exclude_center=args.exclude_center, preset=args.preset, epochs=args.epochs,
@@ -150,13 +178,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from centerprompt.config import AdaptRun
-    from centerprompt.jobs import adapt
-    from centerprompt.train import init_distributed
+    from centerprompt.training.config import AdaptRun
+    from centerprompt.runs.adapt import adapt
+    from centerprompt.training.devices import init_distributed
 
     run = AdaptRun(
         data_dir=args.data, center=args.center, base=args.base, out=args.out, strategy=args.strategy,
-        num_prompts=args.prompts, shots=args.shots, options=_strategy_options(args), prompt_dropout=args.prompt_dropout,
+        num_prompts=args.num_prompts, shots=args.shots, options=_strategy_options(args), prompt_dropout=args.prompt_dropout,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
         optimizer=args.optimizer, amp=args.amp, compile=args.compile, resume=args.resume,
         skip_bad_cases=args.skip_bad_cases, splits=args.splits, **base_files(args),
@@ -170,18 +198,10 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from centerprompt.jobs import evaluate
+    from centerprompt.runs.score import evaluate
     from centerprompt.files import write_json
 
-    centers = args.centers.split(",") if args.centers else None
-    common = dict(centers=centers, split=args.split, score_at=args.score_at, skip_bad_cases=args.skip_bad_cases)
-    if args.bank:
-        from centerprompt.bank.evaluation import evaluate_with_bank
-
-        result = evaluate_with_bank(args.data, base_spec(args), args.bank, center=args.center or "auto",
-                                    splits_file=args.splits, **false_fallback_option(args), **common)  # fmt: skip
-    else:
-        result = evaluate(args.data, base_spec(args), adapter=args.adapter, splits_file=args.splits, **common)
+    result = evaluate(case_selection(args), model_source(args))
     write_json(result, args.out)
     print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
     for center, s in {**result["per_center"], "all": result["overall"]}.items():
@@ -197,9 +217,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.adapter:
         return _inspect_adapter(args)
-    centers = args.centers.split(",") if args.centers else None
-    r = inspect_base(base_spec(args), args.data, centers=centers, split=args.split, score_at=args.score_at,
-                     skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
+    r = inspect_base(base_spec(args), case_selection(args))
     if args.out:
         write_json(r, args.out)
     grid = "x".join(map(str, r["token_grid"]))
@@ -217,9 +235,7 @@ def _inspect_adapter(args: argparse.Namespace) -> int:
     from centerprompt.diagnostic import inspect_adapter, plot_effect
     from centerprompt.files import write_json
 
-    centers = args.centers.split(",") if args.centers else None
-    r = inspect_adapter(base_spec(args), args.adapter, args.data, centers=centers, split=args.split,
-                        skip_bad_cases=args.skip_bad_cases, splits_file=args.splits)  # fmt: skip
+    r = inspect_adapter(base_spec(args), args.adapter, case_selection(args))
     if args.out:
         write_json(r, args.out)
         plot_effect(r, Path(args.out).with_suffix(".png"), title=f"{r['strategy']} adapter on {', '.join(r['centers'])}")
@@ -235,7 +251,7 @@ def _inspect_adapter(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from centerprompt.jobs import check_prediction_out, folder_pairs, predict
+    from centerprompt.runs.predict import check_prediction_out, folder_pairs, predict
 
     if not args.input and not (args.ct and args.pet):
         raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
@@ -244,18 +260,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # A folder goes on past a bad case and reports it below; one case stops with its problem (exit 2).
     skipped: list[str] = []
     on_bad_case = skipped.append if args.input else None
-    if args.bank:
-        from centerprompt.bank import predict_with_bank
-
-        records = predict_with_bank(base_spec(args), args.bank, pairs, center=args.center or "auto",
-                                    on_bad_case=on_bad_case, overwrite=args.overwrite, **false_fallback_option(args))  # fmt: skip
-        for r in records:
+    records = predict(model_source(args), pairs, on_bad_case=on_bad_case, overwrite=args.overwrite)
+    for r in records:
+        if r.get("center") is not None:
             route = r.get("route") or {}
             print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
-        written = [r["out"] for r in records]
-    else:
-        written = predict(base_spec(args), pairs, adapter=args.adapter, on_bad_case=on_bad_case, overwrite=args.overwrite)
-    print(f"wrote {len(written)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
+    print(f"wrote {len(records)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
     if skipped:
         print(f"skipped {len(skipped)} of {len(pairs)} case(s) that failed the input checks:", file=sys.stderr)
         for problem in skipped:
@@ -265,13 +275,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from centerprompt.config import ExperimentRun
+    from centerprompt.training.config import ExperimentRun
     from centerprompt.experiment import run_all_centers, run_experiment
 
     run = ExperimentRun(
         data_dir=args.data, new_center=args.new_center, out=args.out,
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()), base=args.base,
-        preset=args.preset, shots=args.shots, num_prompts=args.prompts, pretrain_epochs=args.pretrain_epochs,
+        preset=args.preset, shots=args.shots, num_prompts=args.num_prompts, pretrain_epochs=args.pretrain_epochs,
         adapt_epochs=args.adapt_epochs, patience=args.patience, seed=args.seed, score_at=args.score_at,
         on_change=args.on_change, skip_bad_cases=args.skip_bad_cases, splits=args.splits,
         command=" ".join(["centerprompt", *sys.argv[1:]]), **base_files(args),
@@ -286,7 +296,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from centerprompt.config import ExperimentRun
+    from centerprompt.training.config import ExperimentRun
     from centerprompt.experiment import run_experiment
 
     started = time.perf_counter()
@@ -334,7 +344,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the new center; or several, comma-separated (USZ,CHB): one adapter on their cases pooled")
     base_arguments(p)
     p.add_argument("--strategy", default=registry.DEFAULT_STRATEGY, choices=registry.strategy_names())
-    p.add_argument("--prompts", type=int, default=10, help="prompt tokens per set (P, 1 to 1000)")
+    add_num_prompts(p)
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     p.add_argument("--shots", type=int, default=8, help="labelled cases of the new center to adapt on")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
@@ -398,7 +408,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     base_arguments(p, required=False, text="use this base model instead of pretraining one")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--shots", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=10)
+    add_num_prompts(p)
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--adapt-epochs", type=int)
     p.add_argument("--patience", type=int, default=10)

@@ -29,8 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from centerprompt.data.profiles import DEFAULT_PROFILES, load_profiles
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic import DEFAULT_PROFILES, generate_dataset, load_profiles
 
     profiles = dict(DEFAULT_PROFILES)
     if args.profiles is not None:

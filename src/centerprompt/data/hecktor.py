@@ -32,6 +32,16 @@ TRAIN_CENTERS = ("CHUM", "CHUP", "CHUS", "CHUV", "HGJ", "HMR", "MDA")
 TEST_CENTERS = ("USZ", "CHB")
 KNOWN_CENTERS = TRAIN_CENTERS + TEST_CENTERS
 SPLITS_FILE = "splits.json"  # the split a data folder may hold (read only) and the one each run keeps
+CENTER_SEPARATOR = ","  # pooled centers, from --center to summary.json and the adapter file: "USZ,CHB"
+
+
+def join_centers(centers: Sequence[str]) -> str:
+    return CENTER_SEPARATOR.join(centers)
+
+
+def split_centers(text: str) -> list[str]:
+    """Pooled centers as :func:`join_centers` writes them (adapters written before 2026-12-06 joined them with "+")."""
+    return [c.strip() for c in text.replace("+", CENTER_SEPARATOR).split(CENTER_SEPARATOR)]
 _PARTS = ("train", "val", "test")
 
 # Separator between center and number is "-" in the release and "_" on the website; both map

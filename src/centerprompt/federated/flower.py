@@ -30,12 +30,14 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
 
 from centerprompt.artifacts import save_adapter, save_model  # noqa: E402
-from centerprompt.checkpoints import load_weights_only  # noqa: E402
-from centerprompt.federated.site import FederatedJob, Site, job_model, round_lr, trainable_tensors  # noqa: E402
+from centerprompt.weights import load_weights_only  # noqa: E402
+from centerprompt.federated.site import FederatedJob, Site, job_model, trainable_tensors  # noqa: E402
+from centerprompt.data.hecktor import join_centers  # noqa: E402
 from centerprompt.files import write_json  # noqa: E402
-from centerprompt.jobs import open_base  # noqa: E402
+from centerprompt.runs.base import open_base  # noqa: E402
 from centerprompt.models.prompted_unetr import PromptedUNETR  # noqa: E402
-from centerprompt.presets import get_preset  # noqa: E402
+from centerprompt.strategies import get_strategy  # noqa: E402
+from centerprompt.training.presets import get_preset  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,7 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
     def train(msg: Message, context: Context) -> Message:
         site = _site(context, _job(context, job), folder, centers)
         config = msg.content["config"]
-        state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), float(config["lr"]),
-                                          int(config["server-round"]))  # fmt: skip
+        state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), int(config["federation-round"]))
         reply = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
         return Message(content=reply, reply_to=msg)
 
@@ -98,15 +99,15 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
 
 def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Path, rows: list[dict[str, Any]],
               inspect: Inspect | None):  # fmt: skip
-    """FedAvg or FedProx weighted by each site's number of cases, with the round's learning rate in
-    the train config; each round's loss, validation Dice and the bytes each site sent go to
+    """FedAvg or FedProx weighted by each site's number of cases (the sites follow the learning-rate
+    schedule of a central run over the same epochs); each round's loss, validation Dice and the bytes each site sent go to
     ``metrics_path`` as soon as the round ends."""
     base = FedProx if job.mu > 0 else FedAvg
     extra = {"proximal_mu": job.mu} if job.mu > 0 else {}
 
     class Strategy(base):  # type: ignore[misc, valid-type]
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-            config["lr"] = float(round_lr(job, start_round + server_round))
+            config["federation-round"] = start_round + server_round  # Flower counts from 1 again in a resumed run
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
@@ -115,7 +116,7 @@ def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Pat
                 inspect(start_round + server_round, replies)
             ok = [r for r in replies if not r.has_error()]
             arrays, metrics = super().aggregate_train(server_round, ok)
-            rows.append({"round": start_round + server_round, "lr": float(round_lr(job, start_round + server_round)),
+            rows.append({"round": start_round + server_round, "lr": float(metrics["lr"]) if metrics else None,
                          "sites": len(ok), "failed": len(replies) - len(ok),
                          "bytes_per_site": [r.content["arrays"].count_bytes() for r in ok],
                          "train_loss": float(metrics["train-loss"]) if metrics else None})  # fmt: skip
@@ -197,9 +198,10 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names:
         artifact = save_model(model, out / "model.safetensors", extra=extra)
     else:
         base = open_base(job.base)
-        extra.update(center="+".join(site_names or []) or "federated", shots=job.shots, base=str(job.base),
+        extra.update(center=join_centers(site_names or []) or "federated", shots=job.shots, base=str(job.base),
                      preprocess=base.preprocess.to_dict())  # fmt: skip
-        artifact = save_adapter(model, out / "adapter.safetensors", job.strategy, {}, extra=extra)
+        options = get_strategy(job.strategy).resolve_options({})
+        artifact = save_adapter(model, out / "adapter.safetensors", job.strategy, options, extra=extra)
     summary = {"job": f"federated {job.job}", **job.to_config(), "sites": sites, "site_names": list(site_names or []),
                "rounds_run": len(rows), "server_seconds": seconds, "artifact": str(artifact),
                "artifact_bytes": artifact.stat().st_size, "tensor_bytes_per_message": tensor_bytes,

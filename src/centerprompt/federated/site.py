@@ -1,6 +1,11 @@
 """What one hospital does in a federated run, without Flower: read its own cases, train the tensors
 the server sent for a few local epochs, score them on its own validation cases.
 
+A site trains with the same :class:`~centerprompt.training.loop.Trainer` as a central run, with
+the settings :func:`~centerprompt.training.config.train_settings` gives both, and keeps it (its
+optimizer moments and schedule) from round to round: only model tensors travel. One site alone
+therefore trains exactly as a central run of the same epochs does.
+
 A site never sends a case, an ID or a voxel: :func:`train_round` and :func:`evaluate_round`
 return tensors named like the model's own and scalar metrics (the number of cases is what FedAvg
 weights by), and :mod:`centerprompt.federated.flower` packs nothing else into a message.
@@ -8,7 +13,6 @@ weights by), and :mod:`centerprompt.federated.flower` packs nothing else into a 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -18,27 +22,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
-from monai.data import DataLoader  # list_data_collate: several crops of a case become one batch
 
 from centerprompt.checkpoints import BaseCheckpoint
 from centerprompt.data.checks import validate_cases
 from centerprompt.data.hecktor import Case, find_cases, resolve_splits
-from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_transforms
-from centerprompt.jobs import IN_CHANNELS, OUT_CHANNELS, adaptation_case_ids, base_splits, open_base
+from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.presets import Preset, get_preset
-from centerprompt.scoring import Scorer, validator
+from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS, base_splits, open_base
+from centerprompt.runs.selection import adaptation_case_ids
 from centerprompt.strategies import FULL, apply_strategy, get_strategy
-from centerprompt.models.cpu_conv import onednn_conv3d
-from centerprompt.train import (
-    cpu_layout,
-    default_device,
-    seed_everything,
-    to_layout,
-    train_step,
-    trains_3d_kernels,
-)
+from centerprompt.training.cases import CachedCases
+from centerprompt.training.config import MAX_PROMPTS, train_settings
+from centerprompt.training.devices import default_device
+from centerprompt.training.loop import OPTIMIZERS, TrainConfig, Trainer
+from centerprompt.training.presets import Preset, get_preset
+from centerprompt.scoring import validator
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +46,14 @@ JOBS = ("pretrain", "adapt")
 @dataclass(frozen=True)
 class FederatedJob:
     """Everything a site needs to train its part of a round: sent once as the run's configuration
-    (flat, so that Flower's run config and ConfigRecord carry it as it is).
+    (flat, so that Flower's run config and ConfigRecord carry it as it is; None is left out).
 
     ``pretrain``: the whole model from a seeded initialisation, the preset's loss and optimiser.
     ``adapt``: the strategy's tensors on the frozen ``base`` (a file every site holds), with the
-    sites' adaptation cases (``shots`` per site, as ``adapt`` takes them). ``local_steps`` > 0 stops
-    a site's round after that many optimiser steps (for checks, or sites of very different size).
+    sites' adaptation cases (``shots`` per site, as ``adapt`` takes them). The optimisation fields
+    mean what they mean for ``pretrain`` and ``adapt`` (:func:`train_settings`), over
+    ``rounds x local_epochs`` epochs. ``local_steps`` > 0 stops a site's round after that many
+    optimiser steps (for checks, or sites of very different size); ``mu`` > 0 is FedProx.
     """
 
     job: str = "pretrain"
@@ -61,20 +61,31 @@ class FederatedJob:
     rounds: int = 10
     local_epochs: int = 1
     local_steps: int = 0
-    lr: float = 0.0  # 0: the preset's pretraining rate, or the strategy's
     mu: float = 0.0  # FedProx proximal term; 0 is FedAvg
     seed: int = 0
+    lr: float | None = None  # None: the preset's pretraining rate, or the strategy's
+    batch_size: int | None = None  # None: the preset's
+    optimizer: str = "adamw"
     base: str = ""
     strategy: str = "deep"
-    prompts: int = 10
+    num_prompts: int = 10
+    prompt_dropout: float = 0.0
     shots: int = 8
+    # What a central run also says, fixed here: every round trains, nothing stops early.
+    patience = 0
+    amp = False
+    compile = False
 
     def __post_init__(self) -> None:
         if self.job not in JOBS:
             raise ValueError(f"job must be one of {', '.join(JOBS)}, got {self.job!r}.")
         get_preset(self.preset)
-        if self.rounds < 1 or self.local_epochs < 1 or self.local_steps < 0 or self.mu < 0 or self.lr < 0:
+        if self.rounds < 1 or self.local_epochs < 1 or self.local_steps < 0 or self.mu < 0 or (self.lr or 0) < 0:
             raise ValueError("rounds and local epochs must be at least 1; local steps, mu and lr not negative.")
+        if not 1 <= self.num_prompts <= MAX_PROMPTS or not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"num_prompts must be in [1, {MAX_PROMPTS}] and prompt_dropout in [0, 1).")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
         if self.job == "adapt":
             if not self.base:
                 raise ValueError("a federated adaptation needs the base model every site holds (--base).")
@@ -82,32 +93,19 @@ class FederatedJob:
                 raise ValueError(f"strategy {self.strategy!r} trains nothing: there is nothing to federate.")
 
     def to_config(self) -> dict[str, Any]:
-        """Flower run-config keys (hyphenated, scalar)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """Flower run-config keys (hyphenated, scalar; None left out)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FederatedJob:
         defaults = asdict(cls())
         values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in defaults}
-        return cls(**{k: type(defaults[k])(v) for k, v in values.items()})
+        return cls(**{k: v if defaults[k] is None else type(defaults[k])(v) for k, v in values.items()})
 
-    def learning_rate(self) -> float:
-        if self.lr:
-            return self.lr
-        return get_preset(self.preset).pretrain_lr if self.job == "pretrain" else get_strategy(self.strategy).lr
-
-
-WARMUP_ROUNDS = 2  # as TrainConfig.warmup_epochs
-
-
-def round_lr(job: FederatedJob, server_round: int) -> float:
-    """Linear warm-up over the first rounds, then cosine decay: the schedule centralised training
-    follows over epochs (a short run of up to twice the warm-up has none)."""
-    warmup = WARMUP_ROUNDS if job.rounds > 2 * WARMUP_ROUNDS else 0
-    if server_round <= warmup:
-        return job.learning_rate() * server_round / (warmup + 1)
-    progress = (server_round - 1 - warmup) / max(1, job.rounds - warmup)
-    return job.learning_rate() * 0.5 * (1 + np.cos(np.pi * progress))
+    def train_config(self, preset: Preset) -> TrainConfig:
+        """A site's optimisation settings: a central run's over ``rounds x local_epochs`` epochs."""
+        strategy = get_strategy(self.strategy) if self.job == "adapt" else None
+        return train_settings(self, preset, self.rounds * self.local_epochs, strategy, self.optimizer)
 
 
 def job_model(job: FederatedJob) -> tuple[PromptedUNETR, PreprocessConfig, Preset]:
@@ -121,7 +119,7 @@ def job_model(job: FederatedJob) -> tuple[PromptedUNETR, PreprocessConfig, Prese
         apply_strategy(model, FULL)
         return model, preset.preprocess, preset
     base: BaseCheckpoint = open_base(job.base)
-    model = base.build(**get_strategy(job.strategy).model_fields(job.prompts, base=base.config))
+    model = base.build(**get_strategy(job.strategy).model_fields(job.num_prompts, job.prompt_dropout, base.config))
     apply_strategy(model, job.strategy)
     return model, base.preprocess, get_preset(base.extra.get("preset", "cpu"))
 
@@ -167,9 +165,14 @@ class Site:
         self.device = default_device()
         self.model, self.preprocess, preset = job_model(job)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.batch_size, self.class_weights = preset.batch_size, preset.class_weights
-        self._train_data = None
-        self._scorer: Scorer | None = None
+        self.cfg = job.train_config(preset)
+        self._cached: CachedCases | None = None
+        self._trainer: Trainer | None = None
+
+    def _cases(self) -> CachedCases:
+        if self._cached is None:
+            self._cached = CachedCases.load(self.train_cases, self.val_cases, self.preprocess)
+        return self._cached
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         own = dict(self.model.named_parameters())
@@ -184,40 +187,32 @@ class Site:
                                      f"this site's model has {tuple(own[name].shape)}.")  # fmt: skip
                 own[name].copy_(tensor)
 
-    def train_round(self, state: Mapping[str, torch.Tensor], lr: float, server_round: int) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
-        """Local epochs from ``state``; the trained tensors and {train-loss, num-examples}."""
+    def train_round(self, state: Mapping[str, torch.Tensor], server_round: int) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
+        """Epochs ``(round - 1) x local_epochs`` onwards from ``state``; the trained tensors and
+        {train-loss, lr (at the round's end), num-examples}."""
         self.load(state)
         job = self.job
-        if self._train_data is None:
-            self._train_data = make_dataset(self.train_cases, train_transforms(self.preprocess))
-        seed_everything(job.seed * 1000 + server_round)
-        generator = torch.Generator().manual_seed(job.seed * 1000 + server_round)
-        loader = DataLoader(self._train_data, batch_size=self.batch_size, shuffle=True, generator=generator,
-                            drop_last=len(self._train_data) > self.batch_size)  # fmt: skip
-        weight = None if self.class_weights is None else torch.tensor(self.class_weights, device=self.device)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
-        self.model.to(self.device).train()
+        if self._trainer is None:
+            self._trainer = Trainer(self.model, self.params, self._cases().train, self.cfg, self.device)
+        trainer = self._trainer
+        first = (server_round - 1) * job.local_epochs
+        trainer.catch_up(first)  # a site that joined late, restarted, or stopped rounds early with local_steps
         anchor = [p.detach().clone() for p in self.params] if job.mu > 0 else None
 
         def proximal() -> torch.Tensor:  # FedProx: stay near the round's global tensors
             return job.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchor))
 
-        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-5)
+        self.model.to(self.device)
         losses: list[float] = []
-        on_cpu = self.device.type == "cpu"  # the CPU layout and kernels fit uses (train.py)
-        channels_last = on_cpu and trains_3d_kernels(self.params)
-        with cpu_layout(self.model, channels_last), onednn_conv3d() if on_cpu else contextlib.nullcontext():
-            for _ in range(job.local_epochs):
-                for item in loader:
-                    image, label = to_layout(item["image"], self.device, channels_last), item["label"].to(self.device)
-                    losses.append(train_step(self.model, loss_fn, image, label, optimizer, self.params,
-                                             penalty=proximal if anchor is not None else None))  # fmt: skip
-                    if job.local_steps and len(losses) >= job.local_steps:
-                        break
+        with trainer.placed():
+            for epoch in range(first, first + job.local_epochs):
+                left = job.local_steps - len(losses) if job.local_steps else 0
+                losses += trainer.epoch(epoch, max_steps=left, penalty=proximal if anchor is not None else None)
                 if job.local_steps and len(losses) >= job.local_steps:
                     break
         self.model.cpu()
-        metrics = {"train-loss": float(np.mean(losses)), "num-examples": float(len(self.train_cases))}
+        metrics = {"train-loss": float(np.mean(losses)), "lr": float(trainer.scheduler.get_last_lr()[0]),
+                   "num-examples": float(len(self.train_cases))}  # fmt: skip
         return trainable_tensors(self.model), metrics
 
     def evaluate_round(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -225,9 +220,7 @@ class Site:
         self.load(state)
         if not self.val_cases:
             return {"val-dsc-agg": 0.0, "num-examples": 0.0}
-        if self._scorer is None:
-            self._scorer = Scorer(self.val_cases, self.preprocess, score_at="preprocessed")
         self.model.to(self.device).eval()
-        value = validator(self._scorer)(self.model)
+        value = validator(self._cases().scorer)(self.model)
         self.model.cpu()
         return {"val-dsc-agg": value, "num-examples": float(len(self.val_cases))}

@@ -13,15 +13,15 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from centerprompt.checkpoints import BaseSpec
-from centerprompt.data.hecktor import SPLITS_FILE
+from centerprompt.data.hecktor import SPLITS_FILE, split_centers
 from centerprompt.files import jsonable
-from centerprompt.presets import PRESETS, Preset
-from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, get_strategy, strategy_names
+from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, Strategy, get_strategy, strategy_names
+from centerprompt.training.loop import OPTIMIZERS, TrainConfig
+from centerprompt.training.presets import PRESETS, Preset
 
-OPTIMIZER_NAMES = ("adamw", "sgd")
 SCORE_AT = ("ct", "preprocessed")
 ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
 # ``splits`` is where the split is read: the job records the split itself by its hash (``splits_sha256``).
@@ -60,6 +60,34 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class TrainingFields(Protocol):
+    """What a job says about optimisation (a central run, or a federated job's rounds)."""
+
+    lr: float | None
+    batch_size: int | None
+    patience: int
+    seed: int
+    amp: bool
+    compile: bool
+
+
+def train_settings(job: TrainingFields, preset: Preset, epochs: int | None, strategy: Strategy | None = None,
+                   optimizer: str = "adamw") -> TrainConfig:  # fmt: skip
+    """The optimisation settings of a job, the one place they are decided for central and
+    federated runs alike. Pretraining (``strategy`` None): the preset's epochs, rate, batch and
+    loss weights. Adaptation: the strategy's rate and weight decay (the registry's), patience
+    counted from half the epochs (an adaptation's validation Dice often dips before it rises)."""
+    if strategy is None:
+        return TrainConfig(epochs=epochs or preset.pretrain_epochs, lr=job.lr or preset.pretrain_lr,
+                           batch_size=job.batch_size or preset.batch_size, patience=job.patience, seed=job.seed,
+                           amp=job.amp, compile=job.compile, class_weights=preset.class_weights)  # fmt: skip
+    epochs = epochs or preset.adapt_epochs
+    return TrainConfig(epochs=epochs, lr=job.lr or strategy.lr, patience_from=epochs // 2,
+                       batch_size=job.batch_size or preset.batch_size, patience=job.patience, seed=job.seed,
+                       weight_decay=strategy.weight_decay, amp=job.amp, compile=job.compile, optimizer=optimizer,
+                       class_weights=preset.class_weights)  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Run:
     def provenance(self) -> dict[str, Any]:
@@ -94,7 +122,7 @@ class _Training(_Run):
     """What every training job takes. ``epochs`` and ``batch_size`` default to the preset's.
     ``splits``: a split file to use, written there first when it does not exist (``--splits``);
     None: ``DATA/splits.json``, the base model's split, the run folder's, or made with ``seed``
-    (:func:`centerprompt.jobs.load_index`)."""
+    (:func:`centerprompt.runs.selection.load_index`)."""
 
     epochs: int | None = None
     lr: float | None = None
@@ -121,7 +149,7 @@ class PretrainRun(_Training):
     """Train the base model (every weight) on every center but ``exclude_center``.
 
     ``oracle_shots`` > 0 trains the in-domain oracle instead: the excluded center's adaptation
-    cases join the training set (``jobs.pretrain_case_ids``). ``lr`` defaults to the preset's;
+    cases join the training set (``runs.selection.pretrain_case_ids``). ``lr`` defaults to the preset's;
     ``cases_limit`` caps the training cases (smoke tests). ``center_prompts`` > 0: prompt-aware
     pretraining, with deep prompts of that many tokens, one set per training center and a shared
     set (``models.prompts.CenterPrompts``).
@@ -177,14 +205,14 @@ class AdaptRun(_Training, _OwnBase):
         super().__post_init__()
         strategy = get_strategy(self.strategy)
         object.__setattr__(self, "options", strategy.resolve_options(self.options))
-        _positive("--prompts", self.num_prompts, maximum=MAX_PROMPTS)
+        _positive("--num-prompts", self.num_prompts, maximum=MAX_PROMPTS)
         _positive("--shots", self.shots)
         if not all(self.centers) or len(set(self.centers)) != len(self.centers):
             raise ValueError(f"--center: a center, or several separated by commas, each once; got {self.center!r}.")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}.")
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {self.optimizer!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
         self.base_spec  # validates model_config and preprocess
 
     @property
@@ -195,7 +223,7 @@ class AdaptRun(_Training, _OwnBase):
     @property
     def centers(self) -> list[str]:
         """The centers whose cases train the adapter (one, or several pooled)."""
-        return [c.strip() for c in self.center.split(",")]
+        return split_centers(self.center)
 
     def provenance(self) -> dict[str, Any]:
         # The base file's bytes identify it (its hash is added by the job), not its path; a strategy
@@ -244,7 +272,7 @@ class ExperimentRun(_Run, _OwnBase):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         _positive("--shots", self.shots)
-        _positive("--prompts", self.num_prompts, maximum=MAX_PROMPTS)
+        _positive("--num-prompts", self.num_prompts, maximum=MAX_PROMPTS)
         _positive("--seed", self.seed, 0, MAX_SEED)
         _positive("--pretrain-epochs", self.pretrain_epochs)
         _positive("--adapt-epochs", self.adapt_epochs)
