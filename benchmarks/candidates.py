@@ -4,7 +4,7 @@ For each candidate: the median time of one full-training step (random batch of t
 size, after warm-up), the pretraining of a base model without the held-out center (wall time and
 epochs), the base model's old-center DSCagg on the original CT grid, and its transformer reliance
 (the DSCagg drop when every ViT token grid feeding the decoder is replaced by its mean token,
-``centerprompt.reliance``). Run one candidate at a time on a quiet machine; a finished
+``centerprompt.study.reliance``). Run one candidate at a time on a quiet machine; a finished
 pretraining run is reused.
 
     python benchmarks/candidates.py --data data/synth --work runs/candidates [--only NAME,...]
@@ -28,13 +28,14 @@ from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.training.config import PretrainRun
+from centerprompt.training.loop import TrainConfig, build_optimizer
 from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS
 from centerprompt.runs.selection import load_index
 from centerprompt.runs.pretrain import pretrain
 from centerprompt.scoring import Scorer
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.training.presets import PRESETS, Preset, register_preset
-from centerprompt.reliance import transformer_reliance
+from centerprompt.study.reliance import transformer_reliance
 
 CHOSEN = "p8-48@4mm-fs8-1crop-lr1e-3"  # the candidate that became PRESETS["cpu"]
 VIT_S6 = dict(hidden_size=192, mlp_dim=768, num_heads=6, num_layers=6)  # the ViT of the old cpu preset
@@ -102,7 +103,7 @@ def step_seconds(preset: Preset, warmup: int = 2, rounds: int = 5) -> float:
     """Median seconds of one full fine-tuning step (forward, backward, AdamW) on a random batch."""
     torch.manual_seed(0)
     model = PromptedUNETR(in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, **preset.model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(list(model.parameters()), TrainConfig(lr=1e-4, weight_decay=0.01))  # AdamW's own default
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     size = preset.preprocess.roi_size
     x = torch.rand(preset.batch_size, IN_CHANNELS, *size)

@@ -7,7 +7,7 @@ of them alike; the figures are medians over the timed rounds and ratios to ``ful
 Training memory is counted, not sampled: weights + the tensors autograd saves for backward
 (found with ``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded)
 + gradients + optimizer state. That is deterministic, unlike the resident set size, which is
-reported beside it (``train.peak_memory``; on CUDA the allocator's own peak).
+reported beside it (``training.devices.peak_memory``; on CUDA the allocator's own peak).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from centerprompt.models.prompted_unetr import MONAI_NUM_LAYERS, PromptedUNETR
 from centerprompt.training.presets import PRESETS
 from centerprompt.strategies import STRATEGIES, apply_strategy, parameter_report, strategy_names
 from centerprompt.training.devices import peak_memory
+from centerprompt.training.loop import TrainConfig, build_optimizer
 
 COST_STRATEGIES = tuple(n for n in strategy_names() if STRATEGIES[n].trains)  # every registered strategy that trains
 # The two configurations compared: the CPU demo and the paper's ViT-B (PromptedUNETR defaults).
@@ -157,7 +158,7 @@ class ActivationTracker:
 
 @dataclass
 class Trainer:
-    """One model, its optimizer and a fixed batch: a training step as ``train.fit`` takes it."""
+    """One model, its optimizer and a fixed batch: a training step as ``training.loop.Trainer.step`` takes it."""
 
     model: PromptedUNETR
     params: list[nn.Parameter]
@@ -166,7 +167,7 @@ class Trainer:
     amp: bool = False
 
     def __post_init__(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-5)
+        self.optimizer = build_optimizer(self.params, TrainConfig(lr=1e-4, weight_decay=1e-5))
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def step(self) -> float:

@@ -12,7 +12,7 @@ HMR of the default synthetic data (the demo's base; made here if missing), which
 contouring nor the new centers. Every (center, seed) is one ``run_experiment`` folder, reused
 when finished, so the protocol resumes where it stopped and runs one held-out center at a time.
 Gains and old-center changes carry paired bootstrap 95% intervals over test cases
-(``centerprompt.intervals``); the summary pools the (center, seed) pairs by resampling within each.
+(``centerprompt.study.intervals``); the summary pools the (center, seed) pairs by resampling within each.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def make_base(base_data: Path, out: Path) -> Path:
 
 def run(data: Path, base: Path, out: Path, centers: list[str], seeds: list[int], strategies: list[str]) -> None:
     from centerprompt.training.config import ExperimentRun
-    from centerprompt.experiment import run_experiment
+    from centerprompt.study.experiment import run_experiment
 
     for center in centers:
         for seed in seeds:
@@ -82,8 +82,8 @@ def main() -> int:
     base = args.base or make_base(args.base_data, args.out / "base")
     centers, seeds = args.centers.split(","), [int(s) for s in args.seeds.split(",")]
     run(args.data, base, args.out, centers, seeds, args.strategies.split(","))
-    from centerprompt.experiment import add_served_from_bank
-    from centerprompt.intervals import add_intervals, pool_experiments
+    from centerprompt.study.experiment import add_served_from_bank
+    from centerprompt.study.intervals import add_intervals, pool_experiments
     from centerprompt.runs.selection import load_index
 
     experiments = {}

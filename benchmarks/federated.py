@@ -31,7 +31,7 @@ from centerprompt.training.config import AdaptRun
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.data.synthetic import generate_dataset, load_profiles
 from centerprompt.evaluate import aggregate
-from centerprompt.experiment import machine_info
+from centerprompt.study.experiment import machine_info
 from centerprompt.federated.flower import simulate
 from centerprompt.federated.site import FederatedJob
 from centerprompt.files import write_json

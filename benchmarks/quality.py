@@ -1,6 +1,6 @@
 """What each strategy gains, on synthetic leave-one-center-out (preset cpu): Dice, speed, sweeps.
 
-Built on ``centerprompt.experiment.run_experiment``. Per held-out center and seed one base model
+Built on ``centerprompt.study.experiment.run_experiment``. Per held-out center and seed one base model
 is pretrained and then reused by the headline comparison and by every sweep; the headline adds
 the in-domain oracle (the same budget with the new center's adaptation cases in pretraining), so
 each gain is also reported as a fraction of the oracle gap, and the base model's transformer
@@ -75,7 +75,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def _ratio(gain: float | None, gap: float | None) -> float | None:
     """Mean gain over mean oracle gap: a ratio of means, steadier than a mean of per-run ratios."""
-    from centerprompt.experiment import MIN_GAP
+    from centerprompt.study.experiment import MIN_GAP
 
     return None if gain is None or gap is None or gap < MIN_GAP else gain / gap
 
@@ -136,7 +136,7 @@ def _experiment(
     """run_experiment unless ``out`` already holds results for every requested strategy with the same
     center, seed, shots and P (run_experiment itself re-checks every stage's full provenance)."""
     from centerprompt.training.config import ExperimentRun
-    from centerprompt.experiment import run_experiment
+    from centerprompt.study.experiment import run_experiment
 
     run = ExperimentRun(data_dir=data_dir, new_center=center, out=out, strategies=tuple(strategies), preset=preset,
                         command="python benchmarks/run.py --part quality", **kwargs)  # fmt: skip

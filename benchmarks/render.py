@@ -383,7 +383,7 @@ def _profile_section(p: Mapping[str, Any]) -> list[str]:
 
 def _ci(d: Mapping[str, Any] | None, key: str = "difference", spec: str = "+.3f") -> str:
     """A pooled figure with its interval (``intervals.pooled_difference`` or ``ratio_interval``)."""
-    from centerprompt.report import with_ci
+    from centerprompt.study.report import with_ci
 
     return with_ci(d[key], d["ci"], spec) if d else "–"
 

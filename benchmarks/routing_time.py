@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from centerprompt.bank.acquisition import acquisition_features
-    from centerprompt.experiment import machine_info
+    from centerprompt.study.experiment import machine_info
     from centerprompt.files import write_json
     from centerprompt.runs.selection import load_index
     from centerprompt.runs.base import open_base

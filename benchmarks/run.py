@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from centerprompt.experiment import machine_info
+    from centerprompt.study.experiment import machine_info
     from centerprompt.files import write_json
     from render import write_markdown
 

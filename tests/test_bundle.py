@@ -129,7 +129,7 @@ def test_the_prompts_are_folded_into_the_torchscript_network(bundle: Path, model
 
 @pytest.mark.parametrize("strategy", ["deep+head", "lora", "deep+norm", "image", "kv"])
 def test_fold_keeps_what_any_strategy_trained(strategy: str, models: dict[str, Path]) -> None:
-    from centerprompt.bundle import fold
+    from centerprompt.deploy.bundle import fold
     from centerprompt.checkpoints import resolve_base
     from centerprompt.strategies import STRATEGIES, apply_strategy
 

@@ -117,7 +117,7 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
         assert lo <= s["gain"] + 1e-9 and s["gain"] - 1e-9 <= hi, name
         lo, hi = s["old_change_ci"]
         assert lo <= s["old_change"] + 1e-9 and s["old_change"] - 1e-9 <= hi, name
-    from centerprompt.intervals import MIN_GAIN
+    from centerprompt.study.intervals import MIN_GAIN
 
     full_gain = results["strategies"]["full"]["gain"]  # a fraction of full's gain only where full gained something
     assert ("fraction_of_full" in results["strategies"]["deep"]) == (abs(full_gain) >= MIN_GAIN)

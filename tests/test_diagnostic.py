@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from centerprompt.diagnostic import adapter_effect
+from centerprompt.study.diagnostic import adapter_effect
 from centerprompt.strategies import STRATEGIES, apply_strategy
 
 
@@ -51,7 +51,7 @@ def test_prompts_take_attention_and_reach_the_token_grids() -> None:
 
 def test_key_value_prompts_count_as_prompt_attention() -> None:
     """Attention on the appended keys counts; the rows their zero queries add do not."""
-    from centerprompt.diagnostic import _prompt_share
+    from centerprompt.study.diagnostic import _prompt_share
 
     # 1 prompt token, 2 patches, 1 key-value prompt: queries (prompt, patch, patch, kv row), keys the same.
     att = torch.tensor([[9.0, 9.0, 9.0, 9.0],  # the prompt token's query: not a patch

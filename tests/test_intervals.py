@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from centerprompt.evaluate import aggregate, case_metrics
-from centerprompt.intervals import add_intervals, paired_difference, pool_experiments, pooled_difference
+from centerprompt.study.intervals import add_intervals, paired_difference, pool_experiments, pooled_difference
 
 
 def _case(case_id: str, rng: np.random.Generator, hit: float) -> dict:
@@ -101,7 +101,7 @@ def test_no_fraction_of_full_when_full_fine_tuning_gains_nothing() -> None:
 
 
 def test_served_scores_the_row_only_where_a_scan_was_routed_to_it() -> None:
-    from centerprompt.intervals import served_from_bank
+    from centerprompt.study.intervals import served_from_bank
 
     hits = [0.3, 0.4, 0.5, 0.6]
     ref, old = _cases(hits), _cases([0.5] * 3, seed=99)

@@ -14,14 +14,14 @@ LAYERS: list[set[str]] = [
     {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
      "data.synthetic.writer", "models.prompted_unetr", "evaluate"},
     {"weights", "strategies", "checkpoints", "scoring"},
-    {"artifacts", "training", "training.devices", "training.presets", "training.loop", "report", "intervals"},
+    {"artifacts", "training", "training.devices", "training.presets", "training.loop"},
     {"training.config", "training.cases"},
     {"runs", "runs.base"},
     {"runs.folder", "runs.selection", "runs.predict"},
     {"runs.pretrain", "runs.adapt", "runs.score"},
-    {"reliance", "diagnostic"},
-    {"experiment", "bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.keys", "bank.serving",
-     "bank.evaluation", "bundle", "federated", "federated.site", "federated.flower", "federated.app"},
+    {"bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.keys", "bank.serving", "bank.evaluation"},
+    {"study", "study.report", "study.intervals", "study.reliance", "study.diagnostic", "study.experiment",
+     "federated", "federated.site", "federated.flower", "federated.app", "deploy", "deploy.bundle"},
     {"cli", "cli.paths", "cli.runs", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", "__main__", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

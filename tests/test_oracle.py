@@ -10,9 +10,9 @@ from test_hecktor import _many_cases
 from test_report import fake_results
 
 from centerprompt.data.hecktor import leave_one_center_out, make_splits
-from centerprompt.experiment import MIN_GAP, add_gap_closed
+from centerprompt.study.experiment import MIN_GAP, add_gap_closed
 from centerprompt.runs.selection import pretrain_case_ids
-from centerprompt.report import results_markdown
+from centerprompt.study.report import results_markdown
 from centerprompt.strategies import ORACLE
 
 

@@ -87,7 +87,7 @@ def test_pretrain_adapt_and_score_a_prompt_aware_base(two_centers: Path, tmp_pat
     from centerprompt.checkpoints import resolve_base
     from centerprompt.training.config import AdaptRun, ExperimentRun, PretrainRun
     from centerprompt.data.hecktor import find_cases
-    from centerprompt.experiment import run_experiment
+    from centerprompt.study.experiment import run_experiment
     from centerprompt.runs.adapt import adapt
     from centerprompt.runs.pretrain import pretrain
     from centerprompt.scoring import Scorer
@@ -136,7 +136,7 @@ def test_prompt_reading_reads_each_case_with_the_sets_it_names(two_centers: Path
     """``inspect --base`` on a prompt-aware base: own set, shared set, the next center's set."""
     from centerprompt.data.hecktor import find_cases
     from centerprompt.training.presets import PRESETS
-    from centerprompt.reliance import prompt_reading
+    from centerprompt.study.reliance import prompt_reading
     from centerprompt.scoring import Scorer
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from torch import nn
 
 from centerprompt.evaluate import case_metrics
 from centerprompt.models.prompted_unetr import PromptedUNETR
-from centerprompt.reliance import mean_token_ablation, transformer_reliance
+from centerprompt.study.reliance import mean_token_ablation, transformer_reliance
 
 
 class WindowScorer:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from centerprompt.report import (
+from centerprompt.study.report import (
     human_bytes,
     human_count,
     plot_case_slices,
@@ -150,8 +150,8 @@ def test_write_report_round_trips_json_with_nan_as_null(tmp_path):
 
 
 def test_phase_table_shares_details_and_reuse() -> None:
-    from centerprompt.experiment import PhaseClock
-    from centerprompt.report import phase_table
+    from centerprompt.study.experiment import PhaseClock
+    from centerprompt.study.report import phase_table
 
     clock = PhaseClock()
     with clock("pretraining") as trained:

@@ -79,7 +79,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from centerprompt.bundle import export_bank
+    from centerprompt.deploy.bundle import export_bank
 
     centers = args.centers.split(",") if args.centers else None
     paths = export_bank(base_spec(args), args.bank, args.out, centers=centers, fmt=args.format, version=args.version)

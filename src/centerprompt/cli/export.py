@@ -9,11 +9,11 @@ from centerprompt.cli.paths import out_path
 
 from centerprompt.cli.runs import base_arguments, base_spec  # import-light, like the registry
 
-FORMATS = ("torchscript", "onnx")  # centerprompt.bundle.FORMATS, named here to keep --help instant
+FORMATS = ("torchscript", "onnx")  # centerprompt.deploy.bundle.FORMATS, named here to keep --help instant
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from centerprompt.bundle import bank_adapters, export_bundle
+    from centerprompt.deploy.bundle import bank_adapters, export_bundle
 
     if args.bank is not None and args.adapter is not None:
         raise ValueError("give --adapter or --bank with --center, not both.")

@@ -212,7 +212,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from centerprompt.reliance import inspect_base
+    from centerprompt.study.reliance import inspect_base
     from centerprompt.files import write_json
 
     if args.adapter:
@@ -232,7 +232,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_adapter(args: argparse.Namespace) -> int:
-    from centerprompt.diagnostic import inspect_adapter, plot_effect
+    from centerprompt.study.diagnostic import inspect_adapter, plot_effect
     from centerprompt.files import write_json
 
     r = inspect_adapter(base_spec(args), args.adapter, case_selection(args))
@@ -276,7 +276,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from centerprompt.training.config import ExperimentRun
-    from centerprompt.experiment import run_all_centers, run_experiment
+    from centerprompt.study.experiment import run_all_centers, run_experiment
 
     run = ExperimentRun(
         data_dir=args.data, new_center=args.new_center, out=args.out,
@@ -297,7 +297,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from centerprompt.training.config import ExperimentRun
-    from centerprompt.experiment import run_experiment
+    from centerprompt.study.experiment import run_experiment
 
     started = time.perf_counter()
     data = Path(args.data)
@@ -317,7 +317,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     results = run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu",
                                            seed=args.seed, command="centerprompt demo" + (" --quick" if args.quick else ""),
                                            splits=args.splits, **settings))  # fmt: skip
-    from centerprompt.report import phase_table
+    from centerprompt.study.report import phase_table
 
     print((out / "results.md").read_text().split(PHASE_HEADING)[0])
     print(f"report: {out / 'results.md'}, figures: {out}/*.png\n")

@@ -28,15 +28,15 @@ from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
 from centerprompt.data.hecktor import leave_one_center_out
 from centerprompt.evaluate import aggregate
 from centerprompt.files import write_json
-from centerprompt.intervals import add_intervals, served_from_bank
+from centerprompt.study.intervals import add_intervals, served_from_bank
 from centerprompt.training.config import ExperimentRun, file_sha256
 from centerprompt.runs.adapt import adapt
 from centerprompt.runs.base import check_base_split, open_base
 from centerprompt.runs.folder import keep_splits
 from centerprompt.runs.selection import load_index, split_defaults
 from centerprompt.runs.pretrain import pretrain
-from centerprompt.reliance import transformer_reliance
-from centerprompt.report import plot_case_slices, write_report
+from centerprompt.study.reliance import transformer_reliance
+from centerprompt.study.report import plot_case_slices, write_report
 from centerprompt.scoring import Scorer
 from centerprompt.strategies import BASE, ORACLE, get_strategy, is_prompt, parameter_report
 from centerprompt.training.devices import default_device

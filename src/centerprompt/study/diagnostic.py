@@ -126,7 +126,7 @@ def plot_effect(effect: dict[str, Any], path: str | Path, title: str = "") -> Pa
     """Left: attention share on prompts per layer; right: relative change and its uniform share per stage."""
     from matplotlib.figure import Figure
 
-    from centerprompt.report import NEW_COLOR, OLD_COLOR, _save_figure
+    from centerprompt.study.report import NEW_COLOR, OLD_COLOR, _save_figure
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1, 2])

@@ -78,7 +78,7 @@ def prompt_reading(model: PromptedUNETR, scorer: Scorer, *, own_cases: list[dict
     own center set, with the shared set, and with another center's set (the next center's in the
     model's list, so each case gets a set learned on other scans and another contouring), with
     paired bootstrap intervals of the differences. Differences near 0 mean the prompts steer nothing."""
-    from centerprompt.intervals import paired_difference
+    from centerprompt.study.intervals import paired_difference
 
     names = model.center_prompts.names
     if own_cases is None:
