@@ -191,3 +191,29 @@ def test_renamed_flags_keep_their_old_spelling_with_a_warning(
     assert getattr(args, dest) in (4, "4") and f"{old} is deprecated; use {new}" in capsys.readouterr().err
     args = build_parser().parse_args([*command, new, "4"])
     assert getattr(args, dest) in (4, "4") and capsys.readouterr().err == ""
+
+
+def test_score_of_predict_agrees_with_evaluate(data: Path, base: Path, tmp_path: Path) -> None:
+    """The same label maps scored two ways: ``evaluate`` (the model, predictions mapped onto each CT
+    grid) and ``score`` (the files ``predict`` wrote, as the HECKTOR organisers read them) agree to
+    1e-6, per case and pooled in mm³; a pooling in voxels or another voxel volume would differ
+    (CHUM and MDA scans have different voxel sizes)."""
+    preds, labels = tmp_path / "pred", tmp_path / "labels"
+    assert main(["predict", "--base", str(base), "--input", str(data), "--out", str(preds)]) == 0
+    assert main(["evaluate", "--data", str(data), "--base", str(base), "--split", "all", "--out",
+                 str(tmp_path / "eval.json")]) == 0  # fmt: skip
+    assert main(["score", "--predictions", str(preds), "--labels", str(data), "--out", str(tmp_path / "score.json")]) == 0
+    evaluated, scored = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eval", "score"))
+    assert len(scored["per_case"]) == len(evaluated["per_case"]) == 12
+    by_case = {c["case_id"]: c for c in evaluated["per_case"]}
+    for case in scored["per_case"]:
+        for name in ("gtvp", "gtvn"):
+            for key in ("intersection", "pred_volume", "label_volume"):
+                assert case[name][key] == pytest.approx(by_case[case["case_id"]][name][key], rel=1e-6)
+    assert any(c["gtvp"]["pred_volume"] > 0 for c in scored["per_case"])  # the base predicts something
+    spacings = {tuple(nib.load(p).header.get_zooms()[:3]) for p in (data / "labelsTr").glob("*.nii.gz")}
+    assert len(spacings) > 1  # the pooling in mm³ matters here
+    for summary in ("overall", *[("per_center", c) for c in ("CHUM", "MDA")]):
+        e = evaluated[summary] if isinstance(summary, str) else evaluated[summary[0]][summary[1]]
+        s = scored[summary] if isinstance(summary, str) else scored[summary[0]][summary[1]]
+        assert s["dsc_agg"]["mean"] == pytest.approx(e["dsc_agg"]["mean"], abs=1e-6, nan_ok=True)

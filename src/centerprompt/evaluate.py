@@ -7,7 +7,10 @@ decides what an empty structure means and how cases are pooled:
   score), and 0 when the ground truth is empty but the model predicts it (a false positive);
 * HD95 is NaN when either mask is empty (a distance to nothing is undefined);
 * the HECKTOR headline, DSCagg = 2·Σ|A∩B| / Σ(|A|+|B|) pooled over the cases of a set, is
-  computed from raw voxel counts kept per case, so it never averages per-case ratios.
+  computed from the volumes kept per case, in mm³ (voxel count × voxel volume), as the HECKTOR
+  2022 organisers pool them, so it never averages per-case ratios and a case with fine voxels
+  weighs by its volume, not its voxel count. (Results written before 2026-12-06 pooled voxel
+  counts; where every case has the same voxel size the two agree.)
 """
 
 from __future__ import annotations
@@ -116,9 +119,9 @@ def case_metrics(
     """Per-class scores of one case, keyed by class name ("gtvp", "gtvn").
 
     Each entry holds ``dice`` (NaN when both masks are empty), ``hd95`` in mm (NaN when either is
-    empty), and the voxel counts ``intersection``, ``pred_volume``, ``label_volume`` that
-    :func:`aggregate` pools into DSCagg. Counts are voxels, as in the HECKTOR evaluation, which
-    scores every case at its CT resolution.
+    empty), and the volumes ``intersection``, ``pred_volume``, ``label_volume`` in mm³ (voxels
+    times the voxel volume ``spacing`` gives) that :func:`aggregate` pools into DSCagg, as the
+    HECKTOR 2022 evaluation pools them.
 
     Dice comes from MONAI ``compute_dice(ignore_empty=False)`` with the both-empty case then set to
     NaN: MONAI's ``ignore_empty=True`` would also return NaN for a false positive on an empty ground
@@ -127,7 +130,7 @@ def case_metrics(
     Args:
         pred: predicted label map (D, H, W), torch or numpy, values in 0..2.
         label: ground-truth label map of the same shape.
-        spacing: voxel size in mm along (D, H, W), for HD95. Default (1, 1, 1).
+        spacing: voxel size in mm along (D, H, W), for HD95 and the volumes. Default (1, 1, 1).
         distances: compute HD95 (the costly part); False leaves it NaN, for validation that needs
             only the overlaps. Default True.
     """
@@ -140,6 +143,7 @@ def case_metrics(
     g1h = one_hot(g[None, None], NUM_LABELS)
     dice = compute_dice(p1h, g1h, include_background=True, ignore_empty=False)[0]  # (C,)
 
+    voxel_mm3 = float(np.prod([float(s) for s in spacing]))
     out: dict[str, dict[str, float | int]] = {}
     for name, c in CLASSES.items():
         pc, gc = p1h[:, c : c + 1], g1h[:, c : c + 1]
@@ -158,9 +162,9 @@ def case_metrics(
         out[name] = {
             "dice": math.nan if n_pred == 0 and n_label == 0 else float(dice[c]),
             "hd95": hd95,
-            "intersection": int((pc * gc).sum()),
-            "pred_volume": n_pred,
-            "label_volume": n_label,
+            "intersection": int((pc * gc).sum()) * voxel_mm3,
+            "pred_volume": n_pred * voxel_mm3,
+            "label_volume": n_label * voxel_mm3,
         }
     return out
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "centerprompt.cli.synth",
     "centerprompt.cli.data",
     "centerprompt.cli.runs",
+    "centerprompt.cli.scoring",
     "centerprompt.cli.bank",
     "centerprompt.cli.export",
     "centerprompt.cli.federated",
@@ -27,7 +28,7 @@ COMMAND_MODULES = (
 
 # Arguments that name what a command reads; its --out may not be, hold or lie inside any of them.
 INPUT_ARGUMENTS = ("data", "base", "adapter", "bank", "ct", "pet", "input", "splits", "model_config", "preprocess",
-                   "profiles")  # fmt: skip
+                   "profiles", "predictions", "labels")  # fmt: skip
 IMAGE_FOLDERS = ("imagesTr", "imagesTs", "labelsTr")  # HECKTOR layout: such a folder's parent is the data folder
 
 

@@ -8,13 +8,8 @@ from pathlib import Path
 from centerprompt.cli.paths import out_path
 
 from centerprompt.cli.export import add_format_arguments
-from centerprompt.cli.runs import (  # import-light, like the registry
-    base_arguments,
-    base_spec,
-    case_selection,
-    false_fallback_option,
-    splits_argument,
-)
+from centerprompt.cli.runs import base_arguments, base_spec, splits_argument  # import-light, like the registry
+from centerprompt.cli.scoring import case_selection, false_fallback_option
 from centerprompt.strategies import bankable_names  # import-light: no torch until a command runs
 
 

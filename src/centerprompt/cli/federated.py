@@ -22,6 +22,7 @@ def _job(args: argparse.Namespace, job: str) -> Any:
                         local_steps=args.local_steps, lr=args.lr, mu=args.mu, seed=args.seed,
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
                         strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
+                        prompt_dropout=getattr(args, "prompt_dropout", 0.0), optimizer=getattr(args, "optimizer", "adamw"),
                         shots=getattr(args, "shots", 8))  # fmt: skip
 
 
@@ -90,6 +91,9 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
                        help="base model.safetensors (adaptation; the same file at every site and on the server)")
         p.add_argument("--strategy", default="deep", choices=[n for n in registry.strategy_names() if n != "none"])
         add_num_prompts(p)
+        p.add_argument("--prompt-dropout", type=float, default=0.0)
+        p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                       help="adamw (default) or sgd with momentum 0.9 (VPT's recipe for prompts)")
         p.add_argument("--shots", type=int, default=8, help="labelled cases per site (default 8)")
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from centerprompt.cli.paths import DeprecatedAlias, add_num_prompts, out_path
+from centerprompt.cli.paths import add_num_prompts, out_path
 from typing import Any
 
 from centerprompt import strategies as registry  # import-light: no torch until a command runs
@@ -78,47 +78,6 @@ def base_spec(args: argparse.Namespace) -> Any:
             raise ValueError("--model-config and --preprocess describe a --base; give one.")
         return None
     return BaseSpec(args.base, **files)
-
-
-def _bank_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bank", type=Path, help="prompt bank folder: serve every center from one backbone")
-    p.add_argument("--route", metavar="auto|base|CENTER",
-                   help="with --bank: 'auto' routes each scan by its acquisition (default), a banked center's name "
-                        "serves every scan with its prompts, 'base' with none")  # fmt: skip
-    p.add_argument("--center", dest="route", action=DeprecatedAlias, help=argparse.SUPPRESS)  # before --route
-    p.add_argument("--false-fallback", type=float, metavar="RATE",
-                   help="with --bank and auto routing: share of a banked center's own scans allowed to fall back to "
-                        "the base model; sets the distance threshold (default: 0.05)")  # fmt: skip
-
-
-def case_selection(args: argparse.Namespace, **fixed: Any) -> Any:
-    """The :class:`~centerprompt.runs.selection.CaseSelection` a scoring command's flags describe
-    (``--data``, ``--centers``, ``--split``, ``--score-at``, ``--skip-bad-cases``, ``--splits``)."""
-    from centerprompt.runs.selection import CaseSelection
-
-    given = {"data_dir": args.data, "centers": tuple(args.centers.split(",")) if getattr(args, "centers", None) else (),
-             "split": getattr(args, "split", "test"), "score_at": getattr(args, "score_at", "ct"),
-             "skip_bad_cases": args.skip_bad_cases, "splits_file": args.splits}  # fmt: skip
-    return CaseSelection(**{**given, **fixed})
-
-
-def model_source(args: argparse.Namespace) -> Any:
-    """What serves predict's and evaluate's scans: ``--bank`` (``--center`` of it, or routed), else
-    ``--base`` with ``--adapter`` if given."""
-    if args.bank:
-        from centerprompt.bank.serving import BankSource
-
-        return BankSource(base_spec(args), args.bank, args.route or "auto", **false_fallback_option(args))
-    if args.route is not None:
-        raise ValueError("--route chooses among a bank's centers: give --bank.")
-    from centerprompt.runs.predict import AdaptedModel
-
-    return AdaptedModel(base_spec(args), args.adapter)
-
-
-def false_fallback_option(args: argparse.Namespace) -> dict[str, float]:
-    """``false_fallback`` for the bank's functions when given (their default otherwise)."""
-    return {} if args.false_fallback is None else {"false_fallback": args.false_fallback}
 
 
 def _option_dest(strategy: str, option: str) -> str:
@@ -194,83 +153,6 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     print(f"{args.strategy}: {s['trainable_params']:,} trainable of {s['total_params']:,} "
           f"({100 * s['trainable_fraction']:.3f}%), artifact {s['artifact']} ({s['artifact_bytes']:,} bytes), "
           f"{s['train_seconds']:.0f} s")  # fmt: skip
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from centerprompt.runs.score import evaluate
-    from centerprompt.files import write_json
-
-    result = evaluate(case_selection(args), model_source(args))
-    write_json(result, args.out)
-    print(f"{'center':8} {'cases':>5} {'DSCagg GTVp':>12} {'DSCagg GTVn':>12} {'mean':>6}")
-    for center, s in {**result["per_center"], "all": result["overall"]}.items():
-        d = s["dsc_agg"]
-        print(f"{center:8} {s['n_cases']:>5} {d['gtvp']:>12.3f} {d['gtvn']:>12.3f} {d['mean']:>6.3f}")
-    print(f"per-case results: {args.out}")
-    return 0
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from centerprompt.study.reliance import inspect_base
-    from centerprompt.files import write_json
-
-    if args.adapter:
-        return _inspect_adapter(args)
-    r = inspect_base(base_spec(args), case_selection(args))
-    if args.out:
-        write_json(r, args.out)
-    grid = "x".join(map(str, r["token_grid"]))
-    print(f"{args.base}: {grid} tokens per window; {len(r['cases'])} {args.split} cases of {', '.join(r['centers'])}")
-    print(f"DSCagg intact {r['intact_dsc_agg']:.3f}, with mean tokens {r['ablated_dsc_agg']:.3f}: "
-          f"transformer reliance {r['drop']:.3f}"
-          + ("  (the decoder barely uses the transformer: prompts have little to steer)" if r["drop"] < 0.05 else ""))
-    for name, d in r.get("prompt_reading", {}).get("minus_own", {}).items():
-        print(f"read with {name} instead of each center's own prompt set: DSCagg {d['difference']:+.3f} "
-              f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")  # fmt: skip
-    return 0
-
-
-def _inspect_adapter(args: argparse.Namespace) -> int:
-    from centerprompt.study.diagnostic import inspect_adapter, plot_effect
-    from centerprompt.files import write_json
-
-    r = inspect_adapter(base_spec(args), args.adapter, case_selection(args))
-    if args.out:
-        write_json(r, args.out)
-        plot_effect(r, Path(args.out).with_suffix(".png"), title=f"{r['strategy']} adapter on {', '.join(r['centers'])}")
-    share = r["prompt_attention_share"]
-    print(f"{args.adapter} ({r['strategy']}) on {len(r['cases'])} {args.split} cases of {', '.join(r['centers'])}")
-    if share:
-        print("attention of patch tokens on prompts, per layer: " + " ".join(f"{v:.3f}" for v in share))
-    print(f"{'stage':>20} {'rel. change':>12} {'uniform share':>14}")
-    for name, s in {**r["stages"], "logits": r["logits"]}.items():
-        print(f"{name:>20} {s['relative_change']:>12.4f} {s['uniform_share']:>14.3f}")
-    print(f"voxels whose label changes: {100 * r['label_change_share']:.3f}%")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from centerprompt.runs.predict import check_prediction_out, folder_pairs, predict
-
-    if not args.input and not (args.ct and args.pet):
-        raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
-    check_prediction_out(args.out, folder=bool(args.input))  # before reading anything
-    pairs = folder_pairs(args.input, args.out) if args.input else [(args.ct, args.pet, args.out)]
-    # A folder goes on past a bad case and reports it below; one case stops with its problem (exit 2).
-    skipped: list[str] = []
-    on_bad_case = skipped.append if args.input else None
-    records = predict(model_source(args), pairs, on_bad_case=on_bad_case, overwrite=args.overwrite)
-    for r in records:
-        if r.get("center") is not None:
-            route = r.get("route") or {}
-            print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
-    print(f"wrote {len(records)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
-    if skipped:
-        print(f"skipped {len(skipped)} of {len(pairs)} case(s) that failed the input checks:", file=sys.stderr)
-        for problem in skipped:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -353,51 +235,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common_training(p)
     _add_strategy_options(p)
     p.set_defaults(func=_cmd_adapt, out_kind="folder")
-
-    p = sub.add_parser("evaluate", help="Dice and HD95 per case and per center")
-    p.add_argument("--data", required=True, type=Path)
-    base_arguments(p)
-    p.add_argument("--adapter", type=Path, help="per-center adapter file")
-    p.add_argument("--centers", help="comma-separated centers (default: all)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
-    p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")
-    splits_argument(p)
-    _bank_options(p)
-    p.add_argument("--out", required=True, type=out_path, help="JSON file")
-    p.set_defaults(func=_cmd_evaluate, out_kind="file")
-
-    p = sub.add_parser("inspect", help="transformer reliance of a base model (Dice intact vs ViT tokens ablated); "
-                       "with --adapter, where the adapter's change goes and how much reaches the logits")
-    base_arguments(p)
-    p.add_argument("--adapter", type=Path, help="an adapter file: measure its effect inside the model instead "
-                   "(per layer prompt attention, per stage change and uniform share, logits, labels changed)")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--centers", help="comma-separated centers (default: those the base was trained on)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"))
-    p.add_argument("--skip-bad-cases", action="store_true")
-    splits_argument(p)
-    p.add_argument("--out", type=out_path, help="also write the result as JSON (with --adapter, and a figure "
-                   "beside it, same name, .png)")
-    p.set_defaults(func=_cmd_inspect, out_kind="file")
-
-    p = sub.add_parser("predict", help="segment CT/PET pairs; the label map is written on the CT grid",
-                       description="Segment CT/PET pairs. Each pair is first checked as check-data checks a case "
-                                   "(readable, 3D, finite, CT and PET overlapping, CT in HU, PET in SUV): one bad "
-                                   "case stops with its problem (exit 2); with --input the other cases are still "
-                                   "predicted and the bad ones listed at the end (exit 1).")  # fmt: skip
-    base_arguments(p)
-    p.add_argument("--adapter", type=Path)
-    p.add_argument("--ct", type=Path, help="CT NIfTI of one case (HU)")
-    p.add_argument("--pet", type=Path, help="PET NIfTI of the same case (SUV)")
-    p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
-    _bank_options(p)
-    p.add_argument("--out", required=True, type=out_path,
-                   help="output file ending in .nii.gz or .nii (one case), or folder (--input); never an input, "
-                        "never inside the data folder")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace predictions that already exist (refused without)")
-    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("experiment", help="leave-one-center-out comparison of strategies")
     p.add_argument("--data", required=True, type=Path)
