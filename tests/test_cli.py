@@ -154,6 +154,13 @@ def test_experiment_results_schema(data: Path, base: Path, tmp_path: Path) -> No
     for name in ("results.md", "dice_per_strategy.png", "params_vs_dice.png", "case_slices.png"):
         assert (out / name).exists(), name
     assert "| deep |" in (out / "results.md").read_text()
+    # A user reproduces the table's new-center figure: exactly the experiment's new-center test set.
+    path = tmp_path / "new_deep.json"
+    assert main(["evaluate", "--data", str(data), "--base", str(base), "--adapter", deep["artifact"],
+                 "--cases", str(out / "results.json"), "--out", str(path)]) == 0  # fmt: skip
+    scored = json.loads(path.read_text())
+    assert sorted(c["case_id"] for c in scored["per_case"]) == sorted(results["new_center_test_cases"])
+    assert scored["overall"]["dsc_agg"]["mean"] == pytest.approx(deep["new_center"]["dsc_agg"]["mean"], nan_ok=True)
 
 
 def test_inspect_reports_the_transformer_reliance(data: Path, base: Path, tmp_path: Path,

@@ -27,7 +27,7 @@ COMMAND_MODULES = (
 
 
 # Arguments that name what a command reads; its --out may not be, hold or lie inside any of them.
-INPUT_ARGUMENTS = ("data", "base", "adapter", "bank", "ct", "pet", "input", "splits", "model_config", "preprocess",
+INPUT_ARGUMENTS = ("data", "base", "adapter", "bank", "ct", "pet", "input", "splits", "model_config", "preprocess", "cases",
                    "profiles", "predictions", "labels")  # fmt: skip
 IMAGE_FOLDERS = ("imagesTr", "imagesTs", "labelsTr")  # HECKTOR layout: such a folder's parent is the data folder
 

@@ -29,8 +29,29 @@ def case_selection(args: argparse.Namespace, **fixed: Any) -> Any:
 
     given = {"data_dir": args.data, "centers": tuple(args.centers.split(",")) if getattr(args, "centers", None) else (),
              "split": getattr(args, "split", "test"), "score_at": getattr(args, "score_at", "ct"),
-             "skip_bad_cases": args.skip_bad_cases, "splits_file": args.splits}  # fmt: skip
+             "skip_bad_cases": args.skip_bad_cases, "splits_file": args.splits,
+             "case_ids": read_case_list(args.cases) if getattr(args, "cases", None) else ()}  # fmt: skip
     return CaseSelection(**{**given, **fixed})
+
+
+EXPERIMENT_TEST_SET = "new_center_test_cases"  # in an experiment's results.json
+
+
+def read_case_list(path: Path) -> tuple[str, ...]:
+    """``--cases``: a JSON list of case IDs, or an experiment's results.json (its new center's test
+    cases: the cases its table's new-center column was scored on)."""
+    import json
+
+    from centerprompt.files import read_text
+
+    try:
+        data = json.loads(read_text(path, "case list"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err.msg}); give a list of case IDs or an experiment's results.json.") from err
+    ids = data.get(EXPERIMENT_TEST_SET) if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f"{path}: neither a list of case IDs nor an experiment's results.json ({EXPERIMENT_TEST_SET}).")
+    return tuple(ids)
 
 
 def model_source(args: argparse.Namespace) -> Any:
@@ -151,6 +172,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     base_arguments(p)
     p.add_argument("--adapter", type=Path, help="per-center adapter file")
     p.add_argument("--centers", help="comma-separated centers (default: all)")
+    p.add_argument("--cases", type=Path, help="exactly these cases (instead of --centers and --split): a JSON list of "
+                   "case IDs, or an experiment's results.json, whose new-center test set its table was scored on")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--score-at", default="ct", choices=("ct", "preprocessed"), help="grid the scores are computed on")
     p.add_argument("--skip-bad-cases", action="store_true", help="skip (with a warning) cases that fail the checks")

@@ -108,10 +108,12 @@ class CaseSelection:
     score_at: str = "ct"
     skip_bad_cases: bool = False
     splits_file: Path | None = None
+    case_ids: tuple[str, ...] = ()  # exactly these cases instead of a split's (an experiment's test set)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "centers", tuple(self.centers or ()))
+        object.__setattr__(self, "case_ids", tuple(self.case_ids or ()))
         if self.split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {self.split!r}.")
         if self.score_at not in SCORE_AT:
@@ -124,6 +126,13 @@ class CaseSelection:
                                    split_defaults=split_defaults(base, None))  # fmt: skip
         if base is not None:
             check_base_split(base, splits)
+        if self.case_ids:
+            unknown = sorted(set(self.case_ids) - set(cases))
+            if unknown:
+                raise ValueError(f"{self.data_dir}: no usable labelled case {unknown[0]} (of {len(unknown)} listed "
+                                 "cases not found).")  # fmt: skip
+            ids = sorted(self.case_ids)
+            return SelectedCases(self, cases, splits, sorted({cases[i].center for i in ids}), ids)
         centers = list(self.centers) or [c for c in (default_centers or sorted(splits)) if c in splits]
         ids = split_case_ids(splits, centers, self.split, self.data_dir)
         return SelectedCases(self, cases, splits, centers, ids)
@@ -144,5 +153,6 @@ class SelectedCases:
 
     def record(self) -> dict[str, Any]:
         """What a result records about the cases it scored."""
-        return {"data_dir": str(self.selection.data_dir), "split": self.selection.split, "splits": self.splits.record(),
+        split = "listed cases" if self.selection.case_ids else self.selection.split
+        return {"data_dir": str(self.selection.data_dir), "split": split, "splits": self.splits.record(),
                 "score_at": self.selection.score_at}  # fmt: skip
