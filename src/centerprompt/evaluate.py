@@ -86,6 +86,26 @@ def sliding_window_predict(
     return torch.softmax(logits, dim=1)
 
 
+# nnU-Net's test-time mirroring: every subset of the three spatial axes, the identity included.
+MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+
+
+def mirrored_predict(
+    model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int] | int, sw_batch_size: int = 1,
+    **model_kwargs: Any,
+) -> torch.Tensor:  # fmt: skip
+    """Test-time augmentation by mirroring (nnU-Net's): the mean of the softmax of
+    :func:`sliding_window_predict` over the 8 mirrorings of ``image``'s spatial axes, each flipped
+    back before averaging. Costs 8 predictions."""
+    total = torch.zeros(())
+    for axes in MIRROR_AXES:
+        dims = [a + 2 for a in axes]  # (B, C, *spatial)
+        flipped = image.flip(dims) if dims else image
+        probs = sliding_window_predict(model, flipped, roi_size, sw_batch_size, **model_kwargs)
+        total = total + (probs.flip(dims) if dims else probs)
+    return total / len(MIRROR_AXES)
+
+
 def _as_label_map(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     t = torch.as_tensor(x).detach().cpu()
     if t.ndim != 3:

@@ -119,9 +119,10 @@ class BankSource:
     (or ``"base"``) for every scan, or ``"auto"`` routes each scan by its acquisition fingerprint
     (at most ``false_fallback`` of a banked center's own scans falling back). Opened lazily."""
 
-    def __init__(self, base: BaseLike, bank: str | Path, center: str = "auto",
-                 false_fallback: float = FALSE_FALLBACK) -> None:  # fmt: skip
+    def __init__(self, base: BaseLike, bank: str | Path, center: str = "auto", false_fallback: float = FALSE_FALLBACK,
+                 device: torch.device | None = None) -> None:  # fmt: skip
         self._spec, self.bank, self.center, self.false_fallback = base, bank, center, false_fallback
+        self.device = device or default_device()
 
     @functools.cached_property
     def base(self) -> BaseCheckpoint:
@@ -129,7 +130,7 @@ class BankSource:
 
     @functools.cached_property
     def model(self) -> BankModel:
-        model = load_bank_model(self.base, self.bank, default_device())
+        model = load_bank_model(self.base, self.bank, self.device)
         if self.center not in ("auto", FALLBACK):
             model.inputs_for([self.center])  # an unknown center is refused before any scan
         return model

@@ -55,17 +55,35 @@ def read_case_list(path: Path) -> tuple[str, ...]:
 
 
 def model_source(args: argparse.Namespace) -> Any:
-    """What serves predict's and evaluate's scans: ``--bank`` (``--center`` of it, or routed), else
-    ``--base`` with ``--adapter`` if given."""
+    """What serves predict's and evaluate's scans: ``--bank`` (``--route`` among its centers), else
+    ``--base`` with ``--adapter`` if given; on ``--device`` where the command has it."""
+    device = chosen_device(getattr(args, "device", None))
     if args.bank:
         from centerprompt.bank.serving import BankSource
 
-        return BankSource(base_spec(args), args.bank, args.route or "auto", **false_fallback_option(args))
+        return BankSource(base_spec(args), args.bank, args.route or "auto", device=device, **false_fallback_option(args))
     if args.route is not None:
         raise ValueError("--route chooses among a bank's centers: give --bank.")
     from centerprompt.runs.predict import AdaptedModel
 
-    return AdaptedModel(base_spec(args), args.adapter)
+    return AdaptedModel(base_spec(args), args.adapter, device)
+
+
+def chosen_device(name: str | None) -> Any:
+    """``--device`` (cpu, cuda, cuda:1, mps) as a torch device, refused in one line when absent here; None: the default."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:N, mps).") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here.")
+    return device
 
 
 def false_fallback_option(args: argparse.Namespace) -> dict[str, float]:
@@ -129,15 +147,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not args.input and not (args.ct and args.pet):
         raise ValueError("give --ct and --pet (one case) or --input DIR (a folder of cases).")
     check_prediction_out(args.out, folder=bool(args.input))  # before reading anything
+    source = model_source(args)  # the device is checked here; the model is read when the first scan needs it
     pairs = folder_pairs(args.input, args.out) if args.input else [(args.ct, args.pet, args.out)]
     # A folder goes on past a bad case and reports it below; one case stops with its problem (exit 2).
     skipped: list[str] = []
     on_bad_case = skipped.append if args.input else None
-    records = predict(model_source(args), pairs, on_bad_case=on_bad_case, overwrite=args.overwrite)
-    for r in records:
-        if r.get("center") is not None:
-            route = r.get("route") or {}
-            print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.3f})" if route else ""))
+    records = predict(source, pairs, on_bad_case=on_bad_case, overwrite=args.overwrite, tta=args.tta,
+                      save_probabilities=args.save_probabilities)  # fmt: skip
+    routed = [r for r in records if r.get("center") is not None]
+    for r in routed:
+        route = r.get("route") or {}
+        why = f"; {route['reason']}" if route.get("reason") else ""
+        print(f"{r['ct']}: prompts of {r['center']}" + (f" (distance {route['distance']:.2f}, threshold "
+                                                         f"{route['threshold']:.2f}{why})" if route else ""))  # fmt: skip
+    if routed:
+        from centerprompt.files import write_json
+
+        one_case = Path(str(args.out).removesuffix(".gz")).with_suffix(".routing.json")  # CASE.routing.json
+        where = Path(args.out) / "routing.json" if args.input else one_case
+        write_json({**source.describe(), "scans": routed}, where)
+        print(f"routing decisions: {where}")
     print(f"wrote {len(records)} prediction(s) on the CT grid" + (f" to {args.out}" if args.input else f": {args.out}"))
     if skipped:
         print(f"skipped {len(skipped)} of {len(pairs)} case(s) that failed the input checks:", file=sys.stderr)
@@ -206,12 +235,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", type=Path)
     p.add_argument("--ct", type=Path, help="CT NIfTI of one case (HU)")
     p.add_argument("--pet", type=Path, help="PET NIfTI of the same case (SUV)")
-    p.add_argument("--input", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
+    p.add_argument("--input", "-i", type=Path, help="a folder of cases (<ID>__CT.nii.gz, <ID>__PT.nii.gz) instead")
     _bank_options(p)
-    p.add_argument("--out", required=True, type=out_path,
+    p.add_argument("--out", "-o", required=True, type=out_path,
                    help="output file ending in .nii.gz or .nii (one case), or folder (--input); never an input, "
                         "never inside the data folder")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace predictions that already exist (refused without)")
+    p.add_argument("--device", help="where the network runs: cpu, cuda, cuda:N (default: the GPU if there is one)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: the mean of the 8 mirrorings of the volume (8 times the time)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write the softmax on the CT grid (float32, X x Y x Z x 3) as CASE_probabilities.nii.gz")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("score", help="score label maps made by any tool against ground truth, as HECKTOR 2022 does",

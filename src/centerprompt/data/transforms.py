@@ -308,6 +308,39 @@ def save_prediction(pred: torch.Tensor | np.ndarray, data: dict, out_path: str |
     return out_path
 
 
+PROBABILITIES_SUFFIX = "_probabilities"  # CASE.nii.gz's softmax: CASE_probabilities.nii.gz beside it
+
+
+def probabilities_path(label_path: str | Path) -> Path:
+    """Where :func:`save_probabilities` writes the softmax of a label map written to ``label_path``."""
+    path = Path(label_path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    return path.with_name(path.name[: -len(suffix)] + PROBABILITIES_SUFFIX + suffix)
+
+
+def save_probabilities(probs: torch.Tensor, data: dict, out_path: str | Path, transform: Compose) -> Path:
+    """Write softmax probabilities (1, C, D, H, W) in preprocessed space as a float32 NIfTI
+    (X, Y, Z, C) on the original CT grid (its affine), atomically.
+
+    The foreground classes are mapped back with linear interpolation (:class:`~monai.transforms.Invertd`
+    with the image's own modes); background is 1 minus their sum, so every voxel sums to 1,
+    including those outside the preprocessing crop (background there, as in the label map).
+    """
+    inverter = Invertd("pred", transform=transform, orig_keys="ct", nearest_interp=False)
+    foreground = inverter({"pred": MetaTensor(probs[0, 1:].float().cpu()), "ct": data["image"]})["pred"]
+    foreground = torch.as_tensor(foreground).clamp(0.0, 1.0)
+    background = (1.0 - foreground.sum(0, keepdim=True)).clamp(min=0.0)
+    stacked = torch.cat([background, foreground]) / torch.cat([background, foreground]).sum(0, keepdim=True)
+    ct = nib.load(Path(data["image"].meta["filename_or_obj"]))
+    array = np.moveaxis(stacked.numpy().astype(np.float32), 0, -1)  # (X, Y, Z, C)
+    if array.shape[:3] != ct.shape[:3]:
+        raise ValueError(f"inverted probabilities {array.shape[:3]} do not fit the CT grid {ct.shape[:3]}.")
+    out_path = Path(out_path)
+    with atomic_path(out_path, keep_suffix=True) as tmp:
+        nib.save(nib.Nifti1Image(array, ct.affine), tmp)
+    return out_path
+
+
 def load_label_on_ct_grid(case: Case) -> np.ndarray:
     """The case's label as uint8 in the CT file's voxel order, for scoring at CT resolution."""
     if case.label is None:

@@ -19,8 +19,14 @@ from centerprompt.artifacts import build_adapted_model
 from centerprompt.checkpoints import BaseCheckpoint, BaseLike
 from centerprompt.data.checks import check_pair
 from centerprompt.data.hecktor import DataError
-from centerprompt.data.transforms import PreprocessConfig, inference_transforms, save_prediction
-from centerprompt.evaluate import sliding_window_predict
+from centerprompt.data.transforms import (
+    PreprocessConfig,
+    inference_transforms,
+    probabilities_path,
+    save_prediction,
+)
+from centerprompt.data.transforms import save_probabilities as save_probabilities_file
+from centerprompt.evaluate import mirrored_predict, sliding_window_predict
 from centerprompt.files import bars, check_output
 from centerprompt.runs.base import check_adapter_preprocess, open_base
 from centerprompt.scoring import SW_BATCH
@@ -45,18 +51,22 @@ def check_prediction_out(path: str | Path, *, folder: bool = False) -> Path:
     return check_output(path, "folder" if folder else "file")
 
 
-def check_prediction_outputs(pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *, overwrite: bool = False) -> None:
-    """Before any work: every output of ``pairs`` (CT, PET, output) can be written
-    (:func:`check_prediction_out`), none is an input image, and none exists unless ``overwrite``
-    (a prediction never silently replaces a file: a label map, another run's predictions)."""
+def check_prediction_outputs(
+    pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *, overwrite: bool = False, probabilities: bool = False
+) -> None:
+    """Before any work: every output of ``pairs`` (CT, PET, output; with ``probabilities`` also its
+    probabilities file) can be written (:func:`check_prediction_out`), none is an input image, and
+    none exists unless ``overwrite`` (a prediction never silently replaces a file: a label map,
+    another run's predictions)."""
     images = {Path(p).resolve() for ct, pet, _ in pairs for p in (ct, pet)}
     existing = []
-    for _, _, out in pairs:
-        check_prediction_out(out)
-        if Path(out).resolve() in images:
-            raise ValueError(f"{out}: is an input image of this command; write the prediction to another file.")
-        if Path(out).exists():
-            existing.append(out)
+    for _, _, label_map in pairs:
+        for out in (label_map, probabilities_path(label_map)) if probabilities else (label_map,):
+            check_prediction_out(out)
+            if Path(out).resolve() in images:
+                raise ValueError(f"{out}: is an input image of this command; write the prediction to another file.")
+            if Path(out).exists():
+                existing.append(out)
     if existing and not overwrite:
         many = f" ({len(existing)} of the {len(pairs)} outputs exist)" if len(pairs) > 1 else ""
         raise ValueError(f"{existing[0]}: exists{many}; give --overwrite to replace it, or another --out.")
@@ -82,7 +92,7 @@ def prediction_inputs(
     on_bad_case: Callable[[str], Any] | None = None,
 ) -> Iterator[tuple[Path, Path, dict[str, Any], torch.Tensor, Any]]:  # fmt: skip
     """For each (CT, PET, output): the CT path, the output path, the preprocessed item, the network
-    input (1, 2, D, H, W) on the default device, and the transform that inverts it.
+    input (1, 2, D, H, W) on the CPU, and the transform that inverts it.
 
     Each pair is first checked as ``check-data`` checks an unlabelled case (:func:`check_pair`:
     readable, 3D, finite, overlapping, CT in HU and PET in SUV), so a bad input is named instead
@@ -99,7 +109,7 @@ def prediction_inputs(
             logger.warning("skipping %s: %s", ct, err)
             on_bad_case(str(err))
             continue
-        yield Path(ct), Path(out), data, data["image"].as_tensor()[None].to(default_device()), transform
+        yield Path(ct), Path(out), data, data["image"].as_tensor()[None], transform
 
 
 @dataclass
@@ -121,6 +131,8 @@ class ModelSource(Protocol):
     one thing :func:`predict` and :func:`~centerprompt.runs.score.evaluate` vary. Opened lazily, so
     outputs are checked before any model is read."""
 
+    device: torch.device
+
     @property
     def base(self) -> BaseCheckpoint: ...
 
@@ -132,10 +144,12 @@ class ModelSource(Protocol):
 
 
 class AdaptedModel:
-    """A base model, with an adapter if given: one network for every scan."""
+    """A base model, with an adapter if given: one network for every scan, on ``device`` (default:
+    the GPU when there is one)."""
 
-    def __init__(self, base: BaseLike, adapter: str | Path | None = None) -> None:
+    def __init__(self, base: BaseLike, adapter: str | Path | None = None, device: torch.device | None = None) -> None:
         self._spec, self.adapter = base, adapter
+        self.device = device or default_device()
 
     @functools.cached_property
     def base(self) -> BaseCheckpoint:
@@ -145,7 +159,7 @@ class AdaptedModel:
 
     @functools.cached_property
     def model(self) -> nn.Module:
-        return build_adapted_model(self.base, self.adapter).to(default_device())
+        return build_adapted_model(self.base, self.adapter).to(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {"base": str(self.base.path), "adapter": str(self.adapter) if self.adapter else None}
@@ -156,27 +170,34 @@ class AdaptedModel:
 
 def predict(
     source: ModelSource, pairs: Sequence[tuple[str | Path, str | Path, str | Path]], *, progress: bool = True,
-    on_bad_case: Callable[[str], Any] | None = None, overwrite: bool = False,
+    on_bad_case: Callable[[str], Any] | None = None, overwrite: bool = False, tta: bool = False,
+    save_probabilities: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Segment each (CT, PET) pair and write the label map to its output path on the CT grid; one
     record per written prediction: input, output and, from a bank, the center used and its route.
 
+    ``tta``: the mean of the 8 mirrored predictions (:func:`~centerprompt.evaluate.mirrored_predict`,
+    8 times the time). ``save_probabilities``: also the softmax on the CT grid, ``CASE_probabilities.nii.gz``
+    beside ``CASE.nii.gz`` (:func:`~centerprompt.data.transforms.save_probabilities`).
     Output paths are checked before the model is read (:func:`check_prediction_outputs`: an
     existing file is replaced only with ``overwrite``), inputs pair by pair
     (:func:`prediction_inputs`): a bad pair raises DataError and writes nothing for it, or with
     ``on_bad_case`` (e.g. a list's ``append``) is reported there and the next pair goes on.
     """
-    check_prediction_outputs(pairs, overwrite=overwrite)
+    check_prediction_outputs(pairs, overwrite=overwrite, probabilities=save_probabilities)
     preprocess = source.base.preprocess
+    run = mirrored_predict if tta else sliding_window_predict
     pets = {Path(ct): Path(pet) for ct, pet, _ in pairs}
     records = []
     for ct, out, data, image, transform in prediction_inputs(pairs, preprocess, progress, on_bad_case):
         started = time.perf_counter()
         served = source.serve(ct, pets[ct])
-        pred = sliding_window_predict(served.net, image, preprocess.roi_size, SW_BATCH, **served.kwargs).argmax(1).cpu()
-        written = save_prediction(pred, data, out, transform)
-        records.append({"ct": str(ct), "out": str(written), **served.record()})
-        logger.info("%s -> %s%s (%.1f s)", ct, written, f" with {served.center}" if served.center else "",
+        probs = run(served.net, image.to(source.device), preprocess.roi_size, SW_BATCH, **served.kwargs).cpu()
+        record = {"ct": str(ct), "out": str(save_prediction(probs.argmax(1), data, out, transform)), **served.record()}
+        if save_probabilities:
+            record["probabilities"] = str(save_probabilities_file(probs, data, probabilities_path(out), transform))
+        records.append(record)
+        logger.info("%s -> %s%s (%.1f s)", ct, out, f" with {served.center}" if served.center else "",
                     time.perf_counter() - started)  # fmt: skip
     return records
 
