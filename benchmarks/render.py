@@ -459,7 +459,11 @@ def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
     """RESULTS.md text: header, targets, then one section per measurement; ``gpu``: the results of
     the paper-scale GPU run, summarised in a last section."""
     parts = [p for p in ("presets", "cost", "quality", "recipe") if p in results]
-    lines = ["# Benchmarks: what prompt tuning costs and gains", "", *_provenance_lines(results, parts)]
+    lines = ["# Benchmarks: what prompt tuning costs and gains", "", *_provenance_lines(results, parts),
+             "Every DSCagg below was measured before 2026-12-06 and pools voxel counts on each case's CT grid; "
+             "`evaluate` and `score` now pool volumes in mm³ as the HECKTOR 2022 organisers do. Rescored in mm³, "
+             "the demo's new-center DSCagg (one center, one voxel size) is unchanged and its old-center DSCagg "
+             "moves by up to ±0.011 (README, Commands: Scoring).", ""]  # fmt: skip
     if "cost" in results:
         lines += ["Costs are medians over interleaved rounds in one process (same weights, same batch); "
                   "ratios are to full fine-tuning. Training memory = weights + activations saved for backward + "
