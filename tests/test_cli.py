@@ -224,3 +224,20 @@ def test_score_of_predict_agrees_with_evaluate(data: Path, base: Path, tmp_path:
         e = evaluated[summary] if isinstance(summary, str) else evaluated[summary[0]][summary[1]]
         s = scored[summary] if isinstance(summary, str) else scored[summary[0]][summary[1]]
         assert s["dsc_agg"]["mean"] == pytest.approx(e["dsc_agg"]["mean"], abs=1e-6, nan_ok=True)
+
+
+def test_quiet_shows_results_only(tmp_path: Path) -> None:
+    """In a process of its own, as a user runs it: the same files and output, no info lines or bars."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    runs = {}
+    for name, flags in (("loud", []), ("quiet", ["--quiet"])):
+        args = [sys.executable, "-m", "centerprompt", *flags, "synth", "--out", str(tmp_path / name), "--centers",
+                "CHUM", "--cases-per-center", "1"]  # fmt: skip
+        runs[name] = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    assert (tmp_path / "quiet" / "imagesTr" / "CHUM-001__CT.nii.gz").is_file()
+    assert runs["quiet"].stdout == runs["loud"].stdout.replace(str(tmp_path / "loud"), str(tmp_path / "quiet"))
+    assert "INFO" in runs["loud"].stderr and runs["quiet"].stderr == ""

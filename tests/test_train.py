@@ -54,6 +54,14 @@ def test_fit_writes_run_files_and_reduces_loss(tmp_path: Path) -> None:
     assert sum(result.phase_seconds.values()) <= result.train_seconds + 0.05
     # Trained channels-last on the CPU, handed back contiguous (safetensors refuses strided tensors).
     assert all(p.is_contiguous() for p in model.parameters())
+    # The same curves as TensorBoard event files: `tensorboard --logdir RUN` shows them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert {"train/lr", "train/seconds"} <= set(events.Tags()["scalars"])
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:

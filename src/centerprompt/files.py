@@ -71,8 +71,9 @@ def _umask() -> int:
 
 def bars(progress: bool) -> bool | None:
     """tqdm's ``disable`` for a progress bar the caller wants or not: when wanted, shown only on a
-    terminal (None: tqdm checks), so logs and CI output do not fill with bar updates."""
-    return None if progress else True
+    terminal (None: tqdm checks), so logs and CI output do not fill with bar updates, and never
+    under tqdm's own ``TQDM_DISABLE`` (which ``centerprompt --quiet`` sets)."""
+    return None if progress and not os.environ.get("TQDM_DISABLE") else True
 
 
 _TMP_NAME = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp.*")  # atomic_path's temporary names, with the writer's pid

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.metadata
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompt tuning of a frozen UNETR for a new PET/CT center (HECKTOR layout).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show the traceback of errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results: no progress "
+                        "bars, no info lines (run folders' log.txt still records everything)")
     parser.add_argument("--version", action="version", version=f"centerprompt {importlib.metadata.version('centerprompt')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from centerprompt.strategies import load_plugins
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch: MONAI's caching bars obey it too
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)  # run logs may record DEBUG lines; the console shows INFO

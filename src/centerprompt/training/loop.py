@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 LAST_CHECKPOINT = "last.pt"
+TENSORBOARD_DIR = "tensorboard"  # event files of the training curves: `tensorboard --logdir RUN`
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 # Where an epoch's time goes (per epoch in metrics.jsonl, summed in TrainResult): waiting for the
@@ -283,6 +285,14 @@ def _diverged(run_dir: Path, err: NonFiniteLoss, epoch: int, finished: int, lr: 
             f"stopped ({kept}); lower --lr (now {lr:g}) and run again.")
 
 
+def _curve_writer(run_dir: Path) -> Any:
+    """TensorBoard's writer of the run's training curves (loss, learning rate, validation Dice and
+    time per epoch), under ``run_dir/tensorboard``; a resumed run adds its epochs to the same curves."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is not needed to predict
+
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+
+
 def fit(
     trainer: Trainer,
     run_dir: str | Path,
@@ -316,7 +326,9 @@ def fit(
     elif writer:  # a fresh start: nothing of an earlier run may leak into this one
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
 
+    curves = _curve_writer(run_dir) if writer else None
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch",
                disable=bars(bool(progress and writer)), leave=False)  # fmt: skip
     stopped_early = False
@@ -359,6 +371,11 @@ def fit(
             if writer:
                 with open(run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if curves is not None:
+                for name in ("loss", "lr", "val_dice", "seconds"):
+                    if name in row:
+                        curves.add_scalar(f"train/{name}", row[name], epoch + 1)
+                curves.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row.get('val_dice', float('nan')):.3f}")
             logger.debug("epoch %d: %s", epoch + 1, row)
@@ -369,6 +386,8 @@ def fit(
                 logger.info("early stop at epoch %d (best %.4f at %d)", epoch + 1, state["best_metric"], state["best_epoch"])
                 break
     bar.close()
+    if curves is not None:
+        curves.close()
     state["peak_mb"] = max(state["peak_mb"], mem["peak_mb"])
     if is_distributed():
         dist.barrier()
