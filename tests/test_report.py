@@ -167,3 +167,22 @@ def test_phase_table_shares_details_and_reuse() -> None:
     assert lines[2] == "| pretraining | 30 | 75% | caching 4 s, data 1 s, step 20 s, val 4 s, save 0 s |"
     assert lines[3] == "| training deep | 10 | 25% | reused: a finished run of the same configuration |"
     assert lines[-1] == "| total | 40 | 100% | |"
+
+
+def test_figures_read_without_the_code(tmp_path, monkeypatch):
+    """Anchored DSCagg axis (a few thousandths of noise must not look like a difference), a named
+    case, and the smoke run's report saying it is one."""
+    import centerprompt.study.report as report
+
+    drawn = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: drawn.append(fig) or path)
+    results = fake_results()
+    for s in results["strategies"].values():  # every strategy within 0.003 of each other
+        s["new_center"]["dsc_agg"]["mean"] = 0.5 + 0.001 * len(drawn)
+    report.plot_params_vs_dice(results, tmp_path / "p.png")
+    assert drawn[-1].axes[0].get_ylim() == (0.0, 1.0)
+    gt = np.zeros((8, 8, 8), dtype=np.int64)
+    report.plot_case_slices(gt, gt, gt, {}, tmp_path / "c.png", title="MDA-003 (MDA): axial slices")
+    assert drawn[-1]._suptitle.get_text() == "MDA-003 (MDA): axial slices"
+    assert "Smoke run" in results_markdown({**results, "smoke_run": True})
+    assert "Smoke run" not in results_markdown(results)

@@ -236,6 +236,9 @@ def plot_confusion(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("routed to")
     ax.set_ylabel("true center")
+    ax.set_title(f"Routing of {result.get('split', '?')} scans by acquisition fingerprint\n(bank "
+                 f"{Path(str(result.get('bank', '?'))).name}; false-fallback rate {result.get('false_fallback', '?')})",
+                 fontsize=9)  # fmt: skip
     fig.colorbar(image, ax=ax, label="share of the center's scans")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=150, bbox_inches="tight")

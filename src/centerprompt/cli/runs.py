@@ -198,7 +198,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     settings["strategies"] = (*names, registry.ORACLE) if args.oracle else tuple(names)
     results = run_experiment(ExperimentRun(data_dir=data, new_center=args.new_center, out=out, preset="cpu",
                                            seed=args.seed, command="centerprompt demo" + (" --quick" if args.quick else ""),
-                                           splits=args.splits, **settings))  # fmt: skip
+                                           splits=args.splits, smoke=args.quick, **settings))  # fmt: skip
     from centerprompt.study.report import phase_table
 
     print((out / "results.md").read_text().split(PHASE_HEADING)[0])

@@ -165,7 +165,7 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
         "adapt_train_cases": list(loco.adapt_train), "shots": run.shots, "prompts": run.num_prompts, "seed": run.seed,
         "preset": run.preset, "score_at": run.score_at, "machine": machine_info(), "date": date.today().isoformat(),
         "command": run.command or " ".join(sys.argv), "config": run.provenance(), "splits": splits.record(),
-        "stages": stages,
+        "stages": stages, "smoke_run": run.smoke,
         "base": {"transformer_reliance": reliance}, "strategies": {},
     }  # fmt: skip
     for name in run.strategies:
@@ -229,7 +229,11 @@ def run_experiment(run: ExperimentRun) -> dict[str, Any]:
     with clock("report and figures"):
         item = new_scorer.dataset[slice_case]
         image, label = item["image"].as_tensor().numpy(), item["label"].as_tensor()[0].numpy()
-        plot_case_slices(image[0], image[1], label, previews, out / "case_slices.png", axis=2)
+        case = new_scorer.cases[slice_case]
+        mm = "x".join(f"{v:g}" for v in preprocess.spacing)
+        title = (f"{case.case_id} ({case.center}, the new center's test case with the most tumour): axial slices "
+                 f"(axis 2 of the RAS-oriented preprocessed crop, {mm} mm voxels), drawn as stored")  # fmt: skip
+        plot_case_slices(image[0], image[1], label, previews, out / "case_slices.png", axis=2, title=title)
         paths = write_report(results, out)
     write_json(results, paths["json"])  # with the report's own time, which results.md cannot hold
     logger.info("report written to %s", paths["markdown"])

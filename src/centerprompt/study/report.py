@@ -106,8 +106,8 @@ def _context_lines(results: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"Transformer reliance of the base model: old-center DSCagg {_fmt(_num(reliance.get('intact_dsc_agg')))} "
             f"intact, {_fmt(_num(reliance.get('ablated_dsc_agg')))} with every ViT token grid feeding the decoder "
-            f"replaced by its mean token (drop {_fmt(_num(reliance.get('drop')))}; near 0 means the decoder ignores "
-            "the transformer and prompts have nothing to steer)."
+            f"replaced by its mean token (drop {_fmt(_num(reliance.get('drop')))}; near 0, for a trained base, means "
+            "the decoder ignores the transformer and prompts have nothing to steer)."
         )
     gap = results.get("oracle_gap")
     if gap is not None:
@@ -120,9 +120,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     strategies: Mapping[str, Any] = results.get("strategies", {})
     machine = results.get("machine") or {}
     machine_text = ", ".join(f"{k}: {v}" for k, v in machine.items()) if isinstance(machine, Mapping) else str(machine)
+    smoke = ["**Smoke run** (`demo --quick`: a few epochs, to check that everything runs): its figures are not "
+             "results; run `centerprompt demo` for them.", ""] if results.get("smoke_run") else []  # fmt: skip
     lines = [
         f"# Adapting to new center {results.get('new_center', '?')}",
         "",
+        *smoke,
         f"New center **{results.get('new_center', '?')}**, {len(results.get('new_center_test_cases', []))} test cases; "
         f"date {results.get('date', '?')}; machine {machine_text or '?'}.",
         "",
@@ -290,7 +293,8 @@ def plot_params_vs_dice(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.scatter([params], [dice], color=NEW_COLOR, zorder=3)
         ax.annotate(name, (params, dice), xytext=(-6, -3) if crowded else (5, 4), textcoords="offset points",
                     ha="right" if crowded else "left", fontsize=8)
-    ax.margins(x=0.08, y=0.1)
+    ax.margins(x=0.08)
+    ax.set_ylim(0, 1)  # DSCagg's own range: a few thousandths of noise must not fill the figure
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"new-center DSCagg mean ({results.get('new_center', '?')})")
@@ -340,6 +344,7 @@ def plot_case_slices(
     path: str | Path,
     n_slices: int = 3,
     axis: int = 0,
+    title: str | None = None,
 ) -> Path:
     """Grid of axial slices through the tumour: rows CT, PET, ground truth, one per prediction.
 
@@ -353,6 +358,7 @@ def plot_case_slices(
         path: PNG to write.
         n_slices: columns. Default 3.
         axis: the axial (slice) axis; 0 for (D, H, W) label maps as scored. Slices are drawn as stored.
+        title: the figure's title (which case, which center, which orientation).
     """
     if n_slices < 1:
         raise ValueError(f"n_slices must be at least 1, got {n_slices}.")
@@ -389,6 +395,8 @@ def plot_case_slices(
                 ax.set_ylabel(row_name, fontsize=9)
     handles = [Patch(color=color, label=name) for name, color in LABEL_COLORS.values()]
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path)
 
 

@@ -25,7 +25,7 @@ from centerprompt.training.presets import PRESETS, Preset
 SCORE_AT = ("ct", "preprocessed")
 ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
 # ``splits`` is where the split is read: the job records the split itself by its hash (``splits_sha256``).
-EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change", "splits")
+EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change", "splits", "smoke")
 BASE_FIELDS = ("model_config", "preprocess")  # in a run's provenance only when given
 
 
@@ -258,6 +258,7 @@ class ExperimentRun(_Run, _OwnBase):
     progress: bool = True
     command: str | None = None
     splits: Path | None = None
+    smoke: bool = False  # a smoke run (demo --quick): the report says its figures are not results
 
     def __post_init__(self) -> None:
         names = tuple(self.strategies)
