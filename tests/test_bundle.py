@@ -171,6 +171,15 @@ def test_the_metadata_has_monais_fields_and_describes_the_network(bundle: Path, 
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu",
                       bundle_root=str(bundle))  # fmt: skip
     assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
+    import logging.config
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # the file MONAI's runner reads (it warns without one) is a valid logging configuration
+        logging.config.fileConfig(bundle / "configs" / "logging.conf", disable_existing_loggers=False)
+        assert root.level == logging.INFO
+    finally:
+        root.handlers[:], root.level = handlers, level
 
 
 def test_monai_verify_metadata_accepts_the_metadata(bundle: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[set[str]] = [
     {"files", "data.labels", "data.synthetic.profiles", "data.synthetic.anatomy", "models.prompts", "models.steering",
      "models.key_value", "models.cpu_conv", "data", "models"},
-    {"data.hecktor", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
+    {"data.hecktor", "data.datalists", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
      "data.synthetic.writer", "models.prompted_unetr", "evaluate"},
     {"weights", "strategies", "checkpoints", "scoring"},
     {"artifacts", "training", "training.devices", "training.presets", "training.loop"},

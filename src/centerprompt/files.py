@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -74,6 +75,12 @@ def bars(progress: bool) -> bool | None:
     terminal (None: tqdm checks), so logs and CI output do not fill with bar updates, and never
     under tqdm's own ``TQDM_DISABLE`` (which ``centerprompt --quiet`` sets)."""
     return None if progress and not os.environ.get("TQDM_DISABLE") else True
+
+
+def terminal_bars() -> bool:
+    """Whether a library that always draws its bar when asked (MONAI's caching) should be asked:
+    only on a terminal, and not under ``TQDM_DISABLE`` (``--quiet``)."""
+    return sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
 
 
 _TMP_NAME = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp.*")  # atomic_path's temporary names, with the writer's pid

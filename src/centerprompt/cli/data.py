@@ -1,4 +1,4 @@
-"""``centerprompt check-data DIR``: per-center summary and every problem of a HECKTOR-layout folder."""
+"""``centerprompt check-data DIR``: what layout DIR is, a per-center summary and every problem of its cases."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from typing import Sequence
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "check-data",
-        help="check a HECKTOR 2022 folder (imagesTr/, labelsTr/) and summarize it per center",
+        help="check a HECKTOR 2022 folder (or an nnU-Net v2 raw dataset, a MONAI datalist) and summarize it per center",
         description=(
             "Check every case of a HECKTOR 2022 folder (names, pairs, centers, label grid and values, "
             "NaN/inf voxels), print a per-center summary, then one line per problem. "
             "Exit status 1 when a problem is found."
         ),
     )
-    p.add_argument("data_dir", metavar="DIR", help="folder containing imagesTr/ and labelsTr/")
+    p.add_argument("data_dir", metavar="DIR", help="folder containing imagesTr/ and labelsTr/ (HECKTOR names, or "
+                   "nnU-Net's with its dataset.json), or a MONAI datalist JSON file")
     p.add_argument(
         "--skip-bad-cases",
         action="store_true",
@@ -59,9 +60,13 @@ def format_summary(summary: dict) -> str:
 
 
 def check_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from centerprompt.data.checks import check_cases, summarize
+    from centerprompt.data.datalists import describe_layout
     from centerprompt.data.hecktor import scan_cases
 
+    print(describe_layout(Path(args.data_dir)))
     extra = [c.strip() for c in args.centers.split(",") if c.strip()]
     cases, layout_problems = scan_cases(args.data_dir, allowed_centers=extra)
     content_problems = check_cases(cases)

@@ -92,6 +92,13 @@ def scan_cases(
     one that is neither a HECKTOR 2022 center nor in ``allowed_centers`` is logged as a new site.
     """
     root = Path(data_dir)
+    from centerprompt.data.datalists import detect_layout, scan_datalist, scan_nnunet  # the other layouts
+
+    layout = detect_layout(root)
+    if layout != "hecktor":
+        cases, problems = scan_datalist(root) if layout == "datalist" else scan_nnunet(root)
+        logger.info("%s: read as %s", root, "a MONAI datalist" if layout == "datalist" else "an nnU-Net v2 raw dataset")
+        return cases, problems
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"

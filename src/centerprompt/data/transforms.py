@@ -53,7 +53,7 @@ from monai.transforms import (
 )
 
 from centerprompt.data.hecktor import Case, DataError
-from centerprompt.files import atomic_path
+from centerprompt.files import atomic_path, terminal_bars
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def make_dataset(
 ) -> Dataset:
     """Dataset of cases whose deterministic preprocessing is done once, so epochs are bound by the model.
 
-    ``cache="memory"``: :class:`CacheDataset` (all cases in RAM, with a progress bar).
+    ``cache="memory"``: :class:`CacheDataset` (all cases in RAM, with a progress bar on a terminal).
     A path: :class:`PersistentDataset` on disk, keyed by the case and the deterministic transforms
     (changing the preprocessing gives new cache files); it stores plain tensors, since reloading
     pickled MetaTensors needs unsafe unpickling, so predictions from it cannot be inverted: use
@@ -260,7 +260,7 @@ def make_dataset(
     if cache is None:
         return Dataset(items, transform)
     if cache == "memory":
-        return CacheDataset(items, transform, progress=True, num_workers=num_workers)
+        return CacheDataset(items, transform, progress=terminal_bars(), num_workers=num_workers)
     cache_dir = Path(cache)
     cache_dir.mkdir(parents=True, exist_ok=True)
     return PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)

@@ -2,6 +2,7 @@
 
 :func:`export_bundle` writes one folder that needs only MONAI and PyTorch (plus nibabel to read NIfTI)::
 
+    OUT/configs/logging.conf    the logging configuration MONAI's bundle runner reads
     OUT/configs/metadata.json   MONAI's metadata fields; "centerprompt": center, strategy, P, backbone
                                 fingerprint, preprocessing and what the base and the adapter were trained on
     OUT/configs/inference.json  ``python -m monai.bundle run``: centerprompt's preprocessing as MONAI transforms,
@@ -234,6 +235,30 @@ Not validated for clinical use.
 """
 
 
+# configs/logging.conf as MONAI's model-zoo bundles ship it: `monai.bundle run` reads it (and warns without it).
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
 LICENSE_TEXT = """The configs and scripts/ of this bundle come from centerprompt (Apache License 2.0).
 The model weights (models/) are licensed by whoever trained them; add their terms here before sharing them.
 """
@@ -322,7 +347,8 @@ def export_bundle(
     traced = fold(model, ckpt.preprocess.roi_size)
     metadata = bundle_metadata(ckpt, adapter_meta, center, fingerprint, version)
     files = {"configs/inference.json": json.dumps(inference_config(ckpt.preprocess), indent=2) + "\n",
-             "scripts/__init__.py": "", "scripts/steps.py": _scripts_source(), "docs/README.md": _readme(metadata),
+             "configs/logging.conf": LOGGING_CONF, "scripts/__init__.py": "", "scripts/steps.py": _scripts_source(),
+             "docs/README.md": _readme(metadata),
              "LICENSE": LICENSE_TEXT}  # fmt: skip
     with atomic_path(out) as tmp:
         try:
