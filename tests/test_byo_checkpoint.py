@@ -87,9 +87,10 @@ def _write_source(kind: str, state: dict[str, torch.Tensor], root: Path) -> tupl
         "imports": ["$import torch"],
         "device": "$torch.device('cpu')",  # expressions are never evaluated
         "heads": 4,
+        # A macro and a relative id, as MONAI's own configs write them (ConfigParser resolves both).
         "network_def": {"_target_": "monai.networks.nets.UNETR", "in_channels": 2, "out_channels": 3,
-                        "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48, "mlp_dim": 96,
-                        "num_heads": "@heads"},
+                        "img_size": "%inferer::roi_size", "feature_size": 4, "hidden_size": 48, "mlp_dim": 96,
+                        "num_heads": "@##heads"},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": ["ct", "pet"]},

@@ -78,3 +78,16 @@ def test_check_data_and_adapt_read_both_layouts(two_centers: Path, tmp_path: Pat
                  "--strategy", "deep", "--num-prompts", "2", "--shots", "2", "--epochs", "1",
                  "--out", str(tmp_path / "mda")]) == 0  # fmt: skip
     assert (tmp_path / "mda" / "adapter.safetensors").is_file()
+
+
+def test_predict_reads_a_folder_of_nnunet_named_cases(two_centers: Path, tmp_path: Path) -> None:
+    """PET as channel 0 (dataset.json says so): predict pairs the files as dataset.json names them."""
+    from centerprompt.runs.predict import folder_pairs
+
+    root = _as_nnunet(two_centers, tmp_path / "d", swap=True)
+    pairs = folder_pairs(root, tmp_path / "out")
+    ours = {c.case_id: c for c in find_cases(two_centers)}
+    assert len(pairs) == 12
+    for ct, pet, out in pairs:
+        case = ours[out.name.removesuffix(".nii.gz")]
+        assert (ct.resolve(), pet.resolve()) == (case.ct, case.pet)

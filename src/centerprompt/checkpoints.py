@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,25 +244,31 @@ def _read_weights(path: Path) -> tuple[dict[str, str] | None, dict[str, torch.Te
 # ----------------------------------------------------------------------------- MONAI bundles
 
 
-def _bundle_config(folder: Path) -> tuple[Path | None, dict[str, Any]]:
+def _bundle_config(folder: Path) -> tuple[Path | None, Any]:
+    """The bundle's inference configuration as MONAI's ``ConfigParser`` holds it, its ``%`` macros
+    and relative ``@`` ids resolved (never evaluated: nothing is instantiated, no ``$`` is run)."""
+    from monai.bundle import ConfigParser
+
     for name in BUNDLE_CONFIGS:
         if (folder / name).is_file():
-            return folder / name, read_config_file(folder / name, "bundle configuration")
-    return None, {}
+            parser = ConfigParser(read_config_file(folder / name, "bundle configuration"))
+            try:
+                parser.resolve_macro_and_relative_ids()
+            except (KeyError, ValueError, OSError) as err:
+                raise ValueError(f"{folder / name}: a % macro or @ reference does not resolve ({err}).") from err
+            return folder / name, parser
+    return None, None
 
 
-def _follow(value: Any, config: Mapping[str, Any], depth: int = 0) -> Any:
-    """``@id`` references (``::`` or ``#`` separated) replaced by what they name; other values as they are."""
+def _follow(value: Any, config: Any, depth: int = 0) -> Any:
+    """``@id`` references replaced by the raw content ``ConfigParser`` holds under that id (looked up,
+    never instantiated); other values as they are; an id that names nothing stays a reference."""
     if isinstance(value, str) and value.startswith("@") and depth < 16:
-        node: Any = config
-        for part in re.split(r"::|#", value[1:]):
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return value
-        return _follow(node, config, depth + 1)
+        try:
+            found = config.get(value[1:])
+        except (KeyError, ValueError, IndexError, TypeError):
+            return value
+        return value if found is None else _follow(found, config, depth + 1)
     if isinstance(value, list):
         return [_follow(v, config, depth + 1) for v in value]
     return value
@@ -278,7 +283,7 @@ def _literal(value: Any) -> bool:
     return True
 
 
-def _bundle_network(config_file: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+def _bundle_network(config_file: Path, config: Any) -> dict[str, Any] | None:
     """UNETR arguments of the bundle's ``network_def`` (None when it has none)."""
     net = _follow(config.get("network_def"), config)
     if net is None:
@@ -290,7 +295,7 @@ def _bundle_network(config_file: Path, config: Mapping[str, Any]) -> dict[str, A
     return model_arguments(args, f"{config_file} network_def")
 
 
-def _bundle_preprocess(config_file: Path, config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _bundle_preprocess(config_file: Path, config: Any) -> tuple[dict[str, Any], list[str]]:
     """PreprocessConfig fields read from the bundle's transforms and inferer, and what could not be read."""
     found: dict[str, Any] = {}
     skipped: list[str] = []

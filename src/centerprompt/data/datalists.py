@@ -92,6 +92,11 @@ def _nnunet_channels(dataset: dict[str, Any], path: Path) -> dict[str, str]:
     return found
 
 
+def nnunet_channels(dataset_json: Path) -> dict[str, str]:
+    """{"ct": "0000", "pet": "0001"} as an nnU-Net ``dataset.json`` names its channels."""
+    return _nnunet_channels(_read_json(dataset_json), dataset_json)
+
+
 def _check_nnunet_labels(dataset: dict[str, Any], path: Path) -> None:
     labels = {str(k).lower(): v for k, v in dataset.get("labels", {}).items()}
     values = {v for v in labels.values() if isinstance(v, int)}

@@ -203,16 +203,37 @@ def predict(
 
 
 def folder_pairs(folder: str | Path, out_dir: str | Path) -> list[tuple[Path, Path, Path]]:
-    """(CT, PET, output) for every case of a HECKTOR-style folder (``imagesTr`` or the folder itself)."""
+    """(CT, PET, output ``CASE.nii.gz``) for every case of a folder of HECKTOR-named images
+    (``CASE__CT.nii.gz``, ``CASE__PT.nii.gz``; its ``imagesTr`` when it has one) or of nnU-Net-named
+    ones (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``: which channel is CT is read from the
+    ``dataset.json`` beside or above them, else 0000 is CT as in nnU-Net's HECKTOR datasets)."""
     folder = Path(folder)
     images = folder / "imagesTr" if (folder / "imagesTr").is_dir() else folder
     cts = sorted(images.glob("*__CT.nii*"))
     if not cts:
-        raise FileNotFoundError(f"{images}: no *__CT.nii.gz files to segment.")
+        return _nnunet_pairs(images, Path(out_dir))
     pairs = []
     for ct in cts:
         case_id = ct.name.split("__CT")[0]
         # A missing PET keeps its expected name: the pair's check then names it, and only this case is skipped.
         pet = next(iter(sorted(images.glob(f"{case_id}__PT.nii*"))), images / f"{case_id}__PT.nii.gz")
         pairs.append((ct, pet, Path(out_dir) / f"{case_id}.nii.gz"))
+    return pairs
+
+
+def _nnunet_pairs(images: Path, out_dir: Path) -> list[tuple[Path, Path, Path]]:
+    from centerprompt.data.datalists import nnunet_channels
+
+    dataset = next((d / "dataset.json" for d in (images, images.parent) if (d / "dataset.json").is_file()), None)
+    channels = nnunet_channels(dataset) if dataset is not None else {"ct": "0000", "pet": "0001"}
+    cts = sorted(images.glob(f"*_{channels['ct']}.nii*"))
+    if not cts:
+        raise FileNotFoundError(f"{images}: no *__CT.nii.gz (HECKTOR) or *_{channels['ct']}.nii.gz (nnU-Net) files to "
+                                "segment.")  # fmt: skip
+    if dataset is None:
+        logger.info("%s: nnU-Net names without a dataset.json: _0000 taken as CT, _0001 as PET", images)
+    pairs = []
+    for ct in cts:
+        case_id, ending = ct.name.split(f"_{channels['ct']}.nii")[0], ".nii" + ct.name.split(".nii", 1)[1]
+        pairs.append((ct, images / f"{case_id}_{channels['pet']}{ending}", out_dir / f"{case_id}.nii.gz"))
     return pairs

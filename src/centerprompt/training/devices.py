@@ -4,14 +4,13 @@ and the CPU memory layout, shared by every job and the federated sites."""
 from __future__ import annotations
 
 import os
-import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from monai.utils import set_determinism
 from torch import nn
 
 
@@ -41,9 +40,9 @@ def default_device() -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Python's, NumPy's and PyTorch's random sources (and cuDNN's deterministic mode) through
+    MONAI's ``set_determinism``; MONAI transforms keep their own states (set per epoch by the Trainer)."""
+    set_determinism(seed=seed)
 
 
 def _rss_bytes() -> int:
