@@ -15,7 +15,8 @@ from conftest import CT_AFFINE, CT_SHAPE, GTVP_RADIUS, phantom_arrays, write_nif
 
 from centerprompt.cli import data as data_cli
 from centerprompt.data.checks import check_case, summarize, validate_cases
-from centerprompt.data.hecktor import DataError, find_cases
+from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import find_cases
 
 
 def _case(root: Path, case_id: str):

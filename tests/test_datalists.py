@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from centerprompt.cli import main
-from centerprompt.data.hecktor import DataError, find_cases
+from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import find_cases
 
 
 def _as_nnunet(hecktor: Path, root: Path, *, swap: bool = False) -> Path:

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import write_case
 
-from centerprompt.data.hecktor import (
-    DataError,
-    Splits,
-    find_cases,
-    leave_one_center_out,
-    make_splits,
-    resolve_splits,
-)
+from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import Splits, find_cases, leave_one_center_out, make_splits, resolve_splits
 
 
 def test_both_label_naming_styles(hecktor_dir: Path) -> None:

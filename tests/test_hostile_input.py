@@ -18,7 +18,8 @@ from centerprompt import apply_strategy
 from centerprompt.artifacts import save_adapter
 from centerprompt.checkpoints import resolve_base
 from centerprompt.cli import main
-from centerprompt.data.hecktor import DataError, read_splits
+from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import read_splits
 from centerprompt.files import folder_lock
 from centerprompt.training.loop import LAST_CHECKPOINT, NonFiniteLoss, TrainConfig, Trainer, fit
 

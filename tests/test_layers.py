@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own layer and the layers below, never a higher one.
 LAYERS: list[set[str]] = [
-    {"files", "data.labels", "data.synthetic.profiles", "data.synthetic.anatomy", "models.prompts", "models.steering",
+    {"files", "data.cases", "data.labels", "data.synthetic.profiles", "data.synthetic.anatomy", "models.prompts", "models.steering",
      "models.key_value", "models.cpu_conv", "data", "models"},
     {"data.hecktor", "data.datalists", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
      "data.synthetic.writer", "models.prompted_unetr", "evaluate"},

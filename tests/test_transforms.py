@@ -12,7 +12,8 @@ import torch
 from conftest import CT_AFFINE, GTVP_CENTER, SUV_GTVP, write_case
 from monai.data import DataLoader
 
-from centerprompt.data.hecktor import Case, DataError, find_cases
+from centerprompt.data.cases import Case, DataError
+from centerprompt.data.hecktor import find_cases
 from centerprompt.data.transforms import (
     PreprocessConfig,
     case_to_dict,

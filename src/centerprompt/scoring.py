@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from centerprompt.data.hecktor import Case
+from centerprompt.data.cases import Case
 from centerprompt.data.transforms import (
     PreprocessConfig,
     inference_transforms,

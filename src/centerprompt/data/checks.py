@@ -20,7 +20,8 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from centerprompt.data.hecktor import Case, DataError, format_problems
+from centerprompt.data.cases import Case, DataError
+from centerprompt.data.hecktor import format_problems
 from centerprompt.data.labels import GTVN, GTVP, LABEL_VALUES
 from centerprompt.files import bars, link_problem, write_json
 

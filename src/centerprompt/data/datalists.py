@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from centerprompt.data.hecktor import Case, DataError
+from centerprompt.data.cases import Case, DataError
 
 logger = logging.getLogger(__name__)
 

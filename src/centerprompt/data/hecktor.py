@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from centerprompt.data.cases import Case, DataError
 from centerprompt.files import read_text, write_json
 
 logger = logging.getLogger(__name__)
@@ -50,25 +51,6 @@ _IMAGE_RE = re.compile(r"^(?P<center>[A-Za-z0-9]+)[-_](?P<num>[A-Za-z0-9]+)__(?P
 _LABEL_RE = re.compile(r"^(?P<center>[A-Za-z0-9]+)[-_](?P<num>[A-Za-z0-9]+)\.nii(\.gz)?$")
 _MODALITY = {"CT": "ct", "PT": "pet"}
 _MAX_LISTED = 20
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the case and the file so the user can fix it."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One patient: CT and PET images, and the label if the case is annotated."""
-
-    case_id: str
-    center: str
-    ct: Path
-    pet: Path
-    label: Path | None = None
-
-    @property
-    def labelled(self) -> bool:
-        return self.label is not None
 
 
 def _nifti_files(folder: Path) -> list[Path]:

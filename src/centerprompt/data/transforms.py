@@ -52,7 +52,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from centerprompt.data.hecktor import Case, DataError
+from centerprompt.data.cases import Case, DataError
 from centerprompt.files import atomic_path, terminal_bars
 
 logger = logging.getLogger(__name__)

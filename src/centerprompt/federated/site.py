@@ -25,7 +25,8 @@ import torch
 
 from centerprompt.checkpoints import BaseCheckpoint
 from centerprompt.data.checks import validate_cases
-from centerprompt.data.hecktor import Case, find_cases, resolve_splits
+from centerprompt.data.cases import Case
+from centerprompt.data.hecktor import find_cases, resolve_splits
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.models.prompted_unetr import PromptedUNETR
 from centerprompt.runs.base import IN_CHANNELS, OUT_CHANNELS, base_splits, open_base

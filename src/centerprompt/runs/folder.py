@@ -13,7 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from centerprompt.data.hecktor import SPLITS_FILE, DataError, Splits, read_splits, write_splits
+from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import SPLITS_FILE, Splits, read_splits, write_splits
 from centerprompt.files import folder_lock, jsonable, remove_stale_temporaries, write_json
 from centerprompt.training.devices import rank
 from centerprompt.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, TrainConfig

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.checkpoints import BaseCheckpoint, BaseLike
 from centerprompt.data.checks import check_pair
-from centerprompt.data.hecktor import DataError
+from centerprompt.data.cases import DataError
 from centerprompt.data.transforms import (
     PreprocessConfig,
     inference_transforms,

@@ -15,7 +15,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from tqdm.auto import tqdm
 
-from centerprompt.data.hecktor import DataError
+from centerprompt.data.cases import DataError
 from centerprompt.data.labels import LABEL_VALUES
 from centerprompt.evaluate import aggregate, case_metrics
 from centerprompt.files import bars

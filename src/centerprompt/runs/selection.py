@@ -11,7 +11,8 @@ from typing import Any
 
 from centerprompt.checkpoints import BaseCheckpoint
 from centerprompt.data.checks import CHECKS_FILE, validate_cases
-from centerprompt.data.hecktor import SPLITS_FILE, Case, Splits, find_cases, leave_one_center_out, resolve_splits
+from centerprompt.data.cases import Case
+from centerprompt.data.hecktor import SPLITS_FILE, Splits, find_cases, leave_one_center_out, resolve_splits
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.runs.base import base_splits, check_base_split
 from centerprompt.scoring import Scorer

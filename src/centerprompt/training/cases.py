@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from centerprompt.data.hecktor import Case
+from centerprompt.data.cases import Case
 from centerprompt.data.transforms import PreprocessConfig, make_dataset, train_transforms
 from centerprompt.scoring import Scorer, validator
 from centerprompt.training.loop import Trainer, fit
