@@ -349,7 +349,7 @@ def measure_data(
     from monai.data import DataLoader
 
     from centerprompt.data.hecktor import find_cases
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
     from centerprompt.data.transforms import make_dataset, train_transforms
 
     preset = PRESETS["cpu"]

@@ -29,7 +29,8 @@ from typing import Any
 from centerprompt.artifacts import build_adapted_model
 from centerprompt.training.config import AdaptRun
 from centerprompt.data.hecktor import leave_one_center_out
-from centerprompt.data.synthetic import generate_dataset, load_profiles
+from centerprompt.data.synthetic.writer import generate_dataset
+from centerprompt.data.synthetic.profiles import load_profiles
 from centerprompt.evaluate import aggregate
 from centerprompt.study.experiment import machine_info
 from centerprompt.federated.flower import simulate

@@ -15,7 +15,7 @@ gpu_python_path() {
 # independent), then one pass that writes dataset.json; kept when $DATA already holds it.
 gpu_synth() {
   [ -f "$DATA/dataset.json" ] && return 0
-  synth() { python3 -c "import sys; from centerprompt.data.synthetic import generate_dataset as g; g(sys.argv[1], centers=sys.argv[2].split(',') if sys.argv[2] else None, cases_per_center=int(sys.argv[3]), progress=False)" "$DATA" "$1" "$CASES"; }
+  synth() { python3 -c "import sys; from centerprompt.data.synthetic.writer import generate_dataset as g; g(sys.argv[1], centers=sys.argv[2].split(',') if sys.argv[2] else None, cases_per_center=int(sys.argv[3]), progress=False)" "$DATA" "$1" "$CASES"; }
   for c in CHUM CHUP CHUS CHUV HGJ HMR MDA; do synth "$c" & done; wait
   synth "" >/dev/null 2>&1
 }

@@ -243,7 +243,7 @@ def run_quality(
 
     data_dir, work = Path(data_dir), Path(work)
     if not (data_dir / "imagesTr").is_dir():
-        from centerprompt.data.synthetic import generate_dataset
+        from centerprompt.data.synthetic.writer import generate_dataset
 
         generate_dataset(data_dir, cases_per_center=cases_per_center, progress=progress)
     if jobs > 1:

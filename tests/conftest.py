@@ -88,7 +88,7 @@ def hecktor_dir(tmp_path: Path) -> Path:
 def two_centers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic CHUM and MDA, six cases each (seed 1), generated once for the end-to-end command tests
     (test_cli.py, test_byo_checkpoint.py); read-only for them (commands add splits.json with seed 0)."""
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=6, seed=1, progress=False)

@@ -190,7 +190,7 @@ def test_routing_summary_counts_by_hand() -> None:
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two synthetic centers, three cases each (one per split); read-only for the tests that share it."""
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     return generate_dataset(out, centers=["CHUM", "MDA"], cases_per_center=3, progress=False)

@@ -53,7 +53,7 @@ def _isolated(code: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one synthetic MDA case (ID__CT.nii.gz, ID__PT.nii.gz)."""
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     root = generate_dataset(tmp_path_factory.mktemp("synth"), centers=["MDA"], cases_per_center=1, seed=1,
                             progress=False)  # fmt: skip

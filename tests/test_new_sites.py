@@ -44,7 +44,7 @@ def _set_writable(root: Path, writable: bool) -> None:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, tuple[int, int]]]]:
     """CHUM, MDA and a new site SITE1 (CHUP's cases renamed), three cases each, made read-only;
     with the listing taken before any command ran on it."""
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     root = tmp_path_factory.mktemp("archive")
     generate_dataset(root, centers=["CHUM", "MDA", "CHUP"], cases_per_center=3, seed=3, progress=False)

@@ -18,7 +18,7 @@ from centerprompt.cli import main
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from centerprompt.data.synthetic import generate_dataset
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(out, centers=["CHUM", "CHUP", "MDA"], cases_per_center=4, seed=3, progress=False)

@@ -10,7 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from centerprompt.data.synthetic import case_rng, generate_dataset, make_case, sample_patient
+from centerprompt.data.synthetic.scanner import case_rng, make_case
+from centerprompt.data.synthetic.writer import generate_dataset
+from centerprompt.data.synthetic.anatomy import sample_patient
 from centerprompt.data.synthetic.profiles import DEFAULT_PROFILES, CenterProfile, load_profiles, profiles_markdown_table
 
 CENTERS = ["CHUM", "MDA"]

@@ -185,7 +185,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.data)
     generation = {"phase": "data generation", "seconds": 0.0, "detail": {"reused": f"{data} was there"}}
     if not (data / "imagesTr").is_dir():
-        from centerprompt.data.synthetic import generate_dataset
+        from centerprompt.data.synthetic.writer import generate_dataset
 
         print(f"generating the synthetic multi-center dataset in {data} ...")
         generate_dataset(data, cases_per_center=args.cases_per_center)

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from centerprompt.data.synthetic import DEFAULT_PROFILES, generate_dataset, load_profiles
+    from centerprompt.data.synthetic.profiles import DEFAULT_PROFILES, load_profiles
+    from centerprompt.data.synthetic.writer import generate_dataset
 
     profiles = dict(DEFAULT_PROFILES)
     if args.profiles is not None:
