@@ -25,6 +25,7 @@ from centerprompt.data.transforms import (
 from centerprompt.evaluate import aggregate, case_metrics, sliding_window_predict
 from centerprompt.files import bars
 
+SCORE_AT = ("ct", "preprocessed")  # the grid cases are scored on: each CT's own, or the preprocessed crop
 SW_BATCH = 4  # sliding windows per forward pass: fewer, larger calls are faster on CPU and GPU
 
 Predictor = Callable[[int], torch.Tensor]  # case index -> label map (1, D, H, W) in preprocessed space
@@ -39,7 +40,7 @@ class Scorer:
     """
 
     def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, score_at: str = "ct") -> None:
-        if score_at not in ("ct", "preprocessed"):
+        if score_at not in SCORE_AT:
             raise ValueError(f"score_at must be 'ct' or 'preprocessed', got {score_at!r}.")
         self.cases = list(cases)
         self.preprocess = preprocess

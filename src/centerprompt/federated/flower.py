@@ -100,8 +100,8 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
 def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Path, rows: list[dict[str, Any]],
               inspect: Inspect | None):  # fmt: skip
     """FedAvg or FedProx weighted by each site's number of cases (the sites follow the learning-rate
-    schedule of a central run over the same epochs); each round's loss, validation Dice and the bytes each site sent go to
-    ``metrics_path`` as soon as the round ends."""
+    schedule of a central run over the same epochs); each round's loss, rate, validation Dice and
+    the bytes each site sent go to ``metrics_path`` as soon as the round ends."""
     base = FedProx if job.mu > 0 else FedAvg
     extra = {"proximal_mu": job.mu} if job.mu > 0 else {}
 

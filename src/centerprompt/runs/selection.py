@@ -15,9 +15,12 @@ from centerprompt.data.cases import Case
 from centerprompt.data.hecktor import SPLITS_FILE, Splits, find_cases, leave_one_center_out, resolve_splits
 from centerprompt.data.transforms import PreprocessConfig
 from centerprompt.runs.base import base_splits, check_base_split
-from centerprompt.scoring import Scorer
+from centerprompt.scoring import SCORE_AT, Scorer
 
 logger = logging.getLogger(__name__)
+
+
+SPLIT_NAMES = ("train", "val", "test", "all")  # "all": the three parts together
 
 
 def load_index(
@@ -83,7 +86,7 @@ def adaptation_case_ids(splits: Splits, centers: Sequence[str], *, shots: int, s
 
 def split_case_ids(splits: Splits, centers: Sequence[str], split: str, data_dir: str | Path) -> list[str]:
     """Case IDs of ``centers`` in ``split`` (train, val, test or all); unknown centers are an error."""
-    if split not in ("train", "val", "test", "all"):
+    if split not in SPLIT_NAMES:
         raise ValueError(f"split must be train, val, test or all, got {split!r}.")
     unknown = sorted(set(centers) - set(splits))
     if unknown or not centers:
@@ -92,8 +95,6 @@ def split_case_ids(splits: Splits, centers: Sequence[str], split: str, data_dir:
     return sorted(i for c in centers for part in parts for i in splits[c][part])
 
 
-SPLIT_NAMES = ("train", "val", "test", "all")
-SCORE_AT = ("ct", "preprocessed")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 from centerprompt.checkpoints import BaseSpec
 from centerprompt.data.hecktor import SPLITS_FILE, split_centers
 from centerprompt.files import jsonable
+from centerprompt.scoring import SCORE_AT
 from centerprompt.strategies import DEFAULT_STRATEGY, ORACLE, STANDARD, Strategy, get_strategy, strategy_names
 from centerprompt.training.loop import OPTIMIZERS, TrainConfig
 from centerprompt.training.presets import PRESETS, Preset
 
-SCORE_AT = ("ct", "preprocessed")
 ON_CHANGE = ("rerun", "refuse")  # a finished stage whose provenance differs from what is asked
 # ``splits`` is where the split is read: the job records the split itself by its hash (``splits_sha256``).
 EXECUTION_FIELDS = ("out", "resume", "progress", "skip_bad_cases", "command", "on_change", "splits", "smoke")
