@@ -4,7 +4,7 @@ A strategy is data, as a PEFT method is: a ``Strategy`` entry carries its select
 parameters of a PromptedUNETR train), its options with their defaults, its default learning rate
 and weight decay, the prompt mode the model must be built with, the tensors it adds to the
 backbone, whether a prompt bank can hold it, and where it appears (the quick comparison, the
-default one). Every other layer (CLI, jobs, artifacts, bank, experiment, demo) asks this registry,
+default one). Every other layer (CLI, runs, training, artifacts, bank, study, demo) asks this registry,
 so adding a strategy is one ``register`` call (see README, "Add a strategy").
 
 The module imports neither torch nor MONAI at import time, so the CLI's ``--help`` stays instant.
