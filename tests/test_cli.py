@@ -248,3 +248,25 @@ def test_quiet_shows_results_only(tmp_path: Path) -> None:
     same = [re.sub(r"[\d.]+ s$", "", runs[n].stdout.strip()).replace(str(tmp_path / n), "") for n in runs]
     assert same[0] == same[1] and same[0].startswith("synth:")  # the same result line, its time aside
     assert "INFO" in runs["loud"].stderr and runs["quiet"].stderr == ""
+
+
+def test_pooled_centers_are_written_one_way(data: Path, base: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """One separator from flag to summary to adapter file, and the bank takes a pooled adapter under
+    one of its centers without a warning (before: "MDA,CHUM" beside "MDA+CHUM", a warning on every add)."""
+    import logging
+
+    from centerprompt.artifacts import read_adapter_metadata
+
+    run = tmp_path / "pooled"
+    assert main(["adapt", "--data", str(data), "--center", "MDA, CHUM", "--base", str(base), "--num-prompts", "2",
+                 "--shots", "1", "--epochs", "1", "--out", str(run)]) == 0  # fmt: skip
+    adapter = run / "adapter.safetensors"
+    assert json.loads((run / "summary.json").read_text())["center"] == "MDA,CHUM"
+    assert read_adapter_metadata(adapter)["extra"]["center"] == "MDA,CHUM"
+    with caplog.at_level(logging.WARNING):
+        assert main(["bank", "add", "--bank", str(tmp_path / "bank"), "--center", "MDA", "--adapter", str(adapter)]) == 0
+        assert main(["bank", "add", "--bank", str(tmp_path / "bank"), "--center", "HGJ", "--adapter", str(adapter)]) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.name.startswith("centerprompt.bank")]  # fmt: skip
+    assert len(warned) == 1 and "adapted to MDA,CHUM, banked as HGJ" in warned[0]

@@ -69,7 +69,7 @@ def adapt(run: AdaptRun, *, on_change: str = "refuse", base: BaseCheckpoint | No
         torch.manual_seed(run.seed)
         model = base.build(**strategy.model_fields(run.num_prompts, run.prompt_dropout, base.config))
         params = apply_strategy(model, run.strategy, **run.options)
-        summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": run.center,
+        summary: dict[str, Any] = {"job": "adapt", "strategy": run.strategy, "center": join_centers(run.centers),
                                    **parameter_report(model), "train_seconds": 0.0, "peak_memory_mb": 0.0,
                                    "artifact": None, "artifact_bytes": 0, "config_hash": config_hash(config),
                                    "splits": splits.record()}  # fmt: skip
