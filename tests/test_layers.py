@@ -14,7 +14,7 @@ LAYERS: list[set[str]] = [
     {"data.hecktor", "data.datalists", "data.checks", "data.transforms", "data.synthetic", "data.synthetic.scanner",
      "data.synthetic.writer", "models.prompted_unetr", "evaluate"},
     {"weights", "strategies", "checkpoints", "scoring"},
-    {"artifacts", "training", "training.devices", "training.presets", "training.loop"},
+    {"artifacts", "training", "training.devices", "training.tracking", "training.presets", "training.loop"},
     {"training.config", "training.cases"},
     {"runs", "runs.base"},
     {"runs.folder", "runs.selection", "runs.predict"},

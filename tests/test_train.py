@@ -187,3 +187,18 @@ def test_class_weights_weight_the_cross_entropy(tmp_path: Path) -> None:
     assert losses[1] > losses[0] + 0.1  # the background dominates the toy volumes: weighting class 1 raises the CE
     with pytest.raises(ValueError, match="class_weights must be positive"):
         TrainConfig(class_weights=(1.0, 0.0, 1.0))
+
+
+def test_curves_also_go_to_mlflow_when_a_tracking_uri_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own convention: MLFLOW_TRACKING_URI set, every epoch's loss logged there with its step."""
+    mlflow = pytest.importorskip("mlflow")
+    store = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use a plain folder
+    _, result = _trained(tmp_path / "run", "full")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    client = mlflow.tracking.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.info.run_name == "run" and run.data.params["epochs"] == "4" and run.info.status == "FINISHED"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert history == [(r["epoch"], pytest.approx(r["loss"])) for r in rows]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from centerprompt.weights import load_weights_only
 from centerprompt.files import atomic_path, bars
 from centerprompt.models.cpu_conv import onednn_conv3d
+from centerprompt.training.tracking import TENSORBOARD_DIR, Curves
 from centerprompt.training.devices import (
     agreed,
     cpu_layout,
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 
 LAST_CHECKPOINT = "last.pt"
-TENSORBOARD_DIR = "tensorboard"  # event files of the training curves: `tensorboard --logdir RUN`
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 # Where an epoch's time goes (per epoch in metrics.jsonl, summed in TrainResult): waiting for the
@@ -285,14 +285,6 @@ def _diverged(run_dir: Path, err: NonFiniteLoss, epoch: int, finished: int, lr: 
             f"stopped ({kept}); lower --lr (now {lr:g}) and run again.")
 
 
-def _curve_writer(run_dir: Path) -> Any:
-    """TensorBoard's writer of the run's training curves (loss, learning rate, validation Dice and
-    time per epoch), under ``run_dir/tensorboard``; a resumed run adds its epochs to the same curves."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is not needed to predict
-
-    return SummaryWriter(str(run_dir / TENSORBOARD_DIR))
-
-
 def fit(
     trainer: Trainer,
     run_dir: str | Path,
@@ -328,7 +320,7 @@ def fit(
         best_path.unlink(missing_ok=True)
         shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
 
-    curves = _curve_writer(run_dir) if writer else None
+    curves = Curves(run_dir, cfg.__dict__) if writer else None
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch",
                disable=bars(bool(progress and writer)), leave=False)  # fmt: skip
     stopped_early = False
@@ -372,10 +364,7 @@ def fit(
                 with open(run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
             if curves is not None:
-                for name in ("loss", "lr", "val_dice", "seconds"):
-                    if name in row:
-                        curves.add_scalar(f"train/{name}", row[name], epoch + 1)
-                curves.flush()
+                curves.log(row, epoch + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row.get('val_dice', float('nan')):.3f}")
             logger.debug("epoch %d: %s", epoch + 1, row)
