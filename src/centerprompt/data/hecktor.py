@@ -48,7 +48,8 @@ _PARTS = ("train", "val", "test")
 # Separator between center and number is "-" in the release and "_" on the website; both map
 # to the canonical "<CENTER>-<ID>" case ID.
 _IMAGE_RE = re.compile(r"^(?P<center>[A-Za-z0-9]+)[-_](?P<num>[A-Za-z0-9]+)__(?P<mod>CT|PT)\.nii(\.gz)?$")
-_LABEL_RE = re.compile(r"^(?P<center>[A-Za-z0-9]+)[-_](?P<num>[A-Za-z0-9]+)\.nii(\.gz)?$")
+# A label map <CENTER>-<ID>.nii.gz (or _): the reader and `score` name cases by it.
+LABEL_FILE_RE = re.compile(r"^(?P<case>(?P<center>[A-Za-z0-9]+)[-_](?P<num>[A-Za-z0-9]+))\.nii(\.gz)?$")
 _MODALITY = {"CT": "ct", "PT": "pet"}
 _MAX_LISTED = 20
 
@@ -111,7 +112,7 @@ def scan_cases(
         add(f"{m['center']}-{m['num']}", _MODALITY[m["mod"]], path)
     if labels_dir.is_dir():
         for path in _nifti_files(labels_dir):
-            m = _LABEL_RE.match(path.name)
+            m = LABEL_FILE_RE.match(path.name)
             if not m:
                 bad.setdefault(path.name, []).append(
                     f"{path.name}: label file {path} does not match <CENTER>-<ID>.nii.gz or <CENTER>_<ID>.nii.gz"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from nibabel.processing import resample_from_to
 from tqdm.auto import tqdm
 
 from centerprompt.data.cases import DataError
+from centerprompt.data.hecktor import LABEL_FILE_RE
 from centerprompt.data.labels import LABEL_VALUES
 from centerprompt.evaluate import aggregate, case_metrics
 from centerprompt.files import bars
@@ -44,13 +44,12 @@ def evaluate(selection: CaseSelection, source: ModelSource, *, progress: bool = 
 
 
 SPACING_TOLERANCE = 1e-6  # mm: the HECKTOR 2022 organisers' tolerance between a prediction's and its label's voxels
-_LABEL_FILE = re.compile(r"^(?P<case>(?P<center>[A-Za-z0-9]+)[-_][A-Za-z0-9]+)\.nii(\.gz)?$")
 
 
 def _label_maps(folder: Path) -> dict[str, Path]:
     """Case ID -> label map of a folder of ``<CENTER>-<ID>.nii.gz`` files (its ``labelsTr`` if it has one)."""
     folder = folder / "labelsTr" if (folder / "labelsTr").is_dir() else folder
-    found = {m["case"]: path for path in sorted(folder.glob("*.nii*")) if (m := _LABEL_FILE.match(path.name))}
+    found = {m["case"]: path for path in sorted(folder.glob("*.nii*")) if (m := LABEL_FILE_RE.match(path.name))}
     if not found:
         raise FileNotFoundError(f"{folder}: no label maps named <CENTER>-<ID>.nii.gz.")
     return found
@@ -94,7 +93,7 @@ def score_folders(predictions: str | Path, labels: str | Path, *, progress: bool
     cases without a label are left out with a warning."""
     predictions = Path(predictions)
     truth = _label_maps(Path(labels))
-    made = {m["case"]: p for p in sorted(predictions.glob("*.nii*")) if (m := _LABEL_FILE.match(p.name))}
+    made = {m["case"]: p for p in sorted(predictions.glob("*.nii*")) if (m := LABEL_FILE_RE.match(p.name))}
     missing = sorted(set(truth) - set(made))
     if missing:
         raise FileNotFoundError(f"{predictions}: no prediction for {len(missing)} of the {len(truth)} labelled cases "
@@ -105,7 +104,7 @@ def score_folders(predictions: str | Path, labels: str | Path, *, progress: bool
                        made[extra[0]])  # fmt: skip
     per_case = []
     for case in tqdm(sorted(truth), desc="score", unit="case", disable=bars(progress)):
-        center = _LABEL_FILE.match(truth[case].name)["center"]  # type: ignore[index]
+        center = LABEL_FILE_RE.match(truth[case].name)["center"]  # type: ignore[index]
         per_case.append({"case_id": case, "center": center, **score_case(made[case], truth[case])})
     return {"predictions": str(predictions), "labels": str(labels), "pooling": "mm3", **aggregate(per_case),
             "per_case": per_case}  # fmt: skip
