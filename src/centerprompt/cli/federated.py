@@ -23,7 +23,8 @@ def _job(args: argparse.Namespace, job: str) -> Any:
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
                         strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
                         prompt_dropout=getattr(args, "prompt_dropout", 0.0), optimizer=getattr(args, "optimizer", "adamw"),
-                        shots=getattr(args, "shots", 8))  # fmt: skip
+                        shots=getattr(args, "shots", 8), server_optimizer=args.server_optimizer,
+                        server_lr=args.server_lr, server_momentum=args.server_momentum)  # fmt: skip
 
 
 def _centers(args: argparse.Namespace) -> list[str]:
@@ -54,10 +55,12 @@ def _run(args: argparse.Namespace, job_name: str) -> int:
 
     job = _job(args, job_name)
     centers = _centers(args)
-    summary = simulate(job, args.data, centers, args.out, cpus=args.cpus)
-    print(json.dumps({k: summary[k] for k in ("job", "sites", "site_names", "rounds_run", "server_seconds",
-                                              "artifact", "artifact_bytes", "tensor_bytes_per_message",
-                                              "final_val_dsc_agg")}, indent=1))  # fmt: skip
+    summary = simulate(job, args.data, centers, args.out, cpus=args.cpus, min_sites=args.min_sites)
+    print(json.dumps({k: summary[k] for k in ("job", "sites", "site_names", "rounds_run", "rounds_with_all_sites",
+                                              "server_seconds", "artifact", "artifact_bytes",
+                                              "tensor_bytes_per_message", "final_val_dsc_agg")}, indent=1))  # fmt: skip
+    for failure in summary["site_failures"]:
+        print(f"round {failure['round']}: site {failure['site']} was left out ({failure['reason']})")
     return 0
 
 
@@ -72,7 +75,10 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 def _cmd_app(args: argparse.Namespace) -> int:
     from centerprompt.federated.app import write_flower_app
 
-    folder = write_flower_app(args.app, _job(args, args.job), args.out, args.sites)
+    from centerprompt.federated.app import Federation
+
+    federation = Federation(sites=args.sites, min_sites=args.min_sites, round_timeout=args.round_timeout)
+    folder = write_flower_app(args.app, _job(args, args.job), args.out, federation)
     print(f"Flower App written to {folder}: start flower-superlink and {args.sites} flower-supernode(s) "
           f"(--node-config 'data-dir=\"/site/data\" center=\"NAME\"'), then: flwr run {folder} CONNECTION")
     return 0
@@ -86,6 +92,16 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), warm-up then cosine over all local epochs")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
+                   help="how the server combines a round: FedAvg (default), or a server-side optimiser "
+                        "stepping along the averaged change (FedAvgM, FedAdam, FedYogi)")
+    p.add_argument("--server-lr", type=float,
+                   help="server rate (FedAvgM: scales the averaged change, default 1; FedAdam/FedYogi: eta, default 0.01)")
+    p.add_argument("--server-momentum", type=float, default=0.0,
+                   help="FedAvgM's momentum (default 0); FedAdam/FedYogi's beta_1 (0: 0.9)")
+    p.add_argument("--min-sites", type=int, default=0,
+                   help="sites a round needs after the first (which waits for all); a site that fails or times out "
+                        "is left out of that round and rejoins the next (default: more than half)")
     if adapt:
         p.add_argument("--base", required=base_required, type=Path,
                        help="base model.safetensors (adaptation; the same file at every site and on the server)")
@@ -117,6 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--app", required=True, type=Path, help="folder to write the app into")
     p.add_argument("--job", required=True, choices=("pretrain", "adapt"))
     p.add_argument("--out", required=True, type=out_path, help="where the ServerApp writes results (on the server)")
-    p.add_argument("--sites", type=int, default=2, help="SuperNodes that must connect before a round starts")
+    p.add_argument("--sites", type=int, default=2, help="SuperNodes that must connect before the first round")
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds the server waits for a round's replies; a site later than that is left out of the round")
     _common(p, adapt=True, base_required=False)
     p.set_defaults(func=_cmd_app, out_kind="folder")

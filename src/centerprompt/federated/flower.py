@@ -1,10 +1,12 @@
 """Flower apps for federated pretraining and adaptation (Flower's Message API, flwr >= 1.42).
 
 One :class:`~flwr.clientapp.ClientApp` per hospital (a :class:`~centerprompt.federated.site.Site`)
-and one :class:`~flwr.serverapp.ServerApp` that runs FedAvg (or FedProx with ``mu``) from
-``flwr.serverapp.strategy`` and writes the same files as the centralised jobs: ``model.safetensors``
-(pretraining) or ``adapter.safetensors`` (adaptation), with ``metrics.jsonl`` (per round: loss,
-federated validation Dice, bytes each site sent) and ``summary.json``. The same apps run in a local
+and one :class:`~flwr.serverapp.ServerApp` that runs FedAvg or a server-side optimiser from
+``flwr.serverapp.strategy`` (:mod:`~centerprompt.federated.aggregation`), survives sites that fail
+or time out (:class:`Federation`), checkpoints its state every round, and writes the same files as
+the centralised jobs: ``model.safetensors`` (pretraining) or ``adapter.safetensors`` (adaptation),
+with ``metrics.jsonl`` (per round: loss, federated validation Dice, bytes each site sent, which
+sites trained, failed or did not reply) and ``summary.json``. The same apps run in a local
 simulation (:func:`simulate`, Ray backend) and deployed (``flower-superlink``, one
 ``flower-supernode`` per site, ``flwr run`` on the folder :func:`write_flower_app` writes).
 """
@@ -27,10 +29,12 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
 
 from centerprompt.artifacts import save_adapter, save_model  # noqa: E402
+from centerprompt.federated.aggregation import (SERVER_OPTIMIZERS, optimizer_state, restore_optimizer_state,  # noqa: E402
+                                                server_options)  # fmt: skip
 from centerprompt.weights import load_weights_only  # noqa: E402
+from centerprompt.federated.app import Federation  # noqa: E402
 from centerprompt.federated.site import FederatedJob, Site, job_model, trainable_tensors  # noqa: E402
 from centerprompt.data.hecktor import join_centers  # noqa: E402
 from centerprompt.files import write_json  # noqa: E402
@@ -82,7 +86,8 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
         site = _site(context, _job(context, job), folder, centers)
         config = msg.content["config"]
         state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), int(config["federation-round"]))
-        reply = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+        reply = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+                            "site": ConfigRecord({"center": site.center})})  # fmt: skip
         return Message(content=reply, reply_to=msg)
 
     @app.evaluate()
@@ -97,27 +102,50 @@ def make_client_app(job: FederatedJob | None = None, data_dir: str | Path | None
 # ----------------------------------------------------------------------------- the server
 
 
-def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Path, rows: list[dict[str, Any]],
+def _strategy(job: FederatedJob, sites: int, min_sites: int, start_round: int, out: Path, rows: list[dict[str, Any]],
               inspect: Inspect | None):  # fmt: skip
-    """FedAvg or FedProx weighted by each site's number of cases (the sites follow the learning-rate
-    schedule of a central run over the same epochs); each round's loss, rate, validation Dice and
-    the bytes each site sent go to ``metrics_path`` as soon as the round ends."""
-    base = FedProx if job.mu > 0 else FedAvg
-    extra = {"proximal_mu": job.mu} if job.mu > 0 else {}
+    """The job's server optimiser, weighted by each site's number of cases (the sites follow the
+    learning-rate schedule of a central run over the same epochs). The first round waits for every
+    site; later rounds go on with ``min_sites`` connected, and a round aggregates the sites that
+    replied (a site that raised or missed the timeout is skipped and asked again next round; with
+    fewer than ``min_sites`` replies the global tensors stay). Each round's loss, rate, validation
+    Dice, bytes each site sent and what happened to every site go to ``metrics.jsonl`` as soon as
+    the round ends."""
 
-    class Strategy(base):  # type: ignore[misc, valid-type]
+    class Strategy(SERVER_OPTIMIZERS[job.server_optimizer]):  # type: ignore[misc, valid-type]
+        names: dict[int, str] = {}  # node ID -> the center it reported
+        asked: list[int] = []
+
+        def _name(self, node: int) -> str:
+            return self.names.get(node, f"node {node}")
+
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+            self.min_available_nodes = self.min_train_nodes = sites if server_round == 1 else min_sites
             config["federation-round"] = start_round + server_round  # Flower counts from 1 again in a resumed run
-            return super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self.asked = [m.metadata.dst_node_id for m in messages]
+            return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
-            replies = list(replies)
+            replies, absolute = list(replies), start_round + server_round
             if inspect is not None:
-                inspect(start_round + server_round, replies)
+                inspect(absolute, replies)
             ok = [r for r in replies if not r.has_error()]
-            arrays, metrics = super().aggregate_train(server_round, ok)
-            rows.append({"round": start_round + server_round, "lr": float(metrics["lr"]) if metrics else None,
-                         "sites": len(ok), "failed": len(replies) - len(ok),
+            self.names.update({r.metadata.src_node_id: str(r.content["site"]["center"]) for r in ok})
+            failed = {self._name(r.metadata.src_node_id): r.error.reason for r in replies if r.has_error()}
+            replied = {r.metadata.src_node_id for r in replies}
+            missing = [self._name(n) for n in self.asked if n not in replied]
+            # FedAdam's bias correction counts rounds: the absolute one, also after a resume
+            arrays, metrics = super().aggregate_train(absolute, ok) if len(ok) >= min_sites else (None, None)
+            if failed or missing or arrays is None:
+                logger.warning("round %d: %d of %d sites trained%s%s%s", absolute, len(ok), len(self.asked),
+                               "".join(f"; {n} failed: {why}" for n, why in failed.items()),
+                               "".join(f"; {n} did not reply in time" for n in missing),
+                               "; fewer than --min-sites: the global model is kept" if arrays is None else "")  # fmt: skip
+            rows.append({"round": absolute, "lr": float(metrics["lr"]) if metrics else None,
+                         "sites": len(ok) if arrays is not None else 0, "failed": len(self.asked) - len(ok),
+                         "sites_trained": sorted(self._name(r.metadata.src_node_id) for r in ok),
+                         "sites_failed": failed, "sites_missing": missing,
                          "bytes_per_site": [r.content["arrays"].count_bytes() for r in ok],
                          "train_loss": float(metrics["train-loss"]) if metrics else None})  # fmt: skip
             return arrays, metrics
@@ -126,32 +154,42 @@ def _strategy(job: FederatedJob, sites: int, start_round: int, metrics_path: Pat
             replies = list(replies)
             if inspect is not None:
                 inspect(start_round + server_round, replies)
-            metrics = super().aggregate_evaluate(server_round, replies)
+            metrics = super().aggregate_evaluate(server_round, [r for r in replies if not r.has_error()])
             rows[-1]["val_dsc_agg"] = float(metrics["val-dsc-agg"]) if metrics else None
-            with metrics_path.open("a") as f:
+            with (out / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
             return metrics
 
-    return Strategy(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=sites, min_evaluate_nodes=sites,
-                    min_available_nodes=sites, **extra)  # fmt: skip
+    return Strategy(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=sites, min_evaluate_nodes=min_sites,
+                    min_available_nodes=sites,
+                    **server_options(job.server_optimizer, job.server_lr, job.server_momentum))  # fmt: skip
 
 
-def _resume(out: Path, job: FederatedJob, model: PromptedUNETR) -> tuple[int, list[dict[str, Any]]]:
-    """Rounds already done by an interrupted run of this very job (its last global tensors loaded)."""
+def _resume(out: Path, job: FederatedJob, model: PromptedUNETR) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """Rounds already done by an interrupted run of this very job (its last global tensors loaded),
+    their metrics, and the server optimiser's state after the last of them."""
     last, metrics = out / "last_round.pt", out / METRICS_FILE
     if not last.exists():
-        return 0, []
+        return 0, [], {}
     saved = load_weights_only(last, remedy="delete it to start over")
     if saved.get("job") != json.dumps(job.to_config(), sort_keys=True):
         raise ValueError(f"{out} holds an interrupted federated run of another job; use another --out or delete it.")
     model.load_state_dict(saved["tensors"], strict=False)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    return int(saved["round"]), [r for r in rows if r["round"] <= saved["round"]]
+    return int(saved["round"]), [r for r in rows if r["round"] <= saved["round"]], saved.get("server", {})
 
 
-def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names: Sequence[str] | None = None,
-               inspect: Inspect | None = None, timeout: float = 3600.0) -> dict[str, Any]:  # fmt: skip
-    """FedAvg rounds over ``sites`` connected sites; write the artifact, metrics and summary in ``out``."""
+def _save_round(out: Path, job: FederatedJob, absolute: int, arrays: ArrayRecord, strategy: Any) -> None:
+    """The server's state after a finished round: global tensors and the server optimiser's moments."""
+    tmp = out / "last_round.pt.tmp"
+    torch.save({"round": absolute, "job": json.dumps(job.to_config(), sort_keys=True),
+                "tensors": arrays.to_torch_state_dict(), "server": optimizer_state(strategy)}, tmp)  # fmt: skip
+    tmp.replace(out / "last_round.pt")
+
+
+def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
+               inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+    """The job's rounds over the federation's sites; write the artifact, metrics and summary in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     finished = out / SUMMARY_FILE
     if finished.exists():  # a finished run of this very job is kept, as the centralised jobs keep theirs
@@ -161,69 +199,76 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, sites: int, site_names:
             logger.info("reusing the finished federated run %s", out)
             return summary
     model = job_model(job)[0]
-    done, rows = _resume(out, job, model)
+    done, rows, server_state = _resume(out, job, model)
     if done:
         logger.info("resuming %s after round %d of %d", out, done, job.rounds)
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))  # the finished rounds only
-    strategy = _strategy(job, sites, done, out / METRICS_FILE, rows, inspect)
+    strategy = _strategy(job, federation.sites, federation.quorum, done, out, rows, inspect)
+    restore_optimizer_state(strategy, server_state)
     started = time.perf_counter()
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by the strategy before round 1 and after every round: keep the global tensors."""
-        if server_round == 0:
-            return None
-        absolute = done + server_round
-        tmp = out / "last_round.pt.tmp"
-        torch.save({"round": absolute, "job": json.dumps(job.to_config(), sort_keys=True),
-                    "tensors": arrays.to_torch_state_dict()}, tmp)  # fmt: skip
-        tmp.replace(out / "last_round.pt")
+        """Called by the strategy before round 1 and after every round: keep the server's state."""
+        if server_round > 0:
+            _save_round(out, job, done + server_round, arrays, strategy)
         return None
 
     remaining = job.rounds - done
     if remaining > 0:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_tensors(model)), num_rounds=remaining,
-                                train_config=ConfigRecord({}), evaluate_fn=checkpoint, timeout=timeout)  # fmt: skip
+                                train_config=ConfigRecord({}), evaluate_fn=checkpoint,
+                                timeout=federation.round_timeout)  # fmt: skip
         if len(result.arrays) == 0:
             raise RuntimeError("no federated round succeeded: every site failed (see the SuperNodes' logs).")
         model.load_state_dict(result.arrays.to_torch_state_dict(), strict=False)
     seconds = time.perf_counter() - started
     tensors = trainable_tensors(model)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    extra = {"federated": {"rounds": job.rounds, "sites": sites, "site_names": list(site_names or []),
-                           "strategy": "FedProx" if job.mu > 0 else "FedAvg", "mu": job.mu,
+    names = list(federation.site_names) or sorted({n for r in rows for n in r.get("sites_trained", [])})
+    lost = [{"round": r["round"], "site": n, "reason": why} for r in rows
+            for n, why in {**r.get("sites_failed", {}), **dict.fromkeys(r.get("sites_missing", []), "no reply in time")}.items()]  # fmt: skip
+    extra = {"federated": {"rounds": job.rounds, "sites": federation.sites, "site_names": names,
+                           "server_optimizer": job.server_optimizer, "mu": job.mu,
                            "local_epochs": job.local_epochs}}  # fmt: skip
     if job.job == "pretrain":
         preset = get_preset(job.preset)
-        extra.update(preprocess=preset.preprocess.to_dict(), preset=preset.name, train_centers=list(site_names or []))
+        extra.update(preprocess=preset.preprocess.to_dict(), preset=preset.name, train_centers=names)
         artifact = save_model(model, out / "model.safetensors", extra=extra)
     else:
         base = open_base(job.base)
-        extra.update(center=join_centers(site_names or []) or "federated", shots=job.shots, base=str(job.base),
+        extra.update(center=join_centers(names) or "federated", shots=job.shots, base=str(job.base),
                      preprocess=base.preprocess.to_dict())  # fmt: skip
         options = get_strategy(job.strategy).resolve_options({})
         artifact = save_adapter(model, out / "adapter.safetensors", job.strategy, options, extra=extra)
-    summary = {"job": f"federated {job.job}", **job.to_config(), "sites": sites, "site_names": list(site_names or []),
-               "rounds_run": len(rows), "server_seconds": seconds, "artifact": str(artifact),
-               "artifact_bytes": artifact.stat().st_size, "tensor_bytes_per_message": tensor_bytes,
+    summary = {"job": f"federated {job.job}", **job.to_config(), "sites": federation.sites, "site_names": names,
+               "min_sites": federation.quorum, "rounds_run": len(rows), "server_seconds": seconds,
+               "rounds_with_all_sites": sum(r["sites"] == federation.sites for r in rows), "site_failures": lost,
+               "artifact": str(artifact), "artifact_bytes": artifact.stat().st_size,
+               "tensor_bytes_per_message": tensor_bytes,
                "final_val_dsc_agg": rows[-1]["val_dsc_agg"] if rows else None}  # fmt: skip
+    if lost:
+        logger.warning("finished with %d site failure(s): %s", len(lost),
+                       "; ".join(f"round {f['round']} {f['site']}" for f in lost))  # fmt: skip
     write_json(summary, out / SUMMARY_FILE)
     (out / "last_round.pt").unlink(missing_ok=True)
     return summary
 
 
-def make_server_app(job: FederatedJob | None = None, out: str | Path | None = None, sites: int | None = None,
-                    site_names: Sequence[str] | None = None, inspect: Inspect | None = None,
+def make_server_app(job: FederatedJob | None = None, out: str | Path | None = None,
+                    federation: Federation | None = None, inspect: Inspect | None = None,
                     box: dict[str, Any] | None = None) -> ServerApp:  # fmt: skip
-    """The coordinating side. Deployed, the job, ``out`` (an absolute path on the server) and
-    ``sites`` come from the run config; a simulation passes them here. ``inspect(round, replies)``
-    sees every site's reply (an audit of what leaves the hospitals); ``box`` receives the summary."""
+    """The coordinating side. Deployed, the job, ``out`` (an absolute path on the server),
+    ``sites``, ``min-sites`` and ``round-timeout`` come from the run config; a simulation passes
+    them here. ``inspect(round, replies)`` sees every site's reply (an audit of what leaves the
+    hospitals); ``box`` receives the summary."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = context.run_config
-        summary = run_server(grid, _job(context, job), Path(str(config.get("out", out))),
-                             int(config.get("sites", sites or 2)), site_names, inspect)  # fmt: skip
+        plan = federation or Federation(sites=int(config.get("sites", 2)), min_sites=int(config.get("min-sites", 0)),
+                                        round_timeout=float(config.get("round-timeout", 3600.0)))  # fmt: skip
+        summary = run_server(grid, _job(context, job), Path(str(config.get("out", out))), plan, inspect)
         if box is not None:
             box["summary"] = summary
 
@@ -231,7 +276,7 @@ def make_server_app(job: FederatedJob | None = None, out: str | Path | None = No
 
 
 def simulate(job: FederatedJob, data_dir: str | Path, centers: Sequence[str], out: str | Path, *,
-             cpus: int | None = None, inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+             cpus: int | None = None, inspect: Inspect | None = None, min_sites: int = 0) -> dict[str, Any]:  # fmt: skip
     """Run the federation on this machine: one simulated SuperNode per center of ``data_dir``
     (Flower's Ray backend, one CPU per client process, as many at a time as there are CPUs)."""
     from flwr.simulation import run_simulation
@@ -239,7 +284,8 @@ def simulate(job: FederatedJob, data_dir: str | Path, centers: Sequence[str], ou
     if len(set(centers)) != len(centers) or not centers:
         raise ValueError(f"--centers: give each site's center once, got {', '.join(centers) or 'none'}.")
     box: dict[str, Any] = {}
-    server = make_server_app(job, Path(out).resolve(), len(centers), list(centers), inspect, box)
+    federation = Federation(sites=len(centers), site_names=tuple(centers), min_sites=min_sites)
+    server = make_server_app(job, Path(out).resolve(), federation, inspect, box)
     client = make_client_app(job, Path(data_dir).resolve(), list(centers))
     cpus = cpus or os.cpu_count() or 1
     run_simulation(server_app=server, client_app=client, num_supernodes=len(centers),

@@ -42,6 +42,22 @@ from centerprompt.scoring import validator
 logger = logging.getLogger(__name__)
 
 JOBS = ("pretrain", "adapt")
+# The server's rate when none is given (federated.aggregation): FedAvgM steps by the
+# (momentum-accumulated) averaged change itself; FedAdam and FedYogi take a per-coordinate step of
+# about this size each round.
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+
+
+def check_server_optimizer(name: str, lr: float | None, momentum: float) -> None:
+    """One clear error for a server optimiser, rate or momentum that cannot work."""
+    if name not in DEFAULT_SERVER_LR:
+        raise ValueError(f"server optimizer must be one of {', '.join(DEFAULT_SERVER_LR)}, got {name!r}.")
+    if name == "fedavg" and (lr not in (None, 1.0) or momentum):
+        raise ValueError("FedAvg has no server rate or momentum: choose --server-optimizer fedavgm, fedadam or fedyogi.")
+    if lr is not None and not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"the server learning rate must be a positive number, got {lr}.")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"the server momentum must be in [0, 1), got {momentum}.")
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,8 @@ class FederatedJob:
     mean what they mean for ``pretrain`` and ``adapt`` (:func:`train_settings`), over
     ``rounds x local_epochs`` epochs. ``local_steps`` > 0 stops a site's round after that many
     optimiser steps (for checks, or sites of very different size); ``mu`` > 0 is FedProx.
+    ``server_optimizer`` is how the server combines a round (FedAvg, or FedAvgM, FedAdam, FedYogi
+    with ``server_lr`` and ``server_momentum``: :mod:`centerprompt.federated.aggregation`).
     """
 
     job: str = "pretrain"
@@ -72,6 +90,9 @@ class FederatedJob:
     num_prompts: int = 10
     prompt_dropout: float = 0.0
     shots: int = 8
+    server_optimizer: str = "fedavg"
+    server_lr: float | None = None  # None: DEFAULT_SERVER_LR's
+    server_momentum: float = 0.0
     # What a central run also says, fixed here: every round trains, nothing stops early.
     patience = 0
     amp = False
@@ -85,6 +106,7 @@ class FederatedJob:
             raise ValueError("rounds and local epochs must be at least 1; local steps, mu and lr not negative.")
         if not 1 <= self.num_prompts <= MAX_PROMPTS or not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"num_prompts must be in [1, {MAX_PROMPTS}] and prompt_dropout in [0, 1).")
+        check_server_optimizer(self.server_optimizer, self.server_lr, self.server_momentum)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
         if self.job == "adapt":
