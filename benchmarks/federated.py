@@ -33,6 +33,7 @@ from centerprompt.data.synthetic.writer import generate_dataset
 from centerprompt.data.synthetic.profiles import load_profiles
 from centerprompt.evaluate import aggregate
 from centerprompt.study.experiment import machine_info
+from centerprompt.study.intervals import dsc_interval, paired_difference
 from centerprompt.federated.flower import simulate
 from centerprompt.federated.site import FederatedJob
 from centerprompt.files import write_json
@@ -49,34 +50,45 @@ PRESET = get_preset("cpu")
 
 
 def _dsc(model: Any, cases: list[Any], preprocess: Any) -> dict[str, float]:
-    return aggregate(Scorer(cases, preprocess).score(model, progress=False))["overall"]["dsc_agg"]
+    return aggregate(_scored(model, cases, preprocess))["overall"]["dsc_agg"]
+
+
+def _scored(model: Any, cases: list[Any], preprocess: Any) -> list[dict[str, Any]]:
+    return Scorer(cases, preprocess).score(model, progress=False)
 
 
 def _rounds(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def pretraining(data: Path, work: Path, central: Path, local_epochs: int, rounds: int, seed: int = 0) -> dict[str, Any]:
-    """Federated pretraining, ``rounds`` of ``local_epochs``, against the centralised base ``central``."""
-    cases, splits = load_index(data, seed=seed)
-    old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=seed).old_test]
+def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dict[str, Any]:
+    """Federated pretraining ``job`` over the six old centers against the centralised base ``central``,
+    both scored on the old centers' test cases: DSCagg with bootstrap intervals and the paired
+    difference federated - centralised."""
+    cases, splits = load_index(data, seed=job.seed)
+    old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=job.seed).old_test]
     sites = [c for c in sorted(splits) if c != NEW]
-    default = (rounds, local_epochs) == (PRESET.pretrain_epochs, 1)  # the first measured setting's folder
-    out = work / ("pretrain6" if default else f"pretrain6_{rounds}x{local_epochs}")
-    job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=local_epochs, seed=seed)
+    server = "" if job.server_optimizer == "fedavg" else f"_{job.server_optimizer}{job.server_lr or ''}m{job.server_momentum}"
+    out = work / f"pretrain6_{job.rounds}x{job.local_epochs}{server}"
     fed = simulate(job, data, sites, out)
     model_file = out / "model.safetensors"
     summary = json.loads((central / "summary.json").read_text())
+    scored = {name: _scored(build_adapted_model(path), old_test, base_preprocess(path))
+              for name, path in (("centralised", central / "model.safetensors"), ("federated", model_file))}  # fmt: skip
     return {
-        "sites": fed["site_names"],
+        "sites": fed["site_names"], "test_cases": len(old_test),
         "centralised": {"seconds": summary["train_seconds"], "epochs": summary["epochs_run"],
                         "best_epoch": summary["best_epoch"], "folder": str(central),
-                        "old_dsc_agg": _dsc(build_adapted_model(central / "model.safetensors"), old_test,
-                                            base_preprocess(central / "model.safetensors"))},
-        "federated": {"local_epochs": local_epochs, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
-                      "old_dsc_agg": _dsc(build_adapted_model(model_file), old_test, base_preprocess(model_file)),
+                        "old_dsc_agg": aggregate(scored["centralised"])["overall"]["dsc_agg"],
+                        "interval": dsc_interval(scored["centralised"])},
+        "federated": {"local_epochs": job.local_epochs, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
+                      "server_optimizer": job.server_optimizer, "server_lr": job.server_lr,
+                      "server_momentum": job.server_momentum, "folder": str(out),
+                      "old_dsc_agg": aggregate(scored["federated"])["overall"]["dsc_agg"],
+                      "interval": dsc_interval(scored["federated"]),
                       "bytes_per_site_per_round": _rounds(out)[-1]["bytes_per_site"][0],
                       "val_dsc_agg_by_round": [r["val_dsc_agg"] for r in _rounds(out)]},
+        "difference": paired_difference(scored["centralised"], scored["federated"]),
     }  # fmt: skip
 
 
@@ -117,8 +129,10 @@ def adaptation(new_data: Path, work: Path, central: Path, seed: int = 0) -> dict
     return result
 
 
-def _setting(entry: dict[str, Any]) -> tuple[int, int]:
-    return entry["federated"]["local_epochs"], entry["federated"]["rounds"]
+def _setting(entry: dict[str, Any]) -> tuple[int, int, str, float, float]:
+    fed = entry["federated"]
+    return (fed["local_epochs"], fed["rounds"], fed.get("server_optimizer", "fedavg"), fed.get("server_lr") or 1.0,
+            fed.get("server_momentum", 0.0))  # fmt: skip
 
 
 def main() -> None:
@@ -131,14 +145,23 @@ def main() -> None:
                         help="run folder of the centralised base without MDA (centerprompt pretrain or the demo's)")
     parser.add_argument("--local-epochs", type=int, default=1, help="pretraining: local epochs per round")
     parser.add_argument("--rounds", type=int, help="pretraining: rounds (default: the preset's epochs / local epochs)")
+    parser.add_argument("--server-optimizer", default="fedavg", help="pretraining: fedavg, fedavgm, fedadam or fedyogi")
+    parser.add_argument("--server-lr", type=float, help="pretraining: the server optimiser's rate")
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="pretraining: the server optimiser's momentum")
     parser.add_argument("--note", default="", help="how the machine was during the run (stored with the part)")
     parser.add_argument("--out", type=Path, default=HERE / "federated")
     args = parser.parse_args()
     command = f"python benchmarks/federated.py --part {args.part} --central {args.central} --work {args.work}"
     if args.part == "pretraining":
         rounds = args.rounds or PRESET.pretrain_epochs // args.local_epochs
-        part = pretraining(args.data, args.work, args.central, args.local_epochs, rounds)
+        job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=args.local_epochs, seed=0,
+                           server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                           server_momentum=args.server_momentum)  # fmt: skip
+        part = pretraining(args.data, args.work, args.central, job)
         command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
+        if args.server_optimizer != "fedavg":
+            command += f" --server-optimizer {args.server_optimizer} --server-momentum {args.server_momentum}" + \
+                (f" --server-lr {args.server_lr}" if args.server_lr is not None else "")
     else:
         part = adaptation(new_centers(args.new_data), args.work, args.central)
         command += f" --new-data {args.new_data}"

@@ -92,6 +92,18 @@ def paired_difference(
             "n_cases": len(a)}  # fmt: skip
 
 
+def dsc_interval(
+    cases: Sequence[Mapping[str, Any]], *, resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """One model's DSCagg on ``cases`` with its bootstrap percentile interval (cases drawn with replacement)."""
+    if not cases:
+        raise ValueError("no test cases to resample.")
+    counts = _counts(cases)
+    draws = _dsc_agg(np.einsum("rn,nkj->rkj", _weights(len(counts), np.random.default_rng(seed), resamples), counts))
+    return {"dsc_agg": float(_dsc_agg(counts.sum(0))), "ci": list(_interval(draws, level)), "level": level,
+            "resamples": resamples, "n_cases": len(counts)}  # fmt: skip
+
+
 def pooled_difference(
     pairs: Pairs, *, resamples: int = N_RESAMPLES,
     level: float = LEVEL, seed: int = 0,
