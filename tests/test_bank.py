@@ -16,6 +16,7 @@ from centerprompt import apply_strategy
 from centerprompt.artifacts import backbone_fingerprint, build_adapted_model, load_model, save_adapter, save_model
 from centerprompt.bank import (
     FALLBACK,
+    FALSE_FALLBACK,
     BankModel,
     PromptBank,
     Route,
@@ -265,7 +266,7 @@ def test_cli_and_evaluation_on_synthetic_centers(tmp_path: Path, base_file: Path
 
     cli("route", "--bank", bank, "--base", base_file, "--data", data, "--out", tmp_path / "route")
     routed = json.loads((tmp_path / "route" / "bank_eval.json").read_text())
-    assert routed["modes"] == {} and routed["false_fallback"] == 0.05
+    assert routed["modes"] == {} and routed["false_fallback"] == FALSE_FALLBACK
     assert routed["routing"]["confusion"]["MDA"]["base"] == 1
     mda = next(c["route"] for c in routed["per_case"] if c["center"] == "MDA")
     assert mda["nearest"] == "CHUM" and "outside every banked center's range" in mda["reason"]

@@ -51,7 +51,7 @@ from centerprompt.strategies import bankable_names, is_added_tensor
 logger = logging.getLogger(__name__)
 
 BANK_FORMAT = "centerprompt-bank/2"  # 2: acquisition-fingerprint keys (1: frozen-encoder cosine keys)
-KEY_FORMAT = "centerprompt-bank-key/2"
+KEY_FORMAT = "centerprompt-bank-key/3"  # 3: the PET body found from the 99th percentile
 KEY_TENSORS = ("mean", "var", "scale")  # all a key file holds: (F,), (F,), (1,)
 BANK_FILE = "bank.json"
 PROMPT_TENSOR = "prompts.tokens"  # the one tensor a bankable adapter file holds
