@@ -3,7 +3,7 @@
 Centers differ in how they acquire and reconstruct (voxel spacing, field of view, CT noise and
 kernel, HU calibration, PET voxel size, noise and SUV calibration; see ``docs/centers.md``), and
 resampling to the model's grid hides much of it. So the routing key reads the original files:
-their headers, and a block of central CT slices plus the (small) PET volume, whose statistics are
+their headers, and a block of CT slices a quarter of the way in plus the (small) PET volume, whose statistics are
 taken on every second row and slice (:data:`STRIDE`; rows stay whole, so neighbour differences
 still measure noise): a few percent of a prediction's time. No voxel data leaves this module,
 only the numbers in :data:`FEATURES`.
@@ -26,7 +26,7 @@ FEATURES: tuple[str, ...] = (
 # Smallest within-center spread each feature is credited with (same units): header values are
 # exact, so without a floor a center whose scans share one spacing would have zero variance.
 FLOORS = np.array([0.02] * 8 + [3.0, 3.0] + [0.05] * 3 + [0.05] * 3)
-CT_SLAB = 16  # central CT slices read: enough voxels for robust statistics, a fraction of the file
+CT_SLAB = 16  # CT slices read: enough voxels for robust statistics, a fraction of the file
 STRIDE = 2  # statistics on every STRIDE-th row and slice: medians of a quarter of the voxels agree to well
 # within the floors, at a quarter of the cost
 BODY = 0.05  # PET voxels above this fraction of the 99th percentile are the patient (not the empty field)
@@ -63,8 +63,8 @@ def acquisition_features(ct: str | Path, pet: str | Path) -> np.ndarray:
     ct_img, pet_img = nib.load(str(ct)), nib.load(str(pet))
     if len(ct_img.shape) < 3 or len(pet_img.shape) < 3:
         raise ValueError(f"{ct} / {pet}: need 3-D CT and PET volumes.")
-    z = ct_img.shape[2]
-    lo = max((z - CT_SLAB) // 2, 0)
+    lo = max(ct_img.shape[2] // 4 - CT_SLAB // 2, 0)  # a quarter in: inside the body, and a gzipped file
+    # is decompressed only up to the slab's end
     block = np.asarray(ct_img.dataobj[:, :, lo : lo + CT_SLAB], dtype=np.float32)[:, ::STRIDE, ::STRIDE]
     air, soft = block < AIR_HU, (block > SOFT_HU[0]) & (block < SOFT_HU[1])
     air_hu = float(np.median(block[air])) if air.any() else AIR_HU
