@@ -244,27 +244,43 @@ def _recipes_section(r: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _bracket(interval: Mapping[str, Any] | None) -> str:
+    return f" [{interval['ci'][0]:.3f}, {interval['ci'][1]:.3f}]" if interval else ""
+
+
 def _federated_section(f: Mapping[str, Any]) -> list[str]:
     """Federated against centralised pretraining and adaptation (benchmarks/federated.py)."""
     lines = ["## Several hospitals: federated against centralised (Flower simulation)", ""]
     runs = f.get("pretraining", [])
     if runs:
         first = runs[0]
-        lines += [f"Pretraining without MDA: {len(first['sites'])} Flower clients ({', '.join(first['sites'])}), FedAvg "
-                  "weighted by case count; rounds × local epochs is the number of passes over each site's data "
-                  f"(centralised: the same preset, {first['centralised']['epochs']} epochs, best "
-                  f"{first['centralised']['best_epoch']}, of the preset's epoch budget). Old-center test cases, original CT grid.",
-                  ""]  # fmt: skip
+        lines += [f"Pretraining without MDA: {len(first['sites'])} Flower clients ({', '.join(first['sites'])}), weighted "
+                  "by case count; rounds × local epochs is the number of passes over each site's data. Each run is "
+                  "compared with the centralised base named in its line (the same preset, data and seed, early stopping "
+                  "within the preset's epoch budget), both scored on the old centers' test cases on the original CT "
+                  "grid. Brackets: 95% bootstrap intervals over the test cases; the difference is paired (the same "
+                  "resamples for both models).", ""]  # fmt: skip
         lines += [f"- {_run_line(r)}" for r in runs] + [""]
-        lines += ["| pretraining | rounds × local epochs | old GTVp | old GTVn | old DSCagg | wall time (s) | bytes per site per round |",
-                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-        c = first["centralised"]["old_dsc_agg"]
-        lines.append(f"| centralised | – | {c['gtvp']:.3f} | {c['gtvn']:.3f} | {c['mean']:.3f} | "
-                     f"{first['centralised']['seconds']:.0f} | – |")  # fmt: skip
+        lines += ["| pretraining | server | rounds × local epochs | old GTVp | old GTVn | old DSCagg [95% CI] | "
+                  "federated − centralised [95% CI] | wall time (s) | bytes per site per round |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        shown: set[str] = set()
         for r in runs:
-            fed, d = r["federated"], r["federated"]["old_dsc_agg"]
-            lines.append(f"| federated (FedAvg) | {fed['rounds']} × {fed['local_epochs']} | {d['gtvp']:.3f} | {d['gtvn']:.3f} | "
-                         f"{d['mean']:.3f} | {fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip
+            central, fed = r["centralised"], r["federated"]
+            if central.get("folder", "") not in shown:  # each centralised reference once
+                shown.add(central.get("folder", ""))
+                c = central["old_dsc_agg"]
+                lines.append(f"| centralised ({central.get('folder', '')}) | – | {central['epochs']} epochs, best "
+                             f"{central['best_epoch']} | {c['gtvp']:.3f} | {c['gtvn']:.3f} | {c['mean']:.3f}"
+                             f"{_bracket(central.get('interval'))} | – | {central['seconds']:.0f} | – |")  # fmt: skip
+            d, diff = fed["old_dsc_agg"], r.get("difference")
+            server = fed.get("server_optimizer", "fedavg")
+            if server != "fedavg":
+                server += f" (lr {fed.get('server_lr') or 1.0:g}, momentum {fed.get('server_momentum', 0.0):g})"
+            gap = f"{diff['difference']:+.3f}{_bracket(diff)}" if diff else "–"
+            lines.append(f"| federated | {server} | {fed['rounds']} × {fed['local_epochs']} | {d['gtvp']:.3f} | "
+                         f"{d['gtvn']:.3f} | {d['mean']:.3f}{_bracket(fed.get('interval'))} | {gap} | "
+                         f"{fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip
         lines.append("")
     ad = f.get("adaptation")
     if ad is None:

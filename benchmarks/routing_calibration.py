@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from centerprompt.bank.acquisition import acquisition_features
-from centerprompt.bank.routing import FALSE_FALLBACK, RoutingKey, route_features
+from centerprompt.bank.routing import FALSE_FALLBACK, RoutingKey, false_fallback_threshold, route_features
 from centerprompt.files import write_json
 from centerprompt.runs.selection import load_index
 from centerprompt.study.experiment import machine_info
@@ -43,7 +43,7 @@ def study(data: Path, rates: tuple[float, ...] = RATES) -> dict[str, Any]:
     result: dict[str, Any] = {"data": str(data), "centers": sorted(splits), "groups": {c: group(c) for c in splits},
                               "key_cases": {c: len(splits[c]["train"]) for c in splits}, "rates": {}}  # fmt: skip
     for rate in rates:
-        home, fallback, wrong, distinct = [], [], 0, set()
+        home, fallback, wrong, distinct, nearest, own = [], [], 0, set(), [], []
         for left_out in sorted({group(c) for c in splits}):
             banked: dict[str, str] = {}
             for c in sorted(splits):  # one center per acquisition: the pair's first name
@@ -52,16 +52,20 @@ def study(data: Path, rates: tuple[float, ...] = RATES) -> dict[str, Any]:
             bank = {c: keys[c] for c in banked.values()}
             for c in bank:
                 held_out = splits[c]["val"] + splits[c]["test"]
-                home += [route_features(fingerprint[i], bank, rate).center == c for i in held_out]
+                routes = [route_features(fingerprint[i], bank, rate) for i in held_out]
+                home += [r.center == c for r in routes]
+                own += [keys[c].distance(fingerprint[i]) for i in held_out]
                 distinct.update(held_out)
             for c in (c for c in splits if group(c) == left_out):
                 routes = [route_features(fingerprint[i], bank, rate) for ids in splits[c].values() for i in ids]
                 fallback += [r.fallback for r in routes]
                 wrong += sum(not r.fallback for r in routes)
+                nearest += [r.distance for r in routes]
         result["rates"][str(rate)] = {"home": float(np.mean(home)), "home_routings": len(home),
                                       "home_scans": len(distinct),
                                       "fallback": float(np.mean(fallback)), "fallback_scans": len(fallback),
-                                      "unbanked_to_a_center": wrong}  # fmt: skip
+                                      "unbanked_to_a_center": wrong, "unbanked_nearest_distance": float(min(nearest)),
+                                      "home_largest_distance": float(max(own)), "threshold": false_fallback_threshold(rate)}  # fmt: skip
     return result
 
 
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         for rate, r in s["rates"].items():
             print(f"{s['data']}: nominal {rate}: home {r['home']:.1%} of {r['home_routings']} routings "
                   f"({r['home_scans']} scans, each in every fold that banks its center), "
-                  f"fallback {r['fallback']:.1%} of {r['fallback_scans']}")
+                  f"fallback {r['fallback']:.1%} of {r['fallback_scans']} (threshold {r['threshold']:.1f}, largest own "
+                  f"distance {r['home_largest_distance']:.1f}, nearest unbanked {r['unbanked_nearest_distance']:.1f})")
     write_json({"default_false_fallback": FALSE_FALLBACK, "studies": studies,
                 "command": "python benchmarks/routing_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": date.today().isoformat(), "machine": machine_info()}, args.out)  # fmt: skip

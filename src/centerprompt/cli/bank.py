@@ -114,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", required=True, type=Path, help="HECKTOR-layout folder with every center to test")
         p.add_argument("--false-fallback", type=float, metavar="RATE",
                        help="share of a banked center's own scans allowed to fall back to the base model; sets "
-                       "the distance threshold under the key's chi-square model (default 0.001: measured to send every "
+                       "the distance threshold under the key's chi-square model (default 0.0001: measured to send every "
                        "held-out scan home, benchmarks/RESULTS.md)")  # fmt: skip
         p.add_argument("--centers", help="comma-separated centers to test (default: all)")
         p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))

@@ -19,7 +19,7 @@ def _bank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center", dest="route", action=DeprecatedAlias, help=argparse.SUPPRESS)  # before --route
     p.add_argument("--false-fallback", type=float, metavar="RATE",
                    help="with --bank and auto routing: share of a banked center's own scans allowed to fall back to "
-                        "the base model under the key's chi-square model; sets the distance threshold (default 0.001: "
+                        "the base model under the key's chi-square model; sets the distance threshold (default 0.0001: "
                         "measured to send every held-out scan home, benchmarks/RESULTS.md)")  # fmt: skip
 
 
