@@ -344,7 +344,29 @@ def _gpu_section(gpu: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _bank_section(bank: Mapping[str, Any], timing: Mapping[str, Any] | None) -> list[str]:
+def _calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
+    """The leave-one-center-out study of the abstention (benchmarks/routing_calibration.py)."""
+    if not calibration:
+        return []
+    default = str(calibration["default_false_fallback"])
+    lines = [f"Abstention measured leave one center out (`{calibration['command'].strip()}`, {calibration['date']}): "
+             "each center in turn out of the bank, every other banked with a key from its training cases; "
+             "their validation and test scans should go home, every scan of the left-out center fall back "
+             "(factorial: POL with CHUS and ACQPOL with ACQ count as one acquisition, by construction "
+             "indistinguishable by it).", "",
+             "| data | nominal false-fallback rate | threshold | home (routings / scans) | fallback (scans) | "
+             "largest own distance | nearest unbanked |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for study in calibration["studies"]:
+        for rate, r in study["rates"].items():
+            mark = " (default)" if rate == default else ""
+            lines.append(f"| {study['data']} | {float(rate):g}{mark} | {r['threshold']:.1f} | {r['home']:.1%} "
+                         f"({r['home_routings']} / {r['home_scans']}) | {r['fallback']:.1%} ({r['fallback_scans']}) | "
+                         f"{r['home_largest_distance']:.1f} | {r['unbanked_nearest_distance']:.1f} |")  # fmt: skip
+    return lines + [""]
+
+
+def _bank_section(bank: Mapping[str, Any], timing: Mapping[str, Any] | None,
+                  calibration: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
     """Issue 12's routing targets from a ``bank evaluate`` JSON (benchmarks/bank_run.sh) and, if
     measured, what the fingerprint adds to prediction time (benchmarks/routing_time.py)."""
     routing = bank["routing"]
@@ -366,7 +388,8 @@ def _bank_section(bank: Mapping[str, Any], timing: Mapping[str, Any] | None) -> 
         verdict = {True: "met", False: "not met", None: "not measured"}[met]
         shown = "–" if value is None else format(value, spec)
         lines.append(f"- **{verdict}**: {name}: {shown} (target {'≥' if op == '>=' else '≤'} {format(limit, spec)})")
-    return lines + [f"- ROC AUC of the distance for \"center not in the bank\": {routing['abstention_auc']:.3f}", ""]
+    return lines + [f"- ROC AUC of the distance for \"center not in the bank\": {routing['abstention_auc']:.3f}", "",
+                    *_calibration_lines(calibration)]  # fmt: skip
 
 
 def _phase_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -468,7 +491,7 @@ def _factorial_section(f: Mapping[str, Any], aware: Mapping[str, Any] | None = N
 
 
 def render(results: Mapping[str, Any], gpu: Mapping[str, Any] | None = None,
-           bank: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
+           bank: tuple[Any, ...] | None = None,
            recipes: Mapping[str, Any] | None = None, federated: Mapping[str, Any] | None = None,
            profile: Mapping[str, Any] | None = None, factorial: Mapping[str, Any] | None = None,
            factorial_aware: Mapping[str, Any] | None = None) -> str:
@@ -530,8 +553,9 @@ def write_markdown(
     out_path = Path(out_path)
     bank = _read(Path(bank_dir) / "bank_eval.json") if bank_dir else None
     timing = _read(Path(bank_dir) / "routing_time.json") if bank_dir else None
+    calibration = _read(Path(bank_dir) / "routing_calibration.json") if bank_dir else None
     here = Path(__file__).resolve().parent
-    out_path.write_text(render(_read(results_path), _read(gpu_path), (bank, timing) if bank else None,
+    out_path.write_text(render(_read(results_path), _read(gpu_path), (bank, timing, calibration) if bank else None,
                                _read(here / "gpu" / "recipes" / "recipes.json") if gpu_path else None,
                                _read(here / "federated" / "federated.json") if gpu_path else None,
                                _read(here / "profile" / "profile.json") if gpu_path else None,

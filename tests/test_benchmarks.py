@@ -174,6 +174,14 @@ def test_render_bank_targets_from_a_bank_evaluation():
     assert "- **not met**: largest per-center DSCagg gap, automatic vs oracle routing: 0.020" in text
     assert "- **met**: time routing adds to a prediction: 4.0%" in text
     assert "not measured" in render.render(_fake_results(0.5), bank=(bank, None))
+    rates = {rate: {"threshold": t, "home": h, "home_routings": 12, "home_scans": 4, "fallback": 1.0, "fallback_scans": 8,
+                    "home_largest_distance": 30.0, "unbanked_nearest_distance": 90.0}
+             for rate, t, h in (("0.05", 26.3, 0.75), ("0.0001", 45.9, 1.0))}  # fmt: skip
+    calibration = {"default_false_fallback": 0.0001, "command": "python benchmarks/routing_calibration.py", "date": "d",
+                   "studies": [{"data": "data/synth", "rates": rates}]}  # fmt: skip
+    text = render.render(_fake_results(0.5), bank=(bank, timing, calibration))
+    assert "| data/synth | 0.0001 (default) | 45.9 | 100.0% (12 / 4) | 100.0% (8) | 30.0 | 90.0 |" in text
+    assert "| data/synth | 0.05 | 26.3 | 75.0% (12 / 4) |" in text
 
 
 def test_render_profile_section_sums_each_demos_phases():
