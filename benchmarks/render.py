@@ -278,10 +278,12 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
             if server != "fedavg":
                 server += f" (lr {fed.get('server_lr') or 1.0:g}, momentum {fed.get('server_momentum', 0.0):g})"
             gap = f"{diff['difference']:+.3f}{_bracket(diff)}" if diff else "–"
-            lines.append(f"| federated | {server} | {fed['rounds']} × {fed['local_epochs']} | {d['gtvp']:.3f} | "
+            passes = f"{fed['rounds']} × {fed['local_epochs']}" + (f" ({fed['local_steps']} step a round)" if fed.get("local_steps") else "")
+            lines.append(f"| federated | {server} | {passes} | {d['gtvp']:.3f} | "
                          f"{d['gtvn']:.3f} | {d['mean']:.3f}{_bracket(fed.get('interval'))} | {gap} | "
                          f"{fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip
         lines.append("")
+        lines += [f"- {note}" for note in f.get("pretraining_notes", [])] + ([""] if f.get("pretraining_notes") else [])
     ad = f.get("adaptation")
     if ad is None:
         return lines + ["Adaptation of two new centers, federated against alone and pooled: not measured yet.", ""]
