@@ -15,7 +15,6 @@ benchmarks/bank/routing_calibration.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import date
 from pathlib import Path

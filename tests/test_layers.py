@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"runs.pretrain", "runs.adapt", "runs.score"},
     {"bank", "bank.storage", "bank.acquisition", "bank.routing", "bank.keys", "bank.serving", "bank.evaluation"},
     {"study", "study.report", "study.intervals", "study.reliance", "study.diagnostic", "study.experiment",
-     "federated", "federated.site", "federated.flower", "federated.app", "deploy", "deploy.bundle"},
+     "federated", "federated.site", "federated.flower", "federated.app", "federated.aggregation", "deploy", "deploy.bundle"},
     {"cli", "cli.paths", "cli.runs", "cli.scoring", "cli.bank", "cli.data", "cli.synth", "cli.export", "cli.federated", "__main__", ""},  # "" is the package's lazy facade
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
