@@ -1,6 +1,6 @@
-"""Federated pretraining and adaptation on Flower: FedAvg as computed by hand, what leaves a site,
-the adapter other commands accept, one site trained as a central run (the deployed SuperLink:
-test_federated_deploy.py)."""
+"""Federated adaptation on Flower: rounds computed by hand through a failed site and a killed and
+resumed server, what leaves a site, the adapter other commands accept, one site trained as a
+central run (federated pretraining on a deployed SuperLink: test_federated_deploy.py)."""
 
 from __future__ import annotations
 
@@ -16,90 +16,37 @@ pytest.importorskip("ray")
 
 from centerprompt.federated.site import FederatedJob  # noqa: E402
 
-TINY_JOB = dict(preset="tiny", rounds=1, local_steps=2, seed=0)  # the first step of a warm-up has rate 0
+BETA = 0.5  # FedAvgM's server momentum in the simulated federation
 
 
-def _replies(box: list[tuple[int, list[Any]]]):
+def _replies(box: list[tuple[int, list[Any]]], die_in: int | None = None):
     def inspect(server_round: int, replies: list[Any]) -> None:
         box.append((server_round, replies))
+        if server_round == die_in:
+            raise RuntimeError("the server was killed")
 
     return inspect
 
 
 @pytest.fixture(scope="module")
-def federated_base(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One FedAvg round of two local steps at CHUM and MDA (tiny preset), with every site reply kept."""
-    from centerprompt.federated.flower import simulate
-
-    out = tmp_path_factory.mktemp("fed") / "pretrain"
-    seen: list[tuple[int, list[Any]]] = []
-    summary = simulate(FederatedJob(job="pretrain", **TINY_JOB), two_centers, ["CHUM", "MDA"], out, cpus=2,
-                       inspect=_replies(seen))  # fmt: skip
-    return {"out": out, "summary": summary, "seen": seen}
-
-
-def test_one_round_is_fedavg_by_hand(federated_base: dict[str, Any], two_centers: Path) -> None:
-    from safetensors.torch import load_file
-
-    from centerprompt.federated.site import job_model
-    from centerprompt.runs.selection import load_index
-
-    train = [r for _, replies in federated_base["seen"] for r in replies if "arrays" in r.content]
-    assert len(train) == 2
-    states = [r.content["arrays"].to_torch_state_dict() for r in train]
-    counts = [float(r.content["metrics"]["num-examples"]) for r in train]
-    _, splits = load_index(two_centers, seed=0)
-    assert sorted(counts) == sorted(float(len(splits[c]["train"])) for c in ("CHUM", "MDA"))
-    model = job_model(FederatedJob(job="pretrain", **TINY_JOB))[0]
-    initial = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    assert set(states[0]) == set(initial)
-    saved = load_file(str(federated_base["out"] / "model.safetensors"))
-    moved = 0
-    for name, start in initial.items():
-        by_hand = sum(c * s[name] for c, s in zip(counts, states)) / sum(counts)
-        torch.testing.assert_close(saved[name], by_hand, rtol=1e-5, atol=1e-6)
-        moved += int(not torch.equal(states[0][name], states[1][name]) and not torch.equal(states[0][name], start))
-    assert moved > 10  # both sites stepped, differently: the average is not one site's tensors
-    rows = [json.loads(line) for line in (federated_base["out"] / "metrics.jsonl").read_text().splitlines()]
-    total = sum(t.numel() * 4 for t in initial.values())
-    assert rows[0]["round"] == 1 and all(total <= b < 1.01 * total for b in rows[0]["bytes_per_site"])
-
-
-def test_no_case_id_or_voxel_leaves_a_site(federated_base: dict[str, Any]) -> None:
-    """Every reply holds model tensors under the model's own names and scalar metrics, nothing else."""
-    from centerprompt.federated.site import job_model
-
-    shapes = {n: tuple(p.shape) for n, p in job_model(FederatedJob(job="pretrain", **TINY_JOB))[0].named_parameters()}
-    kinds = set()
-    for _, replies in federated_base["seen"]:
-        for reply in replies:
-            content = reply.content
-            assert set(content.keys()) <= {"arrays", "metrics", "site"}
-            if "site" in content:  # a training reply names its site, as its node config does
-                assert dict(content["site"]) == {"center": "CHUM"} or dict(content["site"]) == {"center": "MDA"}
-            metrics = dict(content["metrics"])
-            kinds.add(tuple(sorted(metrics)))
-            assert all(isinstance(v, (int, float)) for v in metrics.values())
-            if "arrays" in content:
-                for name, array in content["arrays"].items():
-                    assert name in shapes and tuple(array.shape) == shapes[name] and array.dtype == "float32"
-    assert kinds == {("lr", "num-examples", "train-loss"), ("num-examples", "val-dsc-agg")}  # lr: the shared schedule
-
-
-@pytest.fixture(scope="module")
-def faulty_adaptation(federated_base: dict[str, Any], two_centers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Federated deep prompts at CHUM and MDA (FedAdam, three rounds, one site enough for a round)
-    through two faults: MDA raises in round 2, and the server dies in round 3 (after round 2's
-    checkpoint, before its own); the same command is then run again."""
+def federation(two_centers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Federated deep prompts at CHUM and MDA on a tiny base (FedAvgM with momentum, three rounds of
+    two local epochs of one step, the first of a warm-up having rate 0; one site enough for a round) through two faults: MDA raises in round 2, and the
+    server dies in round 3 (after round 2's checkpoint, before its own); the same command is then
+    run again. Every site reply of both server runs is kept."""
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
+    from centerprompt.cli import main
     from centerprompt.federated.app import Federation
     from centerprompt.federated.flower import make_client_app, make_server_app, simulate
 
+    base = tmp_path_factory.mktemp("base")
+    assert main(["pretrain", "--data", str(two_centers), "--exclude-center", "MDA", "--out", str(base), "--preset",
+                 "tiny", "--epochs", "1"]) == 0  # fmt: skip
     out = tmp_path_factory.mktemp("fed") / "adapt"
-    job = FederatedJob(job="adapt", base=str(federated_base["out"] / "model.safetensors"), strategy="deep",
-                       num_prompts=2, shots=2, rounds=3, local_steps=1, server_optimizer="fedadam")  # fmt: skip
+    job = FederatedJob(job="adapt", base=str(base / "model.safetensors"), strategy="deep", num_prompts=2, shots=2,
+                       rounds=3, local_epochs=2, server_optimizer="fedavgm", server_momentum=BETA)  # fmt: skip
     sites = make_client_app(job, two_centers, ["CHUM", "MDA"])
     client = ClientApp()
 
@@ -113,75 +60,136 @@ def faulty_adaptation(federated_base: dict[str, Any], two_centers: Path, tmp_pat
     def evaluate(msg: Any, context: Any) -> Any:
         return sites(msg, context)
 
-    def server_dies(server_round: int, replies: list[Any]) -> None:
-        if server_round == 3:
-            raise RuntimeError("the server was killed")
-
-    box: dict[str, Any] = {}
-    server = make_server_app(job, out, Federation(sites=2, site_names=("CHUM", "MDA"), min_sites=1), server_dies, box)
+    seen: list[tuple[int, list[Any]]] = []
+    server = make_server_app(job, out, Federation(sites=2, site_names=("CHUM", "MDA"), min_sites=1),
+                             _replies(seen, die_in=3))  # fmt: skip
     with pytest.raises(RuntimeError, match="server was killed"):
         run_simulation(server_app=server, client_app=client, num_supernodes=2,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})  # fmt: skip
-    assert "summary" not in box
+                                       "init_args": {"num_cpus": 1, "include_dashboard": False}})  # fmt: skip
     killed = torch.load(out / "last_round.pt", weights_only=True)
     rows_before = (out / "metrics.jsonl").read_text()
-    seen: list[tuple[int, list[Any]]] = []
-    summary = simulate(job, two_centers, ["CHUM", "MDA"], out, cpus=2, inspect=_replies(seen), min_sites=1)
-    return {"out": out, "job": job, "summary": summary, "killed": killed, "rows_before": rows_before, "seen": seen}
+    resumed: list[tuple[int, list[Any]]] = []
+    summary = simulate(job, two_centers, ["CHUM", "MDA"], out, cpus=1, inspect=_replies(resumed), min_sites=1)
+    return {"out": out, "base": base / "model.safetensors", "job": job, "summary": summary, "killed": killed,
+            "rows_before": rows_before, "seen": seen, "resumed": resumed}  # fmt: skip
 
 
-def test_a_site_that_fails_a_round_is_left_out_of_it_and_rejoins(faulty_adaptation: dict[str, Any]) -> None:
-    out, summary = faulty_adaptation["out"], faulty_adaptation["summary"]
+def _trained(box: list[tuple[int, list[Any]]], server_round: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """The tensors and case counts of the sites that trained ``server_round``."""
+    train = [r for n, replies in box if n == server_round for r in replies if not r.has_error() and "arrays" in r.content]
+    return [r.content["arrays"].to_torch_state_dict() for r in train], [float(r.content["metrics"]["num-examples"]) for r in train]
+
+
+def _mean(states: list[dict[str, torch.Tensor]], counts: list[float], name: str) -> torch.Tensor:
+    return sum(c * s[name].double() for c, s in zip(counts, states)) / sum(counts)
+
+
+def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(federation: dict[str, Any]) -> None:
+    """Round 1 averages both sites by case count (FedAvgM's first step is the average itself), round
+    2 steps along CHUM's change alone with momentum, and the resumed server's round 3 continues from
+    round 2's tensors and momentum: the saved prompts are that arithmetic. A server that averaged
+    unweighted, counted a failed site, lost its momentum on resume or trained a round twice lands
+    elsewhere."""
+    from safetensors.torch import load_file
+
+    from centerprompt.federated.site import job_model, trainable_tensors
+
+    job, killed = federation["job"], federation["killed"]
+    x0 = {n: t.double() for n, t in trainable_tensors(job_model(job)[0]).items()}
+    (s1, c1), (s2, c2), (s3, c3) = _trained(federation["seen"], 1), _trained(federation["seen"], 2), \
+        _trained(federation["resumed"], 3)  # fmt: skip
+    assert (len(s1), len(s2), len(s3)) == (2, 1, 2) and c1 == c3 == [2.0, 2.0]  # FedAvg's weights: the shots
+    assert {r for r, _ in federation["resumed"]} == {3}  # nothing trained twice
+    names = list(x0)
+    momentum = dict(zip(names, killed["server"]["momentum_vector"]))
+    assert killed["round"] == 2 and set(killed["server"]) == {"momentum_vector"}
+    final = load_file(str(federation["out"] / "adapter.safetensors"))
+    moved = 0
+    for name in names:
+        x1 = _mean(s1, c1, name)  # momentum starts as the first pseudo-gradient x0 - mean: x1 is the mean
+        m2 = BETA * (x0[name] - x1) + (x1 - _mean(s2, c2, name))
+        x2 = x1 - m2
+        torch.testing.assert_close(killed["tensors"][name].double(), x2, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(momentum[name].double(), m2, rtol=1e-5, atol=1e-7)
+        x3 = x2 - (BETA * m2 + (x2 - _mean(s3, c3, name)))
+        torch.testing.assert_close(final[name].double(), x3, rtol=1e-5, atol=1e-7)
+        moved += int(not torch.equal(s1[0][name], s1[1][name]))
+    assert moved == len(names)  # both sites stepped, differently: the mean is not one site's tensors
+
+
+def test_no_case_id_or_voxel_leaves_a_site(federation: dict[str, Any]) -> None:
+    """Every reply holds model tensors under the model's own names, scalar metrics and its site's
+    name, nothing else."""
+    from centerprompt.federated.site import job_model
+
+    shapes = {n: tuple(p.shape) for n, p in job_model(federation["job"])[0].named_parameters()}
+    kinds = set()
+    for _, replies in federation["seen"] + federation["resumed"]:
+        for reply in replies:
+            if reply.has_error():
+                continue
+            content = reply.content
+            assert set(content.keys()) <= {"arrays", "metrics", "site"}
+            if "site" in content:  # a training reply names its site, as its node config does
+                assert dict(content["site"]) in ({"center": "CHUM"}, {"center": "MDA"})
+            metrics = dict(content["metrics"])
+            kinds.add(tuple(sorted(metrics)))
+            assert all(isinstance(v, (int, float)) for v in metrics.values())
+            if "arrays" in content:
+                for name, array in content["arrays"].items():
+                    assert name in shapes and tuple(array.shape) == shapes[name] and array.dtype == "float32"
+    assert kinds == {("lr", "num-examples", "train-loss"), ("num-examples", "val-dsc-agg")}  # lr: the shared schedule
+
+
+def test_a_site_that_fails_a_round_is_left_out_of_it_and_rejoins(federation: dict[str, Any]) -> None:
+    out, summary = federation["out"], federation["summary"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
+    assert (out / "metrics.jsonl").read_text().startswith(federation["rows_before"])  # the killed run's rounds kept
     assert [r["sites_trained"] for r in rows] == [["CHUM", "MDA"], ["CHUM"], ["CHUM", "MDA"]]
     assert "MDA's node went down" in rows[1]["sites_failed"]["MDA"] and not rows[2]["sites_failed"]
     assert len(rows[1]["bytes_per_site"]) == 1 and rows[1]["train_loss"] is not None
     assert summary["rounds_with_all_sites"] == 2
     assert [(f["round"], f["site"]) for f in summary["site_failures"]] == [(2, "MDA")]
-
-
-def test_a_killed_server_resumes_after_its_last_round_with_its_optimizer_state(faulty_adaptation: dict[str, Any]) -> None:
-    """The rerun trains round 3 only, from round 2's global tensors and FedAdam's moments: the final
-    prompts are FedAdam's step from the checkpoint by hand (a server that restarted its moments or
-    counted rounds from 1 again would land elsewhere)."""
-    from safetensors.torch import load_file
-
-    out, killed, seen = faulty_adaptation["out"], faulty_adaptation["killed"], faulty_adaptation["seen"]
-    assert killed["round"] == 2 and set(killed["server"]) == {"m_t", "v_t"}
-    assert {r for r, _ in seen} == {3}  # nothing trained twice
-    assert (out / "metrics.jsonl").read_text().startswith(faulty_adaptation["rows_before"])
-    train = [r for _, replies in seen for r in replies if "arrays" in r.content]
-    counts = [float(r.content["metrics"]["num-examples"]) for r in train]
-    expected = {}
-    for name, x in killed["tensors"].items():
-        x = x.double()
-        mean = sum(c * r.content["arrays"].to_torch_state_dict()[name].double() for c, r in zip(counts, train)) / sum(counts)
-        m = 0.9 * killed["server"]["m_t"][name].double() + 0.1 * (mean - x)
-        v = 0.99 * killed["server"]["v_t"][name].double() + 0.01 * (mean - x) ** 2
-        expected[name] = x + 1e-2 * (1 - 0.99**4) ** 0.5 / (1 - 0.9**4) * m / (v.sqrt() + 1e-3)
-    saved = load_file(str(out / "adapter.safetensors"))
-    assert set(expected) <= set(saved)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(saved[name].double(), tensor, rtol=1e-4, atol=1e-6)
-        assert not torch.allclose(tensor, killed["tensors"][name].double())
     assert not (out / "last_round.pt").exists()
 
 
-def test_federated_adapter_is_an_ordinary_adapter(faulty_adaptation: dict[str, Any], federated_base: dict[str, Any]) -> None:
+def test_federated_adapter_is_an_ordinary_adapter(federation: dict[str, Any]) -> None:
     from centerprompt.artifacts import build_adapted_model, read_adapter_metadata
 
-    base, summary = federated_base["out"] / "model.safetensors", faulty_adaptation["summary"]
+    summary = federation["summary"]
     adapter = Path(summary["artifact"])
     meta = read_adapter_metadata(adapter)
     assert meta["strategy"] == "deep" and meta["extra"]["center"] == "CHUM,MDA"
-    model = build_adapted_model(base, adapter)  # refuses an adapter of another backbone
+    model = build_adapted_model(federation["base"], adapter)  # refuses an adapter of another backbone
     assert model.num_prompts == 2
-    rows = [json.loads(line) for line in (faulty_adaptation["out"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (federation["out"] / "metrics.jsonl").read_text().splitlines()]
     prompt_bytes = sum(t.numel() * 4 for n, t in model.named_parameters() if "prompt" in n)
     assert all(prompt_bytes <= b < prompt_bytes + 4096 for r in rows for b in r["bytes_per_site"])  # + names, shapes
-    assert summary["tensor_bytes_per_message"] < 0.05 * federated_base["summary"]["tensor_bytes_per_message"]
+    whole = sum(t.numel() * 4 for n, t in model.named_parameters() if "prompt" not in n)
+    assert summary["tensor_bytes_per_message"] < 0.05 * whole
+
+
+def test_server_optimizer_moments_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    """FedAdam's per-name moments (and FedAvgM's list) go through the round checkpoint and back."""
+    import numpy as np
+    from flwr.serverapp.strategy import FedAdam
+
+    from centerprompt.federated.aggregation import optimizer_state, restore_optimizer_state
+
+    strategy, fresh = FedAdam(), FedAdam()
+    strategy.m_t = {"a": np.arange(3.0), "b": np.ones((2, 2), dtype=np.float32)}
+    strategy.v_t = {"a": np.full(3, 0.5), "b": np.zeros((2, 2), dtype=np.float32)}
+    torch.save({"server": optimizer_state(strategy)}, tmp_path / "state.pt")
+    restore_optimizer_state(fresh, torch.load(tmp_path / "state.pt", weights_only=True)["server"])
+    for name in ("m_t", "v_t"):
+        assert set(getattr(fresh, name)) == {"a", "b"}
+        for key, value in getattr(strategy, name).items():
+            np.testing.assert_array_equal(getattr(fresh, name)[key], value)
+    assert optimizer_state(FedAdam()) == {}
+    with pytest.raises(ValueError, match="does not keep"):
+        restore_optimizer_state(FedAdam(), {"momentum_vector": []})
 
 
 def test_job_round_trips_through_a_flower_run_config() -> None:
