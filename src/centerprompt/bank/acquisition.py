@@ -3,9 +3,9 @@
 Centers differ in how they acquire and reconstruct (voxel spacing, field of view, CT noise and
 kernel, HU calibration, PET voxel size, noise and SUV calibration; see ``docs/centers.md``), and
 resampling to the model's grid hides much of it. So the routing key reads the original files:
-their headers, and a block of CT slices a quarter of the way in plus the (small) PET volume, whose statistics are
-taken on every second row and slice (:data:`STRIDE`; rows stay whole, so neighbour differences
-still measure noise): a few percent of a prediction's time. No voxel data leaves this module,
+their headers, a block of CT slices a quarter of the way in and the (small) PET volume, with
+statistics taken on every second row and slice (:data:`STRIDE`; rows stay whole, so neighbour
+differences still measure noise): a few percent of a prediction's time. No voxel data leaves this module,
 only the numbers in :data:`FEATURES`.
 """
 

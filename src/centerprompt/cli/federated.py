@@ -73,9 +73,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from centerprompt.federated.app import write_flower_app
-
-    from centerprompt.federated.app import Federation
+    from centerprompt.federated.app import Federation, write_flower_app
 
     federation = Federation(sites=args.sites, min_sites=args.min_sites, round_timeout=args.round_timeout)
     folder = write_flower_app(args.app, _job(args, args.job), args.out, federation)

@@ -49,8 +49,8 @@ class Federation:
 
     def __post_init__(self) -> None:
         if self.sites < 1 or not 0 <= self.min_sites <= self.sites:
-            raise ValueError(f"--sites must be at least 1 and --min-sites between 1 and --sites ({self.sites}), "
-                             f"got {self.min_sites}.")  # fmt: skip
+            raise ValueError(f"--sites must be at least 1 and --min-sites between 1 and --sites ({self.sites}) "
+                             f"(0: more than half), got {self.min_sites}.")  # fmt: skip
         if not self.round_timeout > 0:
             raise ValueError(f"--round-timeout must be a positive number of seconds, got {self.round_timeout}.")
 
