@@ -241,9 +241,12 @@ def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None
 def test_one_site_trains_exactly_as_a_central_run_of_the_same_epochs(two_centers: Path, tmp_path: Path) -> None:
     """Round r of a site is epochs (r-1) x local_epochs onwards of the Trainer a central run uses,
     with its optimizer moments and schedule kept between rounds: two rounds at one site (FedProx off)
-    give the weights of two central epochs on the same cases, seed and settings, bit for bit. A
+    give the weights of two central epochs on the same cases, seed and settings, bit for bit (the
+    site's random stream is its own, so that sites do not crop and augment in lockstep). A
     site that rebuilt its optimizer, reseeded its loader its own way or decayed prompts differently
     would differ."""
+    from dataclasses import replace
+
     from centerprompt.federated.site import Site, job_model, trainable_tensors
     from centerprompt.training.cases import CachedCases
     from centerprompt.training.loop import Trainer, fit
@@ -259,7 +262,8 @@ def test_one_site_trains_exactly_as_a_central_run_of_the_same_epochs(two_centers
     model, preprocess, preset = job_model(job)  # the same seeded initialisation
     params = [p for p in model.parameters() if p.requires_grad]
     cached = CachedCases.load(site.train_cases, site.val_cases, preprocess)
-    cfg = job.train_config(preset)
+    cfg = site.cfg  # the job's settings with the site's own random stream
+    assert cfg == replace(job.train_config(preset), seed=cfg.seed) and cfg.seed != Site(two_centers, job, "MDA").cfg.seed
     assert cfg.epochs == 2 and cfg.lr == preset.pretrain_lr and cfg.class_weights == preset.class_weights
     fit(Trainer(model, params, cached.train, cfg), tmp_path / "central", progress=False)
     central = trainable_tensors(model)

@@ -14,9 +14,10 @@ weights by), and :mod:`centerprompt.federated.flower` packs nothing else into a 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,9 @@ class Site:
         self.device = default_device()
         self.model, self.preprocess, preset = job_model(job)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.cfg = job.train_config(preset)
+        # Each site draws its own batches, crops and augmentations (as a DDP rank does): with one
+        # shared stream every site would pick positive or negative crops at the same steps.
+        self.cfg = replace(job.train_config(preset), seed=job.seed + zlib.crc32(center.encode()) % 100_003)
         self._cached: CachedCases | None = None
         self._trainer: Trainer | None = None
 
