@@ -56,7 +56,8 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch(two_cent
 
     # one global batch of two volumes a step: as many steps, the same schedule, the same split, and
     # the same loss within what the ranks' own random crops allow (a rank that trained on the whole
-    # data, or a gradient summed rather than averaged, would double the steps or the update)
+    # data would take twice the steps, and the schedule per epoch would differ; AdamW's step does not
+    # tell a summed gradient from an averaged one: test_train.py's DDP test checks the ranks agree)
     for a, b in zip(epochs, _lines(tmp_path / "single" / "metrics.jsonl")):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
