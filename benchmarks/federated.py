@@ -70,6 +70,7 @@ def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dic
     sites = [c for c in sorted(splits) if c != NEW]
     server = "" if job.server_optimizer == "fedavg" else f"_{job.server_optimizer}{job.server_lr or ''}m{job.server_momentum}"
     steps = f"s{job.local_steps}" if job.local_steps else ""
+    steps += (f"k{job.sites_per_round}" if job.sites_per_round else "") + (f"b{job.batch_size}" if job.batch_size else "") + (f"lr{job.lr:g}" if job.lr else "")
     out = work / f"pretrain6_{job.rounds}x{job.local_epochs}{steps}{server}"
     fed = simulate(job, data, sites, out)
     model_file = out / "model.safetensors"
@@ -82,7 +83,7 @@ def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dic
                         "best_epoch": summary["best_epoch"], "folder": str(central),
                         "old_dsc_agg": aggregate(scored["centralised"])["overall"]["dsc_agg"],
                         "interval": dsc_interval(scored["centralised"])},
-        "federated": {"local_epochs": job.local_epochs, "local_steps": job.local_steps, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
+        "federated": {"local_epochs": job.local_epochs, "local_steps": job.local_steps, "batch_size": job.batch_size, "lr": job.lr, "sites_per_round": job.sites_per_round, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
                       "server_optimizer": job.server_optimizer, "server_lr": job.server_lr,
                       "server_momentum": job.server_momentum, "folder": str(out),
                       "old_dsc_agg": aggregate(scored["federated"])["overall"]["dsc_agg"],
@@ -130,10 +131,11 @@ def adaptation(new_data: Path, work: Path, central: Path, seed: int = 0) -> dict
     return result
 
 
-def _setting(entry: dict[str, Any]) -> tuple[int, int, str, float, float, int]:
+def _setting(entry: dict[str, Any]) -> tuple[int, int, str, float, float, int, int, float, int]:
     fed = entry["federated"]
     return (fed["local_epochs"], fed["rounds"], fed.get("server_optimizer", "fedavg"), fed.get("server_lr") or 1.0,
-            fed.get("server_momentum", 0.0), fed.get("local_steps", 0))  # fmt: skip
+            fed.get("server_momentum", 0.0), fed.get("local_steps", 0), fed.get("batch_size") or PRESET.batch_size,
+            fed.get("lr") or PRESET.pretrain_lr, fed.get("sites_per_round", 0))  # fmt: skip
 
 
 def main() -> None:
@@ -147,6 +149,10 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1, help="pretraining: local epochs per round")
     parser.add_argument("--rounds", type=int, help="pretraining: rounds (default: the preset's epochs / local epochs)")
     parser.add_argument("--local-steps", type=int, default=0, help="pretraining: a site's optimiser steps per round (0: its epochs)")
+    parser.add_argument("--sites-per-round", type=int, default=0,
+                        help="pretraining: sites that train a round, in turn (1: cyclic; default 0: all)")
+    parser.add_argument("--batch-size", type=int, help="pretraining: a site's batch size (default: the preset's)")
+    parser.add_argument("--lr", type=float, help="pretraining: the sites' learning rate (default: the preset's)")
     parser.add_argument("--server-optimizer", default="fedavg", help="pretraining: fedavg, fedavgm, fedadam or fedyogi")
     parser.add_argument("--server-lr", type=float, help="pretraining: the server optimiser's rate")
     parser.add_argument("--server-momentum", type=float, default=0.0, help="pretraining: the server optimiser's momentum")
@@ -155,13 +161,17 @@ def main() -> None:
     args = parser.parse_args()
     command = f"python benchmarks/federated.py --part {args.part} --central {args.central} --work {args.work}"
     if args.part == "pretraining":
-        rounds = args.rounds or PRESET.pretrain_epochs // args.local_epochs
+        turns = 6 // args.sites_per_round if args.sites_per_round else 1  # rounds that pass once over every site
+        rounds = args.rounds or PRESET.pretrain_epochs // args.local_epochs * turns
         job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=args.local_epochs, local_steps=args.local_steps, seed=0,
                            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
-                           server_momentum=args.server_momentum)  # fmt: skip
+                           server_momentum=args.server_momentum, batch_size=args.batch_size, lr=args.lr,
+                           sites_per_round=args.sites_per_round)  # fmt: skip
         part = pretraining(args.data, args.work, args.central, job)
         command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
         command += f" --local-steps {args.local_steps}" if args.local_steps else ""
+        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                                                                  ("sites_per_round", args.sites_per_round)) if v)
         if args.server_optimizer != "fedavg":
             command += f" --server-optimizer {args.server_optimizer} --server-momentum {args.server_momentum}" + \
                 (f" --server-lr {args.server_lr}" if args.server_lr is not None else "")

@@ -279,6 +279,8 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
                 server += f" (lr {fed.get('server_lr') or 1.0:g}, momentum {fed.get('server_momentum', 0.0):g})"
             gap = f"{diff['difference']:+.3f}{_bracket(diff)}" if diff else "–"
             passes = f"{fed['rounds']} × {fed['local_epochs']}" + (f" ({fed['local_steps']} step a round)" if fed.get("local_steps") else "")
+            passes += "".join(f", {name} {fed[key]:g}" for key, name in (("batch_size", "batch"), ("lr", "site lr"),
+                                                                      ("sites_per_round", "sites a round")) if fed.get(key))
             lines.append(f"| federated | {server} | {passes} | {d['gtvp']:.3f} | "
                          f"{d['gtvn']:.3f} | {d['mean']:.3f}{_bracket(fed.get('interval'))} | {gap} | "
                          f"{fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip

@@ -192,6 +192,19 @@ def test_server_optimizer_moments_survive_a_weights_only_checkpoint(tmp_path: Pa
         restore_optimizer_state(FedAdam(), {"momentum_vector": []})
 
 
+def test_sites_take_turns_when_fewer_than_all_train_a_round() -> None:
+    """--sites-per-round k: each round the next k sites in a fixed order (by node ID), so over n/k
+    rounds every site trains once; the absolute round decides, so a resumed server keeps the turn."""
+    from centerprompt.federated.aggregation import turn
+
+    nodes = [42, 7, 19]
+    assert [turn(nodes, r, 1) for r in range(1, 7)] == [[7], [19], [42], [7], [19], [42]]
+    assert [turn(nodes, r, 2) for r in range(1, 4)] == [[7, 19], [42, 7], [19, 42]]
+    assert turn(nodes, 5, 0) == turn(nodes, 5, 3) == turn(nodes, 5, 4) == [7, 19, 42]
+    with pytest.raises(ValueError, match="sites per round"):
+        FederatedJob(sites_per_round=-1)
+
+
 def test_job_round_trips_through_a_flower_run_config() -> None:
     job = FederatedJob(job="adapt", base="/b/model.safetensors", rounds=3, mu=0.01, lr=0.5, server_optimizer="fedavgm",
                        server_lr=2.0, server_momentum=0.5)  # fmt: skip
@@ -202,6 +215,23 @@ def test_job_round_trips_through_a_flower_run_config() -> None:
         FederatedJob(job="adapt")
     with pytest.raises(ValueError, match="trains nothing"):
         FederatedJob(job="adapt", base="b", strategy="none")
+
+
+def test_the_command_line_sets_what_each_site_trains_with() -> None:
+    """--batch-size and --lr reach every site's optimisation settings (a site's batch is a recipe choice:
+    it sets how many steps a pass over the site's cases takes)."""
+    from centerprompt.cli import build_parser
+    from centerprompt.cli.federated import _job
+    from centerprompt.training.presets import get_preset
+
+    args = build_parser().parse_args(["federated", "pretrain", "--data", "d", "--out", "o", "--simulate",
+                                      "--batch-size", "1", "--lr", "3e-3", "--rounds", "4"])  # fmt: skip
+    job = _job(args, "pretrain")
+    cfg = job.train_config(get_preset("cpu"))
+    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (1, 3e-3, 4)
+    assert FederatedJob.from_config(job.to_config()) == job
+    default = FederatedJob().train_config(get_preset("cpu"))
+    assert (default.batch_size, default.lr) == (get_preset("cpu").batch_size, get_preset("cpu").pretrain_lr)
 
 
 def test_without_flower_one_clear_error(

@@ -19,7 +19,8 @@ def _job(args: argparse.Namespace, job: str) -> Any:
     preset = get_preset(args.preset)
     rounds = args.rounds or (preset.pretrain_epochs if job == "pretrain" else preset.adapt_epochs)
     return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs,
-                        local_steps=args.local_steps, lr=args.lr, mu=args.mu, seed=args.seed,
+                        local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size, mu=args.mu, seed=args.seed,
+                        sites_per_round=args.sites_per_round,
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
                         strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
                         prompt_dropout=getattr(args, "prompt_dropout", 0.0), optimizer=getattr(args, "optimizer", "adamw"),
@@ -88,6 +89,9 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
     p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's cases per round (default 1)")
     p.add_argument("--local-steps", type=int, default=0, help="stop a site's round after this many steps (0: no cap)")
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), warm-up then cosine over all local epochs")
+    p.add_argument("--sites-per-round", type=int, default=0,
+                   help="sites that train each round, in turn (1: the model passes from site to site; default 0: all)")
+    p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the job's recipe)")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),

@@ -54,3 +54,13 @@ def restore_optimizer_state(strategy: FedAvg, state: dict[str, Any]) -> None:
             setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
         else:
             setattr(strategy, name, [v.numpy() for v in value])
+
+
+def turn(nodes: list[int], server_round: int, per_round: int) -> list[int]:
+    """The sites that train round ``server_round`` (from 1) when ``per_round`` of them train at a
+    time (0: all): the next ``per_round`` of the sorted ``nodes`` after the previous round's, so
+    every site trains once every ``len(nodes) / per_round`` rounds."""
+    if not per_round or per_round >= len(nodes):
+        return sorted(nodes)
+    ordered, start = sorted(nodes), (server_round - 1) * per_round
+    return [ordered[(start + i) % len(ordered)] for i in range(per_round)]

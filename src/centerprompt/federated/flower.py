@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from centerprompt.artifacts import save_adapter, save_model  # noqa: E402
 from centerprompt.federated.aggregation import (SERVER_OPTIMIZERS, optimizer_state, restore_optimizer_state,  # noqa: E402
-                                                server_options)  # fmt: skip
+                                                server_options, turn)  # fmt: skip
 from centerprompt.weights import load_weights_only  # noqa: E402
 from centerprompt.federated.app import Federation  # noqa: E402
 from centerprompt.federated.site import FederatedJob, Site, job_model, trainable_tensors  # noqa: E402
@@ -123,6 +123,8 @@ def _strategy(job: FederatedJob, sites: int, min_sites: int, start_round: int, o
             self.min_available_nodes = self.min_train_nodes = sites if server_round == 1 else min_sites
             config["federation-round"] = start_round + server_round  # Flower counts from 1 again in a resumed run
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            chosen = turn([m.metadata.dst_node_id for m in messages], start_round + server_round, job.sites_per_round)
+            messages = [m for m in messages if m.metadata.dst_node_id in chosen]
             self.asked = [m.metadata.dst_node_id for m in messages]
             return messages
 
@@ -136,7 +138,8 @@ def _strategy(job: FederatedJob, sites: int, min_sites: int, start_round: int, o
             replied = {r.metadata.src_node_id for r in replies}
             missing = [self._name(n) for n in self.asked if n not in replied]
             # FedAdam's bias correction counts rounds: the absolute one, also after a resume
-            arrays, metrics = super().aggregate_train(absolute, ok) if len(ok) >= min_sites else (None, None)
+            enough = bool(ok) and len(ok) >= min(min_sites, len(self.asked))  # a turn of fewer sites needs them all
+            arrays, metrics = super().aggregate_train(absolute, ok) if enough else (None, None)
             if failed or missing or arrays is None:
                 logger.warning("round %d: %d of %d sites trained%s%s%s", absolute, len(ok), len(self.asked),
                                "".join(f"; {n} failed: {why}" for n, why in failed.items()),

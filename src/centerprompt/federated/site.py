@@ -72,7 +72,10 @@ class FederatedJob:
     mean what they mean for ``pretrain`` and ``adapt`` (:func:`train_settings`), over
     ``rounds x local_epochs`` epochs. ``local_steps`` > 0 stops a site's round after that many
     optimiser steps (for checks, or sites of very different size); ``mu`` > 0 is FedProx.
-    ``server_optimizer`` is how the server combines a round (FedAvg, or FedAvgM, FedAdam, FedYogi
+    ``sites_per_round`` k > 0 trains k sites a round, in turn, from the last global tensors (1:
+    cyclic weight transfer, the model handed from hospital to hospital; Chang et al. 2018), so a
+    round is k/n of a pass over the federation's data and the sites take n/k times more steps in
+    sequence than with every site in every round (0). ``server_optimizer`` is how the server combines a round (FedAvg, or FedAvgM, FedAdam, FedYogi
     with ``server_lr`` and ``server_momentum``: :mod:`centerprompt.federated.aggregation`).
     """
 
@@ -81,6 +84,7 @@ class FederatedJob:
     rounds: int = 10
     local_epochs: int = 1
     local_steps: int = 0
+    sites_per_round: int = 0  # 0: every site every round
     mu: float = 0.0  # FedProx proximal term; 0 is FedAvg
     seed: int = 0
     lr: float | None = None  # None: the preset's pretraining rate, or the strategy's
@@ -103,8 +107,8 @@ class FederatedJob:
         if self.job not in JOBS:
             raise ValueError(f"job must be one of {', '.join(JOBS)}, got {self.job!r}.")
         get_preset(self.preset)
-        if self.rounds < 1 or self.local_epochs < 1 or self.local_steps < 0 or self.mu < 0 or (self.lr or 0) < 0:
-            raise ValueError("rounds and local epochs must be at least 1; local steps, mu and lr not negative.")
+        if self.rounds < 1 or self.local_epochs < 1 or min(self.local_steps, self.sites_per_round, self.mu, self.lr or 0) < 0:
+            raise ValueError("rounds and local epochs must be at least 1; local steps, sites per round, mu and lr not negative.")
         if not 1 <= self.num_prompts <= MAX_PROMPTS or not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"num_prompts must be in [1, {MAX_PROMPTS}] and prompt_dropout in [0, 1).")
         check_server_optimizer(self.server_optimizer, self.server_lr, self.server_momentum)
