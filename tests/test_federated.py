@@ -219,16 +219,17 @@ def test_job_round_trips_through_a_flower_run_config() -> None:
 
 def test_the_command_line_sets_what_each_site_trains_with() -> None:
     """--batch-size and --lr reach every site's optimisation settings (a site's batch is a recipe choice:
-    it sets how many steps a pass over the site's cases takes)."""
+    it sets how many steps a pass over the site's cases takes), --sites-per-round the server's job, and
+    all of it survives Flower's run config (what a deployed server and its sites read)."""
     from centerprompt.cli import build_parser
     from centerprompt.cli.federated import _job
     from centerprompt.training.presets import get_preset
 
     args = build_parser().parse_args(["federated", "pretrain", "--data", "d", "--out", "o", "--simulate",
-                                      "--batch-size", "1", "--lr", "3e-3", "--rounds", "4"])  # fmt: skip
+                                      "--batch-size", "1", "--lr", "3e-3", "--rounds", "4", "--sites-per-round", "2"])  # fmt: skip
     job = _job(args, "pretrain")
     cfg = job.train_config(get_preset("cpu"))
-    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (1, 3e-3, 4)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, job.sites_per_round) == (1, 3e-3, 4, 2)
     assert FederatedJob.from_config(job.to_config()) == job
     default = FederatedJob().train_config(get_preset("cpu"))
     assert (default.batch_size, default.lr) == (get_preset("cpu").batch_size, get_preset("cpu").pretrain_lr)

@@ -91,7 +91,7 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), warm-up then cosine over all local epochs")
     p.add_argument("--sites-per-round", type=int, default=0,
                    help="sites that train each round, in turn (1: the model passes from site to site; default 0: all)")
-    p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the job's recipe)")
+    p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the preset's)")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),

@@ -75,8 +75,9 @@ class FederatedJob:
     ``sites_per_round`` k > 0 trains k sites a round, in turn, from the last global tensors (1:
     cyclic weight transfer, the model handed from hospital to hospital; Chang et al. 2018), so a
     round is k/n of a pass over the federation's data and the sites take n/k times more steps in
-    sequence than with every site in every round (0). ``server_optimizer`` is how the server combines a round (FedAvg, or FedAvgM, FedAdam, FedYogi
-    with ``server_lr`` and ``server_momentum``: :mod:`centerprompt.federated.aggregation`).
+    sequence than with every site in every round (0). ``server_optimizer`` is how the server
+    combines a round (FedAvg, or FedAvgM, FedAdam, FedYogi with ``server_lr`` and
+    ``server_momentum``: :mod:`centerprompt.federated.aggregation`).
     """
 
     job: str = "pretrain"
