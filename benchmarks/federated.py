@@ -47,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 NEW, PAIR, SHOTS = "MDA", ("USZ", "CHB"), 8
 STRATEGIES = ("deep", "deep+head")
 PRESET = get_preset("cpu")
+# What a pretraining run may change at the sites beyond rounds x local epochs (FederatedJob fields, flags alike).
+RECIPE = ("local_steps", "sites_per_round", "batch_size", "lr")
 
 
 def _dsc(model: Any, cases: list[Any], preprocess: Any) -> dict[str, float]:
@@ -61,16 +63,20 @@ def _rounds(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _sites(splits: dict[str, Any]) -> list[str]:
+    """The pretraining sites: every center of the split but the new one."""
+    return [c for c in sorted(splits) if c != NEW]
+
+
 def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dict[str, Any]:
     """Federated pretraining ``job`` over the six old centers against the centralised base ``central``,
     both scored on the old centers' test cases: DSCagg with bootstrap intervals and the paired
     difference federated - centralised."""
     cases, splits = load_index(data, seed=job.seed)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=job.seed).old_test]
-    sites = [c for c in sorted(splits) if c != NEW]
+    sites = _sites(splits)
     server = "" if job.server_optimizer == "fedavg" else f"_{job.server_optimizer}{job.server_lr or ''}m{job.server_momentum}"
-    steps = f"s{job.local_steps}" if job.local_steps else ""
-    steps += (f"k{job.sites_per_round}" if job.sites_per_round else "") + (f"b{job.batch_size}" if job.batch_size else "") + (f"lr{job.lr:g}" if job.lr else "")
+    steps = "".join(f"{tag}{getattr(job, k):g}" for k, tag in zip(RECIPE, ("s", "k", "b", "lr")) if getattr(job, k))
     out = work / f"pretrain6_{job.rounds}x{job.local_epochs}{steps}{server}"
     fed = simulate(job, data, sites, out)
     model_file = out / "model.safetensors"
@@ -83,7 +89,8 @@ def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dic
                         "best_epoch": summary["best_epoch"], "folder": str(central),
                         "old_dsc_agg": aggregate(scored["centralised"])["overall"]["dsc_agg"],
                         "interval": dsc_interval(scored["centralised"])},
-        "federated": {"local_epochs": job.local_epochs, "local_steps": job.local_steps, "batch_size": job.batch_size, "lr": job.lr, "sites_per_round": job.sites_per_round, "rounds": fed["rounds_run"], "seconds": fed["server_seconds"],
+        "federated": {"local_epochs": job.local_epochs, **{k: getattr(job, k) for k in RECIPE}, "rounds": fed["rounds_run"],
+                      "seconds": fed["server_seconds"],
                       "server_optimizer": job.server_optimizer, "server_lr": job.server_lr,
                       "server_momentum": job.server_momentum, "folder": str(out),
                       "old_dsc_agg": aggregate(scored["federated"])["overall"]["dsc_agg"],
@@ -161,7 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     command = f"python benchmarks/federated.py --part {args.part} --central {args.central} --work {args.work}"
     if args.part == "pretraining":
-        turns = 6 // args.sites_per_round if args.sites_per_round else 1  # rounds that pass once over every site
+        sites = len(_sites(load_index(args.data, seed=0)[1]))
+        turns = -(-sites // args.sites_per_round) if args.sites_per_round else 1  # rounds that pass once over every site
         rounds = args.rounds or PRESET.pretrain_epochs // args.local_epochs * turns
         job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=args.local_epochs, local_steps=args.local_steps, seed=0,
                            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
@@ -169,9 +177,7 @@ def main() -> None:
                            sites_per_round=args.sites_per_round)  # fmt: skip
         part = pretraining(args.data, args.work, args.central, job)
         command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
-        command += f" --local-steps {args.local_steps}" if args.local_steps else ""
-        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
-                                                                                  ("sites_per_round", args.sites_per_round)) if v)
+        command += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in RECIPE if getattr(args, k))
         if args.server_optimizer != "fedavg":
             command += f" --server-optimizer {args.server_optimizer} --server-momentum {args.server_momentum}" + \
                 (f" --server-lr {args.server_lr}" if args.server_lr is not None else "")
