@@ -68,10 +68,20 @@ def _sites(splits: dict[str, Any]) -> list[str]:
     return [c for c in sorted(splits) if c != NEW]
 
 
-def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dict[str, Any]:
+def _compared(models: dict[str, Path], cases: list[Any]) -> dict[str, Any]:
+    """Each model's DSCagg on ``cases`` with its bootstrap interval, and the paired difference
+    federated - centralised (the same resamples for both)."""
+    scored = {name: _scored(build_adapted_model(path), cases, base_preprocess(path)) for name, path in models.items()}
+    return {**{name: {"old_dsc_agg": aggregate(s)["overall"]["dsc_agg"], "interval": dsc_interval(s)}
+               for name, s in scored.items()},
+            "difference": paired_difference(scored["centralised"], scored["federated"])}  # fmt: skip
+
+
+def pretraining(data: Path, work: Path, central: Path, job: FederatedJob, fresh: Path | None = None) -> dict[str, Any]:
     """Federated pretraining ``job`` over the six old centers against the centralised base ``central``,
     both scored on the old centers' test cases: DSCagg with bootstrap intervals and the paired
-    difference federated - centralised."""
+    difference federated - centralised. ``fresh``: a folder of new patients of the same centers
+    (``centerprompt synth --seed 1``), where both are scored again with tighter intervals."""
     cases, splits = load_index(data, seed=job.seed)
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=job.seed).old_test]
     sites = _sites(splits)
@@ -79,26 +89,25 @@ def pretraining(data: Path, work: Path, central: Path, job: FederatedJob) -> dic
     steps = "".join(f"{tag}{getattr(job, k):g}" for k, tag in zip(RECIPE, ("s", "k", "b", "lr")) if getattr(job, k))
     out = work / f"pretrain6_{job.rounds}x{job.local_epochs}{steps}{server}"
     fed = simulate(job, data, sites, out)
-    model_file = out / "model.safetensors"
     summary = json.loads((central / "summary.json").read_text())
-    scored = {name: _scored(build_adapted_model(path), old_test, base_preprocess(path))
-              for name, path in (("centralised", central / "model.safetensors"), ("federated", model_file))}  # fmt: skip
-    return {
+    models = {"centralised": central / "model.safetensors", "federated": out / "model.safetensors"}
+    test = _compared(models, old_test)
+    result = {
         "sites": fed["site_names"], "test_cases": len(old_test),
         "centralised": {"seconds": summary["train_seconds"], "epochs": summary["epochs_run"],
-                        "best_epoch": summary["best_epoch"], "folder": str(central),
-                        "old_dsc_agg": aggregate(scored["centralised"])["overall"]["dsc_agg"],
-                        "interval": dsc_interval(scored["centralised"])},
+                        "best_epoch": summary["best_epoch"], "folder": str(central), **test["centralised"]},
         "federated": {"local_epochs": job.local_epochs, **{k: getattr(job, k) for k in RECIPE}, "rounds": fed["rounds_run"],
-                      "seconds": fed["server_seconds"],
+                      "kept_round": fed.get("kept_round"), "seconds": fed["server_seconds"],
                       "server_optimizer": job.server_optimizer, "server_lr": job.server_lr,
-                      "server_momentum": job.server_momentum, "folder": str(out),
-                      "old_dsc_agg": aggregate(scored["federated"])["overall"]["dsc_agg"],
-                      "interval": dsc_interval(scored["federated"]),
+                      "server_momentum": job.server_momentum, "folder": str(out), **test["federated"],
                       "bytes_per_site_per_round": _rounds(out)[-1]["bytes_per_site"][0],
                       "val_dsc_agg_by_round": [r["val_dsc_agg"] for r in _rounds(out)]},
-        "difference": paired_difference(scored["centralised"], scored["federated"]),
+        "difference": test["difference"],
     }  # fmt: skip
+    if fresh is not None:
+        fresh_cases = [c for c in load_index(fresh, seed=job.seed)[0].values() if c.center in sites]
+        result["fresh_test"] = {"folder": str(fresh), "cases": len(fresh_cases), **_compared(models, fresh_cases)}
+    return result
 
 
 def new_centers(folder: Path, seed: int = 0) -> Path:
@@ -163,6 +172,8 @@ def main() -> None:
     parser.add_argument("--server-optimizer", default="fedavg", help="pretraining: fedavg, fedavgm, fedadam or fedyogi")
     parser.add_argument("--server-lr", type=float, help="pretraining: the server optimiser's rate")
     parser.add_argument("--server-momentum", type=float, default=0.0, help="pretraining: the server optimiser's momentum")
+    parser.add_argument("--fresh-test", type=Path, help="pretraining: also score both models on every case of this "
+                        "folder of new patients of the same centers (e.g. centerprompt synth --seed 1)")
     parser.add_argument("--note", default="", help="how the machine was during the run (stored with the part)")
     parser.add_argument("--out", type=Path, default=HERE / "federated")
     args = parser.parse_args()
@@ -175,8 +186,9 @@ def main() -> None:
                            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                            server_momentum=args.server_momentum, batch_size=args.batch_size, lr=args.lr,
                            sites_per_round=args.sites_per_round)  # fmt: skip
-        part = pretraining(args.data, args.work, args.central, job)
+        part = pretraining(args.data, args.work, args.central, job, args.fresh_test)
         command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
+        command += f" --fresh-test {args.fresh_test}" if args.fresh_test else ""
         command += "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in RECIPE if getattr(args, k))
         if args.server_optimizer != "fedavg":
             command += f" --server-optimizer {args.server_optimizer} --server-momentum {args.server_momentum}" + \

@@ -264,11 +264,12 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
         lines += ["| pretraining | server | rounds × local epochs | old GTVp | old GTVn | old DSCagg [95% CI] | "
                   "federated − centralised [95% CI] | wall time (s) | bytes per site per round |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        shown: set[str] = set()
+        shown: set[tuple[str, float]] = set()
         for r in runs:
             central, fed = r["centralised"], r["federated"]
-            if central.get("folder", "") not in shown:  # each centralised reference once
-                shown.add(central.get("folder", ""))
+            reference = (central.get("folder", ""), central["seconds"])  # a folder may hold a retrained base
+            if reference not in shown:  # each centralised reference once
+                shown.add(reference)
                 c = central["old_dsc_agg"]
                 lines.append(f"| centralised ({central.get('folder', '')}) | – | {central['epochs']} epochs, best "
                              f"{central['best_epoch']} | {c['gtvp']:.3f} | {c['gtvn']:.3f} | {c['mean']:.3f}"
@@ -281,10 +282,21 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
             passes = f"{fed['rounds']} × {fed['local_epochs']}" + (f" ({fed['local_steps']} step a round)" if fed.get("local_steps") else "")
             passes += "".join(f", {name} {fed[key]:g}" for key, name in (("batch_size", "batch"), ("lr", "site lr"),
                                                                       ("sites_per_round", "sites a round")) if fed.get(key))
+            passes += f", kept round {fed['kept_round']}" if fed.get("kept_round") else ""
             lines.append(f"| federated | {server} | {passes} | {d['gtvp']:.3f} | "
                          f"{d['gtvn']:.3f} | {d['mean']:.3f}{_bracket(fed.get('interval'))} | {gap} | "
                          f"{fed['seconds']:.0f} | {fed['bytes_per_site_per_round'] / 1e6:.1f} MB |")  # fmt: skip
         lines.append("")
+        for r in runs:
+            if "fresh_test" in r:
+                t, fed = r["fresh_test"], r["federated"]
+                c, fd = t["centralised"]["old_dsc_agg"], t["federated"]["old_dsc_agg"]
+                lines.append(f"- Fresh patients ({t['cases']} new cases of the six centers, `{t['folder']}`), "
+                             f"{fed['rounds']} × {fed['local_epochs']} run of `{fed['folder']}`: centralised "
+                             f"{c['mean']:.3f}{_bracket(t['centralised']['interval'])} (GTVp {c['gtvp']:.3f}, GTVn "
+                             f"{c['gtvn']:.3f}), federated {fd['mean']:.3f}{_bracket(t['federated']['interval'])} (GTVp "
+                             f"{fd['gtvp']:.3f}, GTVn {fd['gtvn']:.3f}), difference "
+                             f"{t['difference']['difference']:+.3f}{_bracket(t['difference'])}.")  # fmt: skip
         lines += [f"- {note}" for note in f.get("pretraining_notes", [])] + ([""] if f.get("pretraining_notes") else [])
     ad = f.get("adaptation")
     if ad is None:

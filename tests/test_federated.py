@@ -105,6 +105,10 @@ def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(f
     momentum = dict(zip(names, killed["server"]["momentum_vector"]))
     assert killed["round"] == 2 and set(killed["server"]) == {"momentum_vector"}
     final = load_file(str(federation["out"] / "adapter.safetensors"))
+    rows = [json.loads(line) for line in (federation["out"] / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_dsc_agg"] for r in rows]
+    kept = federation["summary"]["kept_round"]
+    assert kept == 1 + vals.index(max(vals))  # as a central run keeps its best epoch: the first of equals
     moved = 0
     for name in names:
         x1 = _mean(s1, c1, name)  # momentum starts as the first pseudo-gradient x0 - mean: x1 is the mean
@@ -113,7 +117,7 @@ def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(f
         torch.testing.assert_close(killed["tensors"][name].double(), x2, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(momentum[name].double(), m2, rtol=1e-5, atol=1e-7)
         x3 = x2 - (BETA * m2 + (x2 - _mean(s3, c3, name)))
-        torch.testing.assert_close(final[name].double(), x3, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(final[name].double(), (x1, x2, x3)[kept - 1], rtol=1e-5, atol=1e-7)
         moved += int(not torch.equal(s1[0][name], s1[1][name]))
     assert moved == len(names)  # both sites stepped, differently: the mean is not one site's tensors
 
@@ -220,19 +224,31 @@ def test_job_round_trips_through_a_flower_run_config() -> None:
 def test_the_command_line_sets_what_each_site_trains_with() -> None:
     """--batch-size and --lr reach every site's optimisation settings (a site's batch is a recipe choice:
     it sets how many steps a pass over the site's cases takes), --sites-per-round the server's job, and
-    all of it survives Flower's run config (what a deployed server and its sites read)."""
+    all of it survives Flower's run config (what a deployed server and its sites read). Without them,
+    pretraining takes the preset's federated recipe (not a central run's batch and rate), whole local
+    epochs asked for are not capped by its steps, and an adaptation steps as `adapt` does."""
     from centerprompt.cli import build_parser
     from centerprompt.cli.federated import _job
+    from centerprompt.strategies import get_strategy
     from centerprompt.training.presets import get_preset
 
-    args = build_parser().parse_args(["federated", "pretrain", "--data", "d", "--out", "o", "--simulate",
-                                      "--batch-size", "1", "--lr", "3e-3", "--rounds", "4", "--sites-per-round", "2"])  # fmt: skip
-    job = _job(args, "pretrain")
-    cfg = job.train_config(get_preset("cpu"))
-    assert (cfg.batch_size, cfg.lr, cfg.epochs, job.sites_per_round) == (1, 3e-3, 4, 2)
-    assert FederatedJob.from_config(job.to_config()) == job
-    default = FederatedJob().train_config(get_preset("cpu"))
-    assert (default.batch_size, default.lr) == (get_preset("cpu").batch_size, get_preset("cpu").pretrain_lr)
+    def job(*flags: str, action: str = "pretrain") -> FederatedJob:
+        return _job(build_parser().parse_args(["federated", action, "--data", "d", "--out", "o", "--simulate", *flags]), action)
+
+    given = job("--batch-size", "1", "--lr", "3e-3", "--rounds", "4", "--sites-per-round", "2")
+    cpu = get_preset("cpu")
+    cfg = given.train_config(cpu)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, given.sites_per_round) == (1, 3e-3, 4, 2)
+    assert FederatedJob.from_config(given.to_config()) == given
+    recipe, default = cpu.federated, job()
+    assert (default.rounds, default.local_steps, default.local_epochs) == (recipe.rounds, recipe.local_steps, 1)
+    cfg = default.train_config(cpu)
+    assert (cfg.batch_size, cfg.lr) == (recipe.batch_size, recipe.lr) != (cpu.batch_size, cpu.pretrain_lr)
+    epochs = job("--local-epochs", "2")
+    assert (epochs.rounds, epochs.local_steps, epochs.local_epochs, epochs.batch_size) == (cpu.pretrain_epochs, 0, 2, 1)
+    adapt = job("--base", "b.safetensors", action="adapt")
+    cfg = adapt.train_config(cpu)
+    assert (adapt.rounds, adapt.local_steps, cfg.batch_size, cfg.lr) == (cpu.adapt_epochs, 0, cpu.batch_size, get_strategy("deep").lr)
 
 
 def test_without_flower_one_clear_error(
@@ -250,8 +266,9 @@ def test_without_flower_one_clear_error(
 
 def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None:
     """The server keeps the global tensors after every round; a rerun of the same job starts from
-    there (and its metrics keep the finished rounds), a rerun of another job is refused."""
-    from centerprompt.federated.flower import _resume
+    there (and its metrics keep the finished rounds) with the best round it had kept, a rerun of
+    another job is refused."""
+    from centerprompt.federated.flower import BEST_FILE, _best_so_far, _resume
     from centerprompt.federated.site import job_model, trainable_tensors
 
     job = FederatedJob(job="pretrain", preset="tiny", rounds=3)
@@ -267,6 +284,10 @@ def test_an_interrupted_run_resumes_after_its_last_round(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="another job"):
         _resume(tmp_path, FederatedJob(job="pretrain", preset="tiny", rounds=4), job_model(job)[0])
     assert _resume(tmp_path / "fresh", job, job_model(job)[0]) == (0, [], {})
+    # The best round so far survives the kill if it finished; a later one's file is not trusted.
+    for best_round, kept in ((2, True), (3, False)):
+        torch.save({"round": best_round, "val_dsc_agg": 0.5, "tensors": saved}, tmp_path / BEST_FILE)
+        assert (_best_so_far(tmp_path, rows) is not None) == kept
 
 
 def test_one_site_trains_exactly_as_a_central_run_of_the_same_epochs(two_centers: Path, tmp_path: Path) -> None:

@@ -17,9 +17,13 @@ def _job(args: argparse.Namespace, job: str) -> Any:
     from centerprompt.training.presets import get_preset
 
     preset = get_preset(args.preset)
-    rounds = args.rounds or (preset.pretrain_epochs if job == "pretrain" else preset.adapt_epochs)
-    return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs,
-                        local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size, mu=args.mu, seed=args.seed,
+    recipe = preset.federated if job == "pretrain" else None  # the sites' batch and rate
+    paced = recipe if args.local_epochs is None and args.local_steps is None else None  # its rounds and steps
+    rounds = args.rounds or (paced.rounds if paced else preset.pretrain_epochs if job == "pretrain" else preset.adapt_epochs)
+    return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs or 1,
+                        local_steps=paced.local_steps if paced else args.local_steps or 0,
+                        lr=args.lr or (recipe.lr if recipe else None),
+                        batch_size=args.batch_size or (recipe.batch_size if recipe else None), mu=args.mu, seed=args.seed,
                         sites_per_round=args.sites_per_round,
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
                         strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
@@ -59,7 +63,7 @@ def _run(args: argparse.Namespace, job_name: str) -> int:
     summary = simulate(job, args.data, centers, args.out, cpus=args.cpus, min_sites=args.min_sites)
     print(json.dumps({k: summary[k] for k in ("job", "sites", "site_names", "rounds_run", "rounds_with_all_sites",
                                               "server_seconds", "artifact", "artifact_bytes",
-                                              "tensor_bytes_per_message", "final_val_dsc_agg")}, indent=1))  # fmt: skip
+                                              "tensor_bytes_per_message", "final_val_dsc_agg", "kept_round")}, indent=1))  # fmt: skip
     for failure in summary["site_failures"]:
         print(f"round {failure['round']}: site {failure['site']} was left out ({failure['reason']})")
     return 0
@@ -85,13 +89,16 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = True) -> None:
     p.add_argument("--preset", default="cpu", help="model and preprocessing preset (pretraining; default cpu)")
-    p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's pretraining or adaptation epochs)")
-    p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's cases per round (default 1)")
-    p.add_argument("--local-steps", type=int, default=0, help="stop a site's round after this many steps (0: no cap)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, or the strategy's), warm-up then cosine over all local epochs")
+    p.add_argument("--rounds", type=int, help="federated rounds (default: the preset's federated pretraining rounds, "
+                   "cpu 88, or its adaptation epochs)")
+    p.add_argument("--local-epochs", type=int, help="epochs over a site's cases per round (default 1)")
+    p.add_argument("--local-steps", type=int, help="stop a site's round after this many steps (0: no cap; default: "
+                   "the preset's federated pretraining steps, cpu 5, unless --local-epochs is given, else 0)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's federated pretraining rate, cpu 4e-3, "
+                   "or the strategy's), warm-up then cosine over all rounds")
     p.add_argument("--sites-per-round", type=int, default=0,
                    help="sites that train each round, in turn (1: the model passes from site to site; default 0: all)")
-    p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the preset's federated pretraining batch, cpu 1, else its batch)")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),

@@ -4,9 +4,10 @@ One :class:`~flwr.clientapp.ClientApp` per hospital (a :class:`~centerprompt.fed
 and one :class:`~flwr.serverapp.ServerApp` that runs FedAvg or a server-side optimiser from
 ``flwr.serverapp.strategy`` (:mod:`~centerprompt.federated.aggregation`), survives sites that fail
 or time out (:class:`Federation`), checkpoints its state every round, and writes the same files as
-the centralised jobs: ``model.safetensors`` (pretraining) or ``adapter.safetensors`` (adaptation),
-with ``metrics.jsonl`` (per round: loss, federated validation Dice, bytes each site sent, which
-sites trained, failed or did not reply) and ``summary.json``. The same apps run in a local
+the centralised jobs: ``model.safetensors`` (pretraining) or ``adapter.safetensors`` (adaptation)
+of the round with the best federated validation Dice (as a central run keeps its best epoch), with
+``metrics.jsonl`` (per round: loss, federated validation Dice, bytes each site sent, which sites
+trained, failed or did not reply) and ``summary.json``. The same apps run in a local
 simulation (:func:`simulate`, Ray backend) and deployed (``flower-superlink``, one
 ``flower-supernode`` per site, ``flwr run`` on the folder :func:`write_flower_app` writes).
 """
@@ -37,7 +38,7 @@ from centerprompt.weights import load_weights_only  # noqa: E402
 from centerprompt.federated.app import Federation  # noqa: E402
 from centerprompt.federated.site import FederatedJob, Site, job_model, trainable_tensors  # noqa: E402
 from centerprompt.data.hecktor import join_centers  # noqa: E402
-from centerprompt.files import write_json  # noqa: E402
+from centerprompt.files import atomic_path, write_json  # noqa: E402
 from centerprompt.runs.base import open_base  # noqa: E402
 from centerprompt.models.prompted_unetr import PromptedUNETR  # noqa: E402
 from centerprompt.strategies import get_strategy  # noqa: E402
@@ -46,6 +47,7 @@ from centerprompt.training.presets import get_preset  # noqa: E402
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+BEST_FILE = "best_round.pt"  # the global tensors of the round with the best federated validation Dice so far
 Inspect = Callable[[int, list[Message]], None]
 
 # ----------------------------------------------------------------------------- the sites
@@ -184,10 +186,22 @@ def _resume(out: Path, job: FederatedJob, model: PromptedUNETR) -> tuple[int, li
 
 def _save_round(out: Path, job: FederatedJob, absolute: int, arrays: ArrayRecord, strategy: Any) -> None:
     """The server's state after a finished round: global tensors and the server optimiser's moments."""
-    tmp = out / "last_round.pt.tmp"
-    torch.save({"round": absolute, "job": json.dumps(job.to_config(), sort_keys=True),
-                "tensors": arrays.to_torch_state_dict(), "server": optimizer_state(strategy)}, tmp)  # fmt: skip
-    tmp.replace(out / "last_round.pt")
+    _save(out / "last_round.pt", {"round": absolute, "job": json.dumps(job.to_config(), sort_keys=True),
+                                  "tensors": arrays.to_torch_state_dict(), "server": optimizer_state(strategy)})
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _best_so_far(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The kept round of an interrupted run (:data:`BEST_FILE`), if it is one of its finished rounds."""
+    path = out / BEST_FILE
+    if not path.exists():
+        return None
+    best = load_weights_only(path, remedy="delete it to start over")
+    return best if any(r["round"] == best["round"] for r in rows) else None
 
 
 def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
@@ -208,12 +222,20 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))  # the finished rounds only
     strategy = _strategy(job, federation.sites, federation.quorum, done, out, rows, inspect)
     restore_optimizer_state(strategy, server_state)
+    best = _best_so_far(out, rows)
     started = time.perf_counter()
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by the strategy before round 1 and after every round: keep the server's state."""
+        """Called by the strategy before round 1 and after every round (after its validation):
+        keep the server's state, and the round's tensors when its validation Dice is the best yet."""
+        nonlocal best
         if server_round > 0:
-            _save_round(out, job, done + server_round, arrays, strategy)
+            absolute = done + server_round
+            _save_round(out, job, absolute, arrays, strategy)
+            val = rows[-1].get("val_dsc_agg") if rows and rows[-1]["round"] == absolute else None
+            if val is not None and (best is None or val > best["val_dsc_agg"]):
+                best = {"round": absolute, "val_dsc_agg": val, "tensors": arrays.to_torch_state_dict()}
+                _save(out / BEST_FILE, best)
         return None
 
     remaining = job.rounds - done
@@ -224,6 +246,8 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
         if len(result.arrays) == 0:
             raise RuntimeError("no federated round succeeded: every site failed (see the SuperNodes' logs).")
         model.load_state_dict(result.arrays.to_torch_state_dict(), strict=False)
+    if best is not None:  # the round a central run's early stopping would keep: the best validation Dice
+        model.load_state_dict(best["tensors"], strict=False)
     seconds = time.perf_counter() - started
     tensors = trainable_tensors(model)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -248,12 +272,15 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
                "rounds_with_all_sites": sum(r["sites"] == federation.sites for r in rows), "site_failures": lost,
                "artifact": str(artifact), "artifact_bytes": artifact.stat().st_size,
                "tensor_bytes_per_message": tensor_bytes,
-               "final_val_dsc_agg": rows[-1]["val_dsc_agg"] if rows else None}  # fmt: skip
+               "final_val_dsc_agg": rows[-1]["val_dsc_agg"] if rows else None,
+               "kept_round": best["round"] if best else (rows[-1]["round"] if rows else 0),
+               "kept_val_dsc_agg": best["val_dsc_agg"] if best else None}  # fmt: skip
     if lost:
         logger.warning("finished with %d site failure(s): %s", len(lost),
                        "; ".join(f"round {f['round']} {f['site']}" for f in lost))  # fmt: skip
     write_json(summary, out / SUMMARY_FILE)
     (out / "last_round.pt").unlink(missing_ok=True)
+    (out / BEST_FILE).unlink(missing_ok=True)
     return summary
 
 

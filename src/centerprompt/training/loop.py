@@ -78,8 +78,9 @@ class TrainConfig:
     ACQPOL center fell for 5 epochs and was back at epoch 1's level by epoch 11, when patience 10
     counted from the start ended the run and kept epoch 1). ``amp`` (bf16 autocast) and ``compile``
     (``torch.compile``) are options for GPU users. ``class_weights`` (background, GTVp, GTVn)
-    weight the cross-entropy half of the Dice+CE loss: small lymph nodes are a tiny fraction of
-    the voxels, and an unweighted loss can leave GTVn unlearned.
+    weight both halves of the Dice+CE loss (MONAI's ``DiceCELoss`` passes them to its Dice too):
+    small lymph nodes are a tiny fraction of the voxels, and an unweighted loss can leave GTVn
+    unlearned.
     """
 
     epochs: int = 100
