@@ -88,9 +88,10 @@ def _mean(states: list[dict[str, torch.Tensor]], counts: list[float], name: str)
 def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(federation: dict[str, Any]) -> None:
     """Round 1 averages both sites by case count (FedAvgM's first step is the average itself), round
     2 steps along CHUM's change alone with momentum, and the resumed server's round 3 continues from
-    round 2's tensors and momentum: the saved prompts are that arithmetic. A server that averaged
-    unweighted, counted a failed site, lost its momentum on resume or trained a round twice lands
-    elsewhere."""
+    round 2's tensors and momentum: the last round's tensors are that arithmetic, and the saved
+    prompts are those of the round with the best validation Dice (kept across the kill when it came
+    before it). A server that averaged unweighted, counted a failed site, lost its momentum on resume,
+    trained a round twice or saved another round lands elsewhere."""
     from safetensors.torch import load_file
 
     from centerprompt.federated.site import job_model, trainable_tensors
@@ -105,6 +106,8 @@ def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(f
     momentum = dict(zip(names, killed["server"]["momentum_vector"]))
     assert killed["round"] == 2 and set(killed["server"]) == {"momentum_vector"}
     final = load_file(str(federation["out"] / "adapter.safetensors"))
+    last = torch.load(federation["out"] / "last_round.pt", weights_only=True)
+    assert last["round"] == 3
     rows = [json.loads(line) for line in (federation["out"] / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_dsc_agg"] for r in rows]
     kept = federation["summary"]["kept_round"]
@@ -117,6 +120,7 @@ def test_rounds_are_fedavgm_by_hand_through_a_failed_site_and_a_resumed_server(f
         torch.testing.assert_close(killed["tensors"][name].double(), x2, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(momentum[name].double(), m2, rtol=1e-5, atol=1e-7)
         x3 = x2 - (BETA * m2 + (x2 - _mean(s3, c3, name)))
+        torch.testing.assert_close(last["tensors"][name].double(), x3, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(final[name].double(), (x1, x2, x3)[kept - 1], rtol=1e-5, atol=1e-7)
         moved += int(not torch.equal(s1[0][name], s1[1][name]))
     assert moved == len(names)  # both sites stepped, differently: the mean is not one site's tensors
@@ -156,7 +160,7 @@ def test_a_site_that_fails_a_round_is_left_out_of_it_and_rejoins(federation: dic
     assert len(rows[1]["bytes_per_site"]) == 1 and rows[1]["train_loss"] is not None
     assert summary["rounds_with_all_sites"] == 2
     assert [(f["round"], f["site"]) for f in summary["site_failures"]] == [(2, "MDA")]
-    assert not (out / "last_round.pt").exists()
+    assert not (out / "best_round.pt").exists()  # the kept round is the artifact; the last round stays in last_round.pt
 
 
 def test_federated_adapter_is_an_ordinary_adapter(federation: dict[str, Any]) -> None:

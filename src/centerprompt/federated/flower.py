@@ -279,8 +279,7 @@ def run_server(grid: Grid, job: FederatedJob, out: Path, federation: Federation,
         logger.warning("finished with %d site failure(s): %s", len(lost),
                        "; ".join(f"round {f['round']} {f['site']}" for f in lost))  # fmt: skip
     write_json(summary, out / SUMMARY_FILE)
-    (out / "last_round.pt").unlink(missing_ok=True)
-    (out / BEST_FILE).unlink(missing_ok=True)
+    (out / BEST_FILE).unlink(missing_ok=True)  # it is the artifact now; last_round.pt stays, as a central run's last.pt
     return summary
 
 
