@@ -264,12 +264,15 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
         lines += ["| pretraining | server | rounds × local epochs | old GTVp | old GTVn | old DSCagg [95% CI] | "
                   "federated − centralised [95% CI] | wall time (s) | bytes per site per round |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        shown: set[tuple[str, float]] = set()
-        for r in runs:
+        def reference(r: Mapping[str, Any]) -> tuple[str, float]:  # a folder may hold a retrained base
+            return r["centralised"].get("folder", ""), r["centralised"]["seconds"]
+
+        order = list(dict.fromkeys(reference(r) for r in runs))
+        shown: tuple[str, float] | None = None
+        for r in sorted(runs, key=lambda r: order.index(reference(r))):  # each under the base it was compared with
             central, fed = r["centralised"], r["federated"]
-            reference = (central.get("folder", ""), central["seconds"])  # a folder may hold a retrained base
-            if reference not in shown:  # each centralised reference once
-                shown.add(reference)
+            if reference(r) != shown:
+                shown = reference(r)
                 c = central["old_dsc_agg"]
                 lines.append(f"| centralised ({central.get('folder', '')}) | – | {central['epochs']} epochs, best "
                              f"{central['best_epoch']} | {c['gtvp']:.3f} | {c['gtvn']:.3f} | {c['mean']:.3f}"
