@@ -201,14 +201,26 @@ def test_server_optimizer_moments_survive_a_weights_only_checkpoint(tmp_path: Pa
 
 
 def test_sites_take_turns_when_fewer_than_all_train_a_round() -> None:
-    """--sites-per-round k: each round the next k sites in a fixed order (by node ID), so over n/k
-    rounds every site trains once; the absolute round decides, so a resumed server keeps the turn."""
+    """--sites-per-round k: every site trains once a pass over the sites, the groups averaged
+    together change between passes (a fixed order would pair the same sites forever when k divides
+    n), no round holds a site twice, and the absolute round and seed decide (a resumed server keeps
+    the turn); one site a round is the fixed ring of cyclic weight transfer."""
+    import numpy as np
+
     from centerprompt.federated.aggregation import turn
 
     nodes = [42, 7, 19]
     assert [turn(nodes, r, 1) for r in range(1, 7)] == [[7], [19], [42], [7], [19], [42]]
-    assert [turn(nodes, r, 2) for r in range(1, 4)] == [[7, 19], [42, 7], [19, 42]]
     assert turn(nodes, 5, 0) == turn(nodes, 5, 3) == turn(nodes, 5, 4) == [7, 19, 42]
+    six = [60, 10, 50, 20, 40, 30]
+    for k in (2, 3, 4):
+        rounds = [turn(six, r, k, seed=0) for r in range(1, 61)]
+        assert all(len(g) == len(set(g)) == k for g in rounds)
+        counts = np.unique(np.concatenate(rounds), return_counts=True)[1]
+        assert counts.max() - counts.min() <= 1, counts  # equal passes, whatever k
+        assert len({tuple(g) for g in rounds}) > 6 // k  # the groups change
+    assert [turn(six, r, 3, seed=0) for r in range(1, 9)] != [turn(six, r, 3, seed=1) for r in range(1, 9)]
+    assert turn(six, 17, 3, seed=2) == turn(list(reversed(six)), 17, 3, seed=2)
     with pytest.raises(ValueError, match="sites per round"):
         FederatedJob(sites_per_round=-1)
 

@@ -97,7 +97,8 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's federated pretraining rate, cpu 4e-3, "
                    "or the strategy's), warm-up then cosine over all rounds")
     p.add_argument("--sites-per-round", type=int, default=0,
-                   help="sites that train each round, in turn (1: the model passes from site to site; default 0: all)")
+                   help="sites that train each round, in turn, each pass over the sites a seeded shuffle "
+                   "(1: the model passes from site to site round a fixed ring; default 0: all)")
     p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the preset's federated pretraining batch, cpu 1, else its batch)")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
     p.add_argument("--seed", type=int, default=0)

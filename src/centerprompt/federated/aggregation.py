@@ -56,11 +56,25 @@ def restore_optimizer_state(strategy: FedAvg, state: dict[str, Any]) -> None:
             setattr(strategy, name, [v.numpy() for v in value])
 
 
-def turn(nodes: list[int], server_round: int, per_round: int) -> list[int]:
+def turn(nodes: list[int], server_round: int, per_round: int, seed: int = 0) -> list[int]:
     """The sites that train round ``server_round`` (from 1) when ``per_round`` of them train at a
-    time (0: all): the next ``per_round`` of the sorted ``nodes`` after the previous round's, so
-    every site trains once every ``len(nodes) / per_round`` rounds."""
-    if not per_round or per_round >= len(nodes):
-        return sorted(nodes)
-    ordered, start = sorted(nodes), (server_round - 1) * per_round
-    return [ordered[(start + i) % len(ordered)] for i in range(per_round)]
+    time (0: all), as the next ``per_round`` of a stream of passes over the sorted ``nodes``, each
+    pass a seeded shuffle: every site trains once a pass (equal data passes, as all-sites rounds
+    give) while the groups averaged together change from pass to pass (a fixed order with
+    ``per_round`` dividing the number of sites would average the same groups forever). A pass is
+    redrawn while it would put a site twice into a round that straddles two passes. One site a
+    round keeps the sorted order: cyclic weight transfer hands the model round a fixed ring, and a
+    shuffle could give one site two rounds running. The absolute round and the seed decide, so a
+    resumed server keeps the turn."""
+    ordered = sorted(nodes)
+    if not per_round or per_round >= len(ordered):
+        return ordered
+    if per_round == 1:
+        return [ordered[(server_round - 1) % len(ordered)]]
+    rng, stream, end = np.random.default_rng(seed), [], server_round * per_round
+    while len(stream) < end:
+        straddle = stream[len(stream) - len(stream) % per_round:]  # the open round's sites
+        order = [ordered[i] for i in rng.permutation(len(ordered))]
+        if not set(straddle) & set(order[: per_round - len(straddle)]):
+            stream += order
+    return sorted(stream[end - per_round : end])

@@ -125,7 +125,8 @@ def _strategy(job: FederatedJob, sites: int, min_sites: int, start_round: int, o
             self.min_available_nodes = self.min_train_nodes = sites if server_round == 1 else min_sites
             config["federation-round"] = start_round + server_round  # Flower counts from 1 again in a resumed run
             messages = list(super().configure_train(server_round, arrays, config, grid))
-            chosen = turn([m.metadata.dst_node_id for m in messages], start_round + server_round, job.sites_per_round)
+            chosen = turn([m.metadata.dst_node_id for m in messages], start_round + server_round, job.sites_per_round,
+                          job.seed)
             messages = [m for m in messages if m.metadata.dst_node_id in chosen]
             self.asked = [m.metadata.dst_node_id for m in messages]
             return messages
