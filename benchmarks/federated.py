@@ -48,7 +48,7 @@ NEW, PAIR, SHOTS = "MDA", ("USZ", "CHB"), 8
 STRATEGIES = ("deep", "deep+head")
 PRESET = get_preset("cpu")
 # What a pretraining run may change at the sites beyond rounds x local epochs (FederatedJob fields, flags alike).
-RECIPE = ("local_steps", "sites_per_round", "batch_size", "lr")
+RECIPE = ("local_steps", "sites_per_round", "batch_size", "lr", "mu")
 
 
 def _dsc(model: Any, cases: list[Any], preprocess: Any) -> dict[str, float]:
@@ -86,7 +86,7 @@ def pretraining(data: Path, work: Path, central: Path, job: FederatedJob, fresh:
     old_test = [cases[i] for i in leave_one_center_out(splits, NEW, shots=0, seed=job.seed).old_test]
     sites = _sites(splits)
     server = "" if job.server_optimizer == "fedavg" else f"_{job.server_optimizer}{job.server_lr or ''}m{job.server_momentum}"
-    steps = "".join(f"{tag}{getattr(job, k):g}" for k, tag in zip(RECIPE, ("s", "k", "b", "lr")) if getattr(job, k))
+    steps = "".join(f"{tag}{getattr(job, k):g}" for k, tag in zip(RECIPE, ("s", "k", "b", "lr", "mu")) if getattr(job, k))
     out = work / f"pretrain6_{job.rounds}x{job.local_epochs}{steps}{server}"
     fed = simulate(job, data, sites, out)
     summary = json.loads((central / "summary.json").read_text())
@@ -147,11 +147,11 @@ def adaptation(new_data: Path, work: Path, central: Path, seed: int = 0) -> dict
     return result
 
 
-def _setting(entry: dict[str, Any]) -> tuple[int, int, str, float, float, int, int, float, int]:
+def _setting(entry: dict[str, Any]) -> tuple[int, int, str, float, float, int, int, float, int, float]:
     fed = entry["federated"]
     return (fed["local_epochs"], fed["rounds"], fed.get("server_optimizer", "fedavg"), fed.get("server_lr") or 1.0,
             fed.get("server_momentum", 0.0), fed.get("local_steps", 0), fed.get("batch_size") or PRESET.batch_size,
-            fed.get("lr") or PRESET.pretrain_lr, fed.get("sites_per_round", 0))  # fmt: skip
+            fed.get("lr") or PRESET.pretrain_lr, fed.get("sites_per_round", 0), fed.get("mu") or 0.0)  # fmt: skip
 
 
 def main() -> None:
@@ -169,6 +169,7 @@ def main() -> None:
                         help="pretraining: sites that train a round, in turn (1: cyclic; default 0: all)")
     parser.add_argument("--batch-size", type=int, help="pretraining: a site's batch size (default: the preset's)")
     parser.add_argument("--lr", type=float, help="pretraining: the sites' learning rate (default: the preset's)")
+    parser.add_argument("--mu", type=float, default=0.0, help="pretraining: FedProx's proximal weight at the sites (0: none)")
     parser.add_argument("--server-optimizer", default="fedavg", help="pretraining: fedavg, fedavgm, fedadam or fedyogi")
     parser.add_argument("--server-lr", type=float, help="pretraining: the server optimiser's rate")
     parser.add_argument("--server-momentum", type=float, default=0.0, help="pretraining: the server optimiser's momentum")
@@ -185,7 +186,7 @@ def main() -> None:
         job = FederatedJob(job="pretrain", rounds=rounds, local_epochs=args.local_epochs, local_steps=args.local_steps, seed=0,
                            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                            server_momentum=args.server_momentum, batch_size=args.batch_size, lr=args.lr,
-                           sites_per_round=args.sites_per_round)  # fmt: skip
+                           sites_per_round=args.sites_per_round, mu=args.mu)  # fmt: skip
         part = pretraining(args.data, args.work, args.central, job, args.fresh_test)
         command += f" --data {args.data} --local-epochs {args.local_epochs}" + (f" --rounds {rounds}" if args.rounds else "")
         command += f" --fresh-test {args.fresh_test}" if args.fresh_test else ""

@@ -284,7 +284,7 @@ def _federated_section(f: Mapping[str, Any]) -> list[str]:
             gap = f"{diff['difference']:+.3f}{_bracket(diff)}" if diff else "–"
             passes = f"{fed['rounds']} × {fed['local_epochs']}" + (f" ({fed['local_steps']} step a round)" if fed.get("local_steps") else "")
             passes += "".join(f", {name} {fed[key]:g}" for key, name in (("batch_size", "batch"), ("lr", "site lr"),
-                                                                      ("sites_per_round", "sites a round")) if fed.get(key))
+                                                                      ("sites_per_round", "sites a round"), ("mu", "FedProx mu")) if fed.get(key))
             passes += f", kept round {fed['kept_round']}" if fed.get("kept_round") else ""
             lines.append(f"| federated | {server} | {passes} | {d['gtvp']:.3f} | "
                          f"{d['gtvn']:.3f} | {d['mean']:.3f}{_bracket(fed.get('interval'))} | {gap} | "

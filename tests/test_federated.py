@@ -251,20 +251,21 @@ def test_the_command_line_sets_what_each_site_trains_with() -> None:
     def job(*flags: str, action: str = "pretrain") -> FederatedJob:
         return _job(build_parser().parse_args(["federated", action, "--data", "d", "--out", "o", "--simulate", *flags]), action)
 
-    given = job("--batch-size", "1", "--lr", "3e-3", "--rounds", "4", "--sites-per-round", "2")
+    given = job("--batch-size", "1", "--lr", "3e-3", "--rounds", "4", "--sites-per-round", "2", "--mu", "0")
     cpu = get_preset("cpu")
     cfg = given.train_config(cpu)
-    assert (cfg.batch_size, cfg.lr, cfg.epochs, given.sites_per_round) == (1, 3e-3, 4, 2)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, given.sites_per_round, given.mu) == (1, 3e-3, 4, 2, 0.0)
     assert FederatedJob.from_config(given.to_config()) == given
     recipe, default = cpu.federated, job()
-    assert (default.rounds, default.local_steps, default.local_epochs) == (recipe.rounds, recipe.local_steps, 1)
+    assert (default.rounds, default.local_steps, default.local_epochs, default.mu) == (recipe.rounds, recipe.local_steps, 1, recipe.mu)
+    assert recipe.mu > 0
     cfg = default.train_config(cpu)
     assert (cfg.batch_size, cfg.lr) == (recipe.batch_size, recipe.lr) != (cpu.batch_size, cpu.pretrain_lr)
     epochs = job("--local-epochs", "2")
     assert (epochs.rounds, epochs.local_steps, epochs.local_epochs, epochs.batch_size) == (cpu.pretrain_epochs, 0, 2, 1)
     adapt = job("--base", "b.safetensors", action="adapt")
     cfg = adapt.train_config(cpu)
-    assert (adapt.rounds, adapt.local_steps, cfg.batch_size, cfg.lr) == (cpu.adapt_epochs, 0, cpu.batch_size, get_strategy("deep").lr)
+    assert (adapt.rounds, adapt.local_steps, cfg.batch_size, cfg.lr, adapt.mu) == (cpu.adapt_epochs, 0, cpu.batch_size, get_strategy("deep").lr, 0.0)
 
 
 def test_without_flower_one_clear_error(

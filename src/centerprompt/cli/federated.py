@@ -23,7 +23,8 @@ def _job(args: argparse.Namespace, job: str) -> Any:
     return FederatedJob(job=job, preset=args.preset, rounds=rounds, local_epochs=args.local_epochs or 1,
                         local_steps=paced.local_steps if paced else args.local_steps or 0,
                         lr=args.lr or (recipe.lr if recipe else None),
-                        batch_size=args.batch_size or (recipe.batch_size if recipe else None), mu=args.mu, seed=args.seed,
+                        batch_size=args.batch_size or (recipe.batch_size if recipe else None), seed=args.seed,
+                        mu=args.mu if args.mu is not None else recipe.mu if recipe else 0.0,
                         sites_per_round=args.sites_per_round,
                         base=str(Path(args.base).resolve()) if getattr(args, "base", None) else "",
                         strategy=getattr(args, "strategy", "deep"), num_prompts=getattr(args, "num_prompts", 10),
@@ -100,7 +101,8 @@ def _common(p: argparse.ArgumentParser, *, adapt: bool, base_required: bool = Tr
                    help="sites that train each round, in turn, each pass over the sites a seeded shuffle "
                    "(1: the model passes from site to site round a fixed ring; default 0: all)")
     p.add_argument("--batch-size", type=int, help="volumes per step at each site (default: the preset's federated pretraining batch, cpu 1, else its batch)")
-    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight for heterogeneous sites (0: FedAvg)")
+    p.add_argument("--mu", type=float, help="FedProx proximal weight for heterogeneous sites (0: FedAvg; default: "
+                   "the preset's federated pretraining recipe's, cpu 1e-3, else 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
                    help="how the server combines a round: FedAvg (default), or a server-side optimiser "
