@@ -24,6 +24,7 @@ from centerprompt.evaluate import sliding_window_predict
 from centerprompt.federated.site import FederatedJob, job_model
 from centerprompt.runs.selection import load_index
 from centerprompt.scoring import Scorer
+from centerprompt.weights import load_weights_only
 
 CLASSES = ("background", "GTVp", "GTVn")
 
@@ -31,10 +32,13 @@ CLASSES = ("background", "GTVp", "GTVn")
 def load(path: Path, preset: str) -> torch.nn.Module:
     if path.suffix == ".safetensors":
         return build_adapted_model(path).eval()
-    model, _, _ = job_model(FederatedJob(preset=preset))
-    tensors = torch.load(path, weights_only=True)["tensors"]
+    saved = load_weights_only(path)
+    # last_round.pt names its job; best_round.pt holds tensors only, of the preset's model
+    job = FederatedJob.from_config(json.loads(saved["job"])) if "job" in saved else FederatedJob(preset=preset)
+    model, _, _ = job_model(job)
+    tensors = saved["tensors"]
     if set(tensors) != {n for n, p in model.named_parameters() if p.requires_grad}:
-        raise ValueError(f"{path}: its tensors are not the {preset} preset's pretraining model's.")
+        raise ValueError(f"{path}: its tensors are not the {job.preset} preset's pretraining model's.")
     model.load_state_dict(tensors, strict=False)
     return model.eval()
 
